@@ -1,0 +1,92 @@
+//! The HTTP endpoints of SPEC §8: `/livez`, `/readyz`, `/metrics` (and `/status`, which grows with the
+//! replicas issue).
+//!
+//! Readiness is one shared flag set by the service's lifecycle (connected and serving, not shutting
+//! down) combined with the NATS connection's state at the moment of the probe.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// What the endpoints report on.
+pub struct Health {
+    /// Set while the service serves its shards; cleared first thing at shutdown.
+    pub serving: AtomicBool,
+    /// The NATS client, once connected.
+    pub nats: std::sync::OnceLock<async_nats::Client>,
+    pub metrics: Arc<Metrics>,
+    pub replica_id: String,
+}
+
+impl Health {
+    pub fn new(metrics: Arc<Metrics>, replica_id: String) -> Self {
+        Health { serving: AtomicBool::new(false), nats: std::sync::OnceLock::new(), metrics, replica_id }
+    }
+
+    fn nats_connected(&self) -> bool {
+        let connected = self
+            .nats
+            .get()
+            .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
+        self.metrics.nats_connected.set(i64::from(connected));
+        connected
+    }
+}
+
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let serving = health.serving.load(Ordering::SeqCst);
+    let connected = health.nats_connected();
+    match (serving, connected) {
+        (true, true) => (StatusCode::OK, "ready\n"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not serving\n"),
+        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "NATS not connected\n"),
+    }
+}
+
+async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    health.nats_connected();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], health.metrics.encode())
+}
+
+async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    axum::Json(serde_json::json!({
+        "replica_id": health.replica_id,
+        "serving": health.serving.load(Ordering::SeqCst),
+        "nats_connected": health.nats_connected(),
+    }))
+}
+
+/// Binds the listener (so a bad BIND or a taken PORT fails start-up) and returns the server task.
+pub async fn serve(
+    address: SocketAddr,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    tracing::info!(address = %listener.local_addr()?, "http server listening");
+    let app = Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(health);
+    Ok(async move {
+        let server = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
+        if let Err(err) = server.await {
+            tracing::error!(%err, "http server failed");
+        }
+    })
+}

@@ -1,0 +1,186 @@
+//! dynamodb-stream-consumer: DynamoDB Streams → NATS JetStream, one JSON event per change record.
+//!
+//! [`run`] wires the parts and owns the process lifecycle. Shutdown order, written down once:
+//! readiness off → stop reads → finish in-flight publishes → final checkpoints → exit, all within
+//! `SHUTDOWN_TIMEOUT_SEC`; a second signal aborts at once.
+
+pub mod checkpoint;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod nats;
+pub mod publish;
+pub mod source;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use checkpoint::Checkpoints;
+use config::Config;
+use metrics::Metrics;
+use publish::Publisher;
+use source::Services;
+use source::api::StreamsApi;
+use source::discovery::TableWatcher;
+
+/// Exit code after a second signal cut the graceful shutdown short (128 + SIGINT).
+const EXIT_ABORTED: u8 = 130;
+
+/// SIGTERM and SIGINT, as one stream of "stop" requests.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Runs the service until a signal stops it.
+pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    let mut signals = Signals::new()?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(http::Health::new(metrics.clone(), config.replica_id.clone()));
+    let http_cancel = CancellationToken::new();
+    let address = SocketAddr::new(config.bind, config.port);
+    let server = http::serve(address, health.clone(), http_cancel.clone())
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot listen on {address} (BIND, PORT): {err}"))?;
+    let http_task = tokio::spawn(server);
+
+    let services = tokio::select! {
+        services = start(&config, metrics.clone(), &health) => services?,
+        signal = signals.next() => {
+            tracing::info!(signal, "stopped during start-up");
+            http_cancel.cancel();
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+
+    let root = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    for table in &config.tables {
+        let watcher = TableWatcher {
+            services: services.clone(),
+            table: table.clone(),
+            cancel: root.child_token(),
+            tracker: tracker.clone(),
+        };
+        tracker.spawn(watcher.run());
+    }
+    health.serving.store(true, Ordering::SeqCst);
+    tracing::info!(replica_id = %config.replica_id, tables = ?config.tables, "serving");
+
+    let signal = signals.next().await;
+    tracing::info!(signal, timeout_sec = config.shutdown_timeout.as_secs(), "shutting down: reads stop, in-flight publishes finish, checkpoints are written");
+    health.serving.store(false, Ordering::SeqCst);
+    root.cancel();
+    tracker.close();
+    let code = tokio::select! {
+        _ = tracker.wait() => {
+            tracing::info!("shutdown complete");
+            ExitCode::SUCCESS
+        }
+        _ = tokio::time::sleep(config.shutdown_timeout) => {
+            tracing::error!(timeout_sec = config.shutdown_timeout.as_secs(), "shutdown timed out; unacknowledged records will be read again on restart");
+            ExitCode::FAILURE
+        }
+        signal = signals.next() => {
+            tracing::warn!(signal, "second signal: aborting shutdown; unacknowledged records will be read again on restart");
+            ExitCode::from(EXIT_ABORTED)
+        }
+    };
+    http_cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
+    Ok(code)
+}
+
+/// Connects to NATS and AWS and makes sure the stream and bucket exist.
+async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) -> anyhow::Result<Arc<Services>> {
+    let client = connect_nats(config).await?;
+    let _ = health.nats.set(client.clone());
+    metrics.nats_connected.set(1);
+    let js = nats::jetstream(client.clone(), config);
+    nats::ensure_stream(&js, config).await?;
+    let bucket = nats::ensure_bucket(&js, config).await?;
+
+    let aws = aws_config(config).await;
+    Ok(Arc::new(Services {
+        config: config.clone(),
+        api: StreamsApi::new(&aws),
+        publisher: Publisher::new(js, client, metrics.clone()),
+        checkpoints: Checkpoints::new(bucket),
+        metrics,
+    }))
+}
+
+/// Connects to NATS, retrying with backoff while the servers cannot be reached. Failures that a
+/// retry cannot fix (credentials, TLS, a malformed address) end start-up with their reason.
+async fn connect_nats(config: &Config) -> anyhow::Result<async_nats::Client> {
+    use async_nats::ConnectErrorKind as Kind;
+    let mut delays = source::backoff();
+    loop {
+        match nats::connect(config).await {
+            Ok(client) => {
+                tracing::info!(urls = ?config.nats_urls, "connected to NATS");
+                return Ok(client);
+            }
+            Err(nats::SetupError::Connect { source, urls })
+                if matches!(source.kind(), Kind::Io | Kind::TimedOut | Kind::Dns) =>
+            {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(urls, error = %source, retry_in_ms = delay.as_millis() as u64, "NATS unreachable; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+}
+
+/// The AWS configuration: region and credentials from the standard chain, endpoints from the
+/// standard `AWS_ENDPOINT_URL*` variables, and, with `AWS_ASSUME_ROLE_ARN`, an assumed role.
+async fn aws_config(config: &Config) -> aws_config::SdkConfig {
+    let region = aws_config::Region::new(config.aws_region.clone());
+    let base = aws_config::defaults(BehaviorVersion::latest()).region(region).load().await;
+    let sdk = match &config.assume_role_arn {
+        None => base,
+        Some(arn) => {
+            // Role session names allow [\w+=,.@-], at most 64 characters; replica ids are a subset.
+            let session: String = format!("dynamodb-stream-consumer-{}", config.replica_id).chars().take(64).collect();
+            let provider = aws_config::sts::AssumeRoleProvider::builder(arn.clone())
+                .session_name(session)
+                .configure(&base)
+                .build()
+                .await;
+            base.into_builder()
+                .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(provider))
+                .build()
+        }
+    };
+    match aws_sdk_sts::Client::new(&sdk).get_caller_identity().send().await {
+        Ok(identity) => tracing::info!(arn = identity.arn().unwrap_or_default(), "aws identity"),
+        Err(err) => tracing::error!(
+            error = %aws_smithy_types::error::display::DisplayErrorContext(&err),
+            "cannot confirm the AWS identity (sts:GetCallerIdentity); reads will fail until credentials work"
+        ),
+    }
+    sdk
+}

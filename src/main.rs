@@ -1,0 +1,36 @@
+//! The binary: parse and validate settings, start logging, run the service.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use dynamodb_stream_consumer::config::Args;
+
+/// Exit code for invalid settings (the convention of `EX_USAGE`-style usage errors).
+const EXIT_BAD_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match args.validate() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    dynamodb_stream_consumer::telemetry::init(config.log_format, config.debug);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dynamodb_stream_consumer::run(config)) {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

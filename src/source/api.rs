@@ -1,0 +1,158 @@
+//! The calls this service makes to AWS, and nothing else: `DescribeTable`, `DescribeStream`,
+//! `GetShardIterator`, `GetRecords` (and `GetCallerIdentity` at start-up).
+//!
+//! Each returns our own types and a classified [`ReadError`], so the rest of the service never sees
+//! an SDK error. The IAM policy in `deploy/` lists exactly these actions.
+
+use aws_sdk_dynamodbstreams::types::{Record, ShardIteratorType, StreamViewType};
+
+use super::error::ReadError;
+use crate::config::MAX_RECORDS_PER_CALL;
+
+/// A shard as `DescribeStream` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
+    pub shard_id: String,
+    pub parent_shard_id: Option<String>,
+    /// Set once the shard is closed (it has an ending sequence number).
+    pub closed: bool,
+}
+
+/// A table's current stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableStream {
+    pub stream_arn: String,
+    pub view_type: Option<String>,
+}
+
+/// Why a table cannot be read right now (reported per table; the other tables go on).
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("table does not exist")]
+    Missing,
+    #[error("table has no stream enabled")]
+    NoStream,
+    #[error("the stream's view type is KEYS_ONLY: events need images (use NEW_AND_OLD_IMAGES or NEW_IMAGE)")]
+    KeysOnly,
+    #[error("{0}")]
+    Call(ReadError),
+}
+
+impl TableError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TableError::Missing => "missing",
+            TableError::NoStream => "no_stream",
+            TableError::KeysOnly => "keys_only",
+            TableError::Call(err) => err.kind(),
+        }
+    }
+}
+
+/// Where a shard iterator starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAt {
+    TrimHorizon,
+    Latest,
+    After(String),
+}
+
+/// A page of records and the iterator for the next call (`None`: the shard has ended).
+#[derive(Debug)]
+pub struct Page {
+    pub records: Vec<Record>,
+    pub next_iterator: Option<String>,
+}
+
+/// DynamoDB and DynamoDB Streams clients.
+#[derive(Clone)]
+pub struct StreamsApi {
+    dynamodb: aws_sdk_dynamodb::Client,
+    streams: aws_sdk_dynamodbstreams::Client,
+}
+
+impl StreamsApi {
+    pub fn new(config: &aws_config::SdkConfig) -> Self {
+        StreamsApi {
+            dynamodb: aws_sdk_dynamodb::Client::new(config),
+            streams: aws_sdk_dynamodbstreams::Client::new(config),
+        }
+    }
+
+    /// The table's latest stream, checked to carry images.
+    pub async fn table_stream(&self, table: &str) -> Result<TableStream, TableError> {
+        let output = self.dynamodb.describe_table().table_name(table).send().await.map_err(|err| {
+            match ReadError::from_sdk(err) {
+                ReadError::NotFound(_) => TableError::Missing,
+                other => TableError::Call(other),
+            }
+        })?;
+        let description = output.table.ok_or(TableError::Missing)?;
+        let stream_arn = description.latest_stream_arn.ok_or(TableError::NoStream)?;
+        let specification = description.stream_specification;
+        if specification.as_ref().is_some_and(|s| !s.stream_enabled) {
+            return Err(TableError::NoStream);
+        }
+        let view_type = specification.and_then(|s| s.stream_view_type).map(|v| v.as_str().to_owned());
+        if view_type.as_deref() == Some(StreamViewType::KeysOnly.as_str()) {
+            return Err(TableError::KeysOnly);
+        }
+        Ok(TableStream { stream_arn, view_type })
+    }
+
+    /// Every shard of a stream, paging through `DescribeStream`.
+    pub async fn shards(&self, stream_arn: &str) -> Result<Vec<ShardInfo>, ReadError> {
+        let mut shards = Vec::new();
+        let mut start: Option<String> = None;
+        loop {
+            let output = self
+                .streams
+                .describe_stream()
+                .stream_arn(stream_arn)
+                .set_exclusive_start_shard_id(start.take())
+                .send()
+                .await
+                .map_err(ReadError::from_sdk)?;
+            let Some(description) = output.stream_description else {
+                return Err(ReadError::NotFound(format!("stream {stream_arn} has no description")));
+            };
+            for shard in description.shards.unwrap_or_default() {
+                let Some(shard_id) = shard.shard_id else { continue };
+                let closed = shard.sequence_number_range.and_then(|r| r.ending_sequence_number).is_some();
+                shards.push(ShardInfo { shard_id, parent_shard_id: shard.parent_shard_id, closed });
+            }
+            match description.last_evaluated_shard_id {
+                Some(last) if !last.is_empty() => start = Some(last),
+                _ => return Ok(shards),
+            }
+        }
+    }
+
+    /// A shard iterator at `start`.
+    pub async fn iterator(&self, stream_arn: &str, shard_id: &str, start: &StartAt) -> Result<String, ReadError> {
+        let request = self.streams.get_shard_iterator().stream_arn(stream_arn).shard_id(shard_id);
+        let request = match start {
+            StartAt::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+            StartAt::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
+            StartAt::After(seq) => {
+                request.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).sequence_number(seq)
+            }
+        };
+        let output = request.send().await.map_err(ReadError::from_sdk)?;
+        // A missing iterator means the shard is gone (AWS documents null for a closed, trimmed shard).
+        output.shard_iterator.ok_or_else(|| ReadError::NotFound(format!("no iterator for shard {shard_id}")))
+    }
+
+    /// Up to [`MAX_RECORDS_PER_CALL`] records.
+    pub async fn records(&self, iterator: &str) -> Result<Page, ReadError> {
+        let output = self
+            .streams
+            .get_records()
+            .shard_iterator(iterator)
+            .limit(MAX_RECORDS_PER_CALL)
+            .send()
+            .await
+            .map_err(ReadError::from_sdk)?;
+        Ok(Page { records: output.records.unwrap_or_default(), next_iterator: output.next_shard_iterator })
+    }
+}

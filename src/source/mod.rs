@@ -1,0 +1,42 @@
+//! The DynamoDB Streams side: which shards exist ([`discovery`]), reading one shard ([`shard`]),
+//! the AWS calls ([`api`]) and their error classification ([`error`]).
+
+pub mod api;
+pub mod discovery;
+pub mod error;
+pub mod shard;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use crate::checkpoint::Checkpoints;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+use api::StreamsApi;
+
+/// What every table watcher and shard reader shares.
+pub struct Services {
+    pub config: Config,
+    pub api: StreamsApi,
+    pub publisher: Publisher,
+    pub checkpoints: Checkpoints,
+    pub metrics: Arc<Metrics>,
+}
+
+/// First retry delay after a failure (throttling, 5xx, NATS down).
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest retry delay: long enough to relieve a throttled shard, short enough to recover quickly.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Exponential delays with jitter, without end; start a new one after a success.
+pub fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(BACKOFF_MIN)
+        .with_max_delay(BACKOFF_MAX)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}

@@ -1,0 +1,268 @@
+//! Reading one shard: iterator → GetRecords → publish in order → checkpoint, until the shard ends or
+//! the reader is told to stop.
+//!
+//! Invariants: records are published in the shard's order; the checkpoint only covers records
+//! JetStream acknowledged; a failed publish is retried from the first unacknowledged record (never
+//! skipped); once reading has stopped, the batch in hand is still published and checkpointed, so a
+//! graceful stop leaves nothing to publish twice.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+
+use super::Services;
+use super::api::StartAt;
+use super::error::ReadError;
+use crate::checkpoint::{self, AdvanceError, Position, ShardCheckpoint};
+use crate::config::MAX_RECORDS_PER_CALL;
+use crate::publish::Prepared;
+
+/// How a reader ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Read to its end (or gone from the stream) and checkpointed as finished.
+    Finished,
+    /// Told to stop; its progress is checkpointed.
+    Stopped,
+    /// Its checkpoint was moved by another writer; it stopped without writing.
+    Fenced,
+}
+
+/// Reads one shard of one table's stream.
+pub struct ShardReader {
+    pub services: Arc<Services>,
+    pub table: String,
+    pub subject: String,
+    pub stream_arn: String,
+    pub shard_id: String,
+    /// Where to start when the shard has no checkpoint.
+    pub fresh_start: StartAt,
+    pub cancel: CancellationToken,
+}
+
+impl ShardReader {
+    pub async fn run(self) -> Outcome {
+        let outcome = self.read().await;
+        self.services.metrics.set_shard_lag(&self.table, &self.shard_id, None);
+        tracing::info!(table = %self.table, shard_id = %self.shard_id, ?outcome, "shard reader ended");
+        outcome
+    }
+
+    async fn read(&self) -> Outcome {
+        let (table, shard_id) = (self.table.as_str(), self.shard_id.as_str());
+        let metrics = &self.services.metrics;
+        let Some(mut checkpoint) = self.load_checkpoint().await else { return Outcome::Stopped };
+        let mut start = match checkpoint.position() {
+            Some(Position::Finished { .. }) => return Outcome::Finished,
+            Some(Position::After(seq)) => StartAt::After(seq.to_string()),
+            None => self.fresh_start.clone(),
+        };
+        tracing::info!(table, shard_id, ?start, "shard reader started");
+        let mut iterator: Option<String> = None;
+        let mut delays = super::backoff();
+        loop {
+            if self.cancel.is_cancelled() {
+                return Outcome::Stopped;
+            }
+            let current = match iterator.take() {
+                Some(it) => it,
+                None => match self.services.api.iterator(&self.stream_arn, shard_id, &start).await {
+                    Ok(it) => it,
+                    Err(err) => {
+                        metrics.get_records_errors.with_label_values(&[table, err.kind()]).inc();
+                        match err {
+                            ReadError::Trimmed(_) => start = self.trimmed(&start),
+                            ReadError::NotFound(_) => return self.finish(&mut checkpoint).await,
+                            other => {
+                                tracing::warn!(table, shard_id, error = %other, "cannot get a shard iterator; retrying");
+                                if !self.pause(delays.next()).await {
+                                    return Outcome::Stopped;
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                },
+            };
+            metrics.get_records_calls.with_label_values(&[table]).inc();
+            let page = match self.services.api.records(&current).await {
+                Ok(page) => page,
+                Err(err) => {
+                    metrics.get_records_errors.with_label_values(&[table, err.kind()]).inc();
+                    match err {
+                        ReadError::IteratorExpired => {
+                            tracing::info!(table, shard_id, "shard iterator expired; getting a new one");
+                        }
+                        ReadError::Trimmed(_) => start = self.trimmed(&start),
+                        ReadError::NotFound(_) => return self.finish(&mut checkpoint).await,
+                        other => {
+                            tracing::warn!(table, shard_id, error = %other, "GetRecords failed; retrying");
+                            iterator = Some(current);
+                            if !self.pause(delays.next()).await {
+                                return Outcome::Stopped;
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
+            delays = super::backoff();
+            let count = page.records.len();
+            metrics.records_per_get_records.with_label_values(&[table]).observe(count as f64);
+            let batch: Vec<Prepared> = page
+                .records
+                .iter()
+                .filter_map(|record| self.services.publisher.prepare(table, shard_id, record))
+                .collect();
+            let lag = match batch.last().and_then(|p| p.created_at) {
+                Some(created) if count > 0 => now_secs() - created,
+                _ => 0.0,
+            };
+            if !batch.is_empty() {
+                if let Err(outcome) = self.publish(batch, &mut checkpoint, &mut start).await {
+                    return outcome;
+                }
+            }
+            metrics.set_shard_lag(table, shard_id, Some(lag));
+            let Some(next) = page.next_iterator else {
+                return self.finish(&mut checkpoint).await;
+            };
+            iterator = Some(next);
+            let wait = if count >= MAX_RECORDS_PER_CALL as usize {
+                Duration::ZERO
+            } else if count > 0 {
+                self.services.config.poll_gap
+            } else {
+                self.services.config.poll_interval
+            };
+            if !wait.is_zero() && !self.pause(Some(wait)).await {
+                return Outcome::Stopped;
+            }
+        }
+    }
+
+    /// Reads the checkpoint, retrying while NATS is unavailable; `None` if told to stop meanwhile.
+    async fn load_checkpoint(&self) -> Option<ShardCheckpoint> {
+        let key = checkpoint::key(&self.table, &self.shard_id);
+        let mut delays = super::backoff();
+        loop {
+            match ShardCheckpoint::load(self.services.checkpoints.clone(), key.clone()).await {
+                Ok(checkpoint) => return Some(checkpoint),
+                Err(err) => {
+                    tracing::warn!(table = %self.table, shard_id = %self.shard_id, error = %err, "cannot read checkpoint; retrying");
+                    if !self.pause(delays.next()).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The checkpoint is older than the stream's retention: the records between are gone.
+    fn trimmed(&self, start: &StartAt) -> StartAt {
+        self.services.metrics.trimmed_data_gaps.with_label_values(&[&self.table]).inc();
+        tracing::error!(table = %self.table, shard_id = %self.shard_id, ?start,
+            "records after the checkpoint were trimmed from the stream (older than its 24 h retention) and are lost; continuing from TRIM_HORIZON");
+        StartAt::TrimHorizon
+    }
+
+    /// Publishes a batch until every record is acknowledged, checkpointing each acknowledged prefix.
+    /// Waits (with backoff) while NATS refuses; never skips a record. Not interrupted by a stop:
+    /// the records in hand are published before the reader ends.
+    async fn publish(
+        &self,
+        mut batch: Vec<Prepared>,
+        checkpoint: &mut ShardCheckpoint,
+        start: &mut StartAt,
+    ) -> Result<(), Outcome> {
+        let (table, shard_id) = (self.table.as_str(), self.shard_id.as_str());
+        let window = self.services.config.max_in_flight;
+        let mut delays = super::backoff();
+        let mut done = 0;
+        while done < batch.len() {
+            let rest = &mut batch[done..];
+            let result = self.services.publisher.publish_in_order(&self.subject, table, shard_id, rest, window).await;
+            let acked = match &result {
+                Ok(()) => rest.len(),
+                Err(failure) => failure.acked,
+            };
+            if acked > 0 {
+                let last = rest[acked - 1].sequence_number.clone();
+                *start = StartAt::After(last.to_string());
+                self.checkpoint(checkpoint, Position::After(last)).await?;
+            }
+            done += acked;
+            if let Err(failure) = result {
+                let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                tracing::warn!(table, shard_id, kind = failure.kind, error = %failure.message,
+                    retry_in_ms = delay.as_millis() as u64, pending = batch.len() - done, "publish failed; retrying from the first unacknowledged record");
+                tokio::time::sleep(delay).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint; a fenced write ends the reader; an unavailable store is retried a few
+    /// times and then left to the next batch (the records are published; only progress is unsaved).
+    async fn checkpoint(&self, checkpoint: &mut ShardCheckpoint, position: Position) -> Result<(), Outcome> {
+        let metrics = &self.services.metrics;
+        let mut delays = super::backoff().take(5);
+        loop {
+            match checkpoint.advance(position.clone()).await {
+                Ok(written) => {
+                    if written {
+                        metrics.checkpoints_written.with_label_values(&[&self.table]).inc();
+                    }
+                    return Ok(());
+                }
+                Err(AdvanceError::Fenced(key)) => {
+                    metrics.checkpoint_conflicts.with_label_values(&[&self.table]).inc();
+                    tracing::error!(table = %self.table, shard_id = %self.shard_id, key, "checkpoint was moved by another writer; this reader stops");
+                    return Err(Outcome::Fenced);
+                }
+                Err(AdvanceError::Unavailable(err)) => match delays.next() {
+                    Some(delay) => tokio::time::sleep(delay).await,
+                    None => {
+                        tracing::warn!(table = %self.table, shard_id = %self.shard_id, error = %err, "checkpoint not written; the next one will cover it");
+                        return Ok(());
+                    }
+                },
+            }
+        }
+    }
+
+    /// The shard has ended: mark it finished so its children may be read.
+    async fn finish(&self, checkpoint: &mut ShardCheckpoint) -> Outcome {
+        let last = checkpoint.position().and_then(|p| p.last().cloned());
+        let mut delays = super::backoff();
+        loop {
+            match self.checkpoint(checkpoint, Position::Finished { last: last.clone() }).await {
+                Err(outcome) => return outcome,
+                Ok(()) if matches!(checkpoint.position(), Some(Position::Finished { .. })) => {
+                    tracing::info!(table = %self.table, shard_id = %self.shard_id, "shard read to its end");
+                    return Outcome::Finished;
+                }
+                // Not written yet: the children wait on this marker, so keep trying.
+                Ok(()) => {
+                    if !self.pause(delays.next()).await {
+                        return Outcome::Stopped;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps for `delay` unless told to stop first; false when told to stop.
+    async fn pause(&self, delay: Option<Duration>) -> bool {
+        let delay = delay.unwrap_or(Duration::from_secs(1));
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+}

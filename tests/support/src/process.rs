@@ -1,0 +1,79 @@
+//! The service binary run as a real child process, with its log kept in a file and signals sent by PID.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+/// A running service process; killed when dropped if it is still running.
+pub struct ServiceProcess {
+    child: Child,
+    log: PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` with `args` and exactly the environment `env` (plus `PATH`), logging to a file.
+    pub fn start(binary: &Path, args: &[&str], env: &[(String, String)]) -> Self {
+        let log_dir = tempfile::tempdir().expect("create a log directory");
+        let log = log_dir.path().join("service.log");
+        let file = std::fs::File::create(&log).expect("create the service log file");
+        let err_file = file.try_clone().expect("clone the log file handle");
+        let mut command = Command::new(binary);
+        command.args(args).env_clear().stdout(Stdio::from(file)).stderr(Stdio::from(err_file));
+        if let Some(path) = std::env::var_os("PATH") {
+            command.env("PATH", path);
+        }
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
+        ServiceProcess { child, log, _log_dir: log_dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process has written to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, `KILL`, `STOP`, `CONT`) with the system's `kill`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {} failed", self.pid());
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for the process to exit, or panics (with its log) after `deadline`.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let give_up = tokio::time::Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.try_status() {
+                return status;
+            }
+            if tokio::time::Instant::now() >= give_up {
+                panic!("process did not exit within {deadline:?}; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
