@@ -202,3 +202,5 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 }
+
+pub mod fixtures;
