@@ -199,7 +199,8 @@ impl Checkpoints {
     /// Every checkpoint key of `table`, with its shard id.
     pub async fn shards_of(&self, table: &str) -> Result<Vec<(String, String)>, CheckpointError> {
         let nats = |source: async_nats::Error| CheckpointError::Nats { key: format!("{table}.*"), source };
-        let keys: Vec<String> = self.kv.keys().await.map_err(|e| nats(e.into()))?.try_collect().await.map_err(|e| nats(e.into()))?;
+        let keys: Vec<String> =
+            self.kv.keys().await.map_err(|e| nats(e.into()))?.try_collect().await.map_err(|e| nats(e.into()))?;
         Ok(keys
             .into_iter()
             .filter_map(|key| shard_of(table, &key).map(|shard| (key.clone(), shard.to_owned())))

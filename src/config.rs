@@ -177,8 +177,7 @@ impl Checker {
 
 /// DynamoDB table names: 3 to 255 characters of `a-z A-Z 0-9 _ - .`.
 pub fn is_valid_table_name(name: &str) -> bool {
-    (3..=255).contains(&name.len())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    (3..=255).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 /// A NATS subject made of literal tokens only: no wildcards, no empty tokens, no white space.
@@ -245,13 +244,8 @@ impl Args {
             }
         };
 
-        let nats_urls: Vec<String> = self
-            .nats_url
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(str::to_owned)
-            .collect();
+        let nats_urls: Vec<String> =
+            self.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
         if nats_urls.is_empty() {
             check.fail("NATS_URL", "must name at least one server");
         }

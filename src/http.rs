@@ -33,10 +33,8 @@ impl Health {
     }
 
     fn nats_connected(&self) -> bool {
-        let connected = self
-            .nats
-            .get()
-            .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
+        let connected =
+            self.nats.get().is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
         self.metrics.nats_connected.set(i64::from(connected));
         connected
     }

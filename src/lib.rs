@@ -90,7 +90,11 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     tracing::info!(replica_id = %config.replica_id, tables = ?config.tables, "serving");
 
     let signal = signals.next().await;
-    tracing::info!(signal, timeout_sec = config.shutdown_timeout.as_secs(), "shutting down: reads stop, in-flight publishes finish, checkpoints are written");
+    tracing::info!(
+        signal,
+        timeout_sec = config.shutdown_timeout.as_secs(),
+        "shutting down: reads stop, in-flight publishes finish, checkpoints are written"
+    );
     health.serving.store(false, Ordering::SeqCst);
     root.cancel();
     tracker.close();

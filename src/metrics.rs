@@ -38,18 +38,14 @@ pub struct Metrics {
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels)
         .unwrap_or_else(|err| panic!("metric {name} is malformed: {err}"));
-    registry
-        .register(Box::new(metric.clone()))
-        .unwrap_or_else(|err| panic!("metric {name} registered twice: {err}"));
+    registry.register(Box::new(metric.clone())).unwrap_or_else(|err| panic!("metric {name} registered twice: {err}"));
     metric
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
     let metric = HistogramVec::new(HistogramOpts::new(format!("{PREFIX}_{name}"), help).buckets(buckets), labels)
         .unwrap_or_else(|err| panic!("metric {name} is malformed: {err}"));
-    registry
-        .register(Box::new(metric.clone()))
-        .unwrap_or_else(|err| panic!("metric {name} registered twice: {err}"));
+    registry.register(Box::new(metric.clone())).unwrap_or_else(|err| panic!("metric {name} registered twice: {err}"));
     metric
 }
 
@@ -87,19 +83,76 @@ impl Metrics {
         registry.register(Box::new(nats_connected.clone())).unwrap_or_else(|err| panic!("register: {err}"));
 
         Metrics {
-            records_published: counter(r, "records_published_total", "Records published and acknowledged", &["table", "event_name"]),
-            duplicate_publishes: counter(r, "duplicate_publishes_total", "Publishes JetStream acknowledged as duplicates (a record re-read after a restart or retry)", &["table"]),
-            publish_errors: counter(r, "publish_errors_total", "Failed or timed-out JetStream publishes (retried)", &["table", "kind"]),
-            oversize_events: counter(r, "oversize_events_total", "Records published as reduced events because they exceed the max payload", &["table"]),
-            unrepresentable_records: counter(r, "unrepresentable_records_total", "Records with values that could not be converted exactly (published with what could be)", &["table"]),
+            records_published: counter(
+                r,
+                "records_published_total",
+                "Records published and acknowledged",
+                &["table", "event_name"],
+            ),
+            duplicate_publishes: counter(
+                r,
+                "duplicate_publishes_total",
+                "Publishes JetStream acknowledged as duplicates (a record re-read after a restart or retry)",
+                &["table"],
+            ),
+            publish_errors: counter(
+                r,
+                "publish_errors_total",
+                "Failed or timed-out JetStream publishes (retried)",
+                &["table", "kind"],
+            ),
+            oversize_events: counter(
+                r,
+                "oversize_events_total",
+                "Records published as reduced events because they exceed the max payload",
+                &["table"],
+            ),
+            unrepresentable_records: counter(
+                r,
+                "unrepresentable_records_total",
+                "Records with values that could not be converted exactly (published with what could be)",
+                &["table"],
+            ),
             get_records_calls: counter(r, "get_records_calls_total", "GetRecords calls", &["table"]),
-            get_records_errors: counter(r, "get_records_errors_total", "Errors from DynamoDB Streams calls, by kind", &["table", "kind"]),
-            records_per_get_records: histogram(r, "records_per_get_records", "Records returned per GetRecords call", &["table"], vec![0.0, 1.0, 10.0, 100.0, 500.0, 999.0, 1000.0]),
-            trimmed_data_gaps: counter(r, "trimmed_data_gaps_total", "Checkpoints older than the stream's retention: records were lost before they could be read", &["table"]),
+            get_records_errors: counter(
+                r,
+                "get_records_errors_total",
+                "Errors from DynamoDB Streams calls, by kind",
+                &["table", "kind"],
+            ),
+            records_per_get_records: histogram(
+                r,
+                "records_per_get_records",
+                "Records returned per GetRecords call",
+                &["table"],
+                vec![0.0, 1.0, 10.0, 100.0, 500.0, 999.0, 1000.0],
+            ),
+            trimmed_data_gaps: counter(
+                r,
+                "trimmed_data_gaps_total",
+                "Checkpoints older than the stream's retention: records were lost before they could be read",
+                &["table"],
+            ),
             checkpoints_written: counter(r, "checkpoints_written_total", "Checkpoint writes", &["table"]),
-            checkpoint_conflicts: counter(r, "checkpoint_conflicts_total", "Checkpoint writes refused because another writer moved the key", &["table"]),
-            table_errors: counter(r, "table_errors_total", "Tables that could not be read (missing, no stream, KEYS_ONLY view)", &["table", "kind"]),
-            publish_ack_seconds: histogram(r, "publish_ack_seconds", "Time from a publish to its JetStream ack", &["table"], prometheus::exponential_buckets(0.0005, 2.0, 16).unwrap_or_default()),
+            checkpoint_conflicts: counter(
+                r,
+                "checkpoint_conflicts_total",
+                "Checkpoint writes refused because another writer moved the key",
+                &["table"],
+            ),
+            table_errors: counter(
+                r,
+                "table_errors_total",
+                "Tables that could not be read (missing, no stream, KEYS_ONLY view)",
+                &["table", "kind"],
+            ),
+            publish_ack_seconds: histogram(
+                r,
+                "publish_ack_seconds",
+                "Time from a publish to its JetStream ack",
+                &["table"],
+                prometheus::exponential_buckets(0.0005, 2.0, 16).unwrap_or_default(),
+            ),
             shards_known,
             lag_seconds,
             nats_connected,

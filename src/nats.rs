@@ -19,7 +19,9 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 pub enum SetupError {
     #[error("cannot connect to NATS at {urls}: {source}")]
     Connect { urls: String, source: async_nats::ConnectError },
-    #[error("stream {stream:?} does not capture subject {subject:?} (its subjects: {subjects:?}); add `{prefix}.>` to its subjects or choose another NATS_STREAM_NAME")]
+    #[error(
+        "stream {stream:?} does not capture subject {subject:?} (its subjects: {subjects:?}); add `{prefix}.>` to its subjects or choose another NATS_STREAM_NAME"
+    )]
     NotCaptured { stream: String, subject: String, subjects: Vec<String>, prefix: String },
     #[error("stream {stream:?}: {message}")]
     Stream { stream: String, message: String },
@@ -30,8 +32,7 @@ pub enum SetupError {
 /// Connects to NATS; the client reconnects on its own afterwards.
 pub async fn connect(config: &Config) -> Result<async_nats::Client, SetupError> {
     let urls = config.nats_urls.join(",");
-    let addresses: Vec<async_nats::ServerAddr> =
-        config.nats_urls.iter().filter_map(|u| u.parse().ok()).collect();
+    let addresses: Vec<async_nats::ServerAddr> = config.nats_urls.iter().filter_map(|u| u.parse().ok()).collect();
     async_nats::ConnectOptions::new()
         .name(config.replica_id.clone())
         .max_reconnects(None)

@@ -58,7 +58,12 @@ async fn delete(ddb: &aws_sdk_dynamodb::Client, table: &str, pk: &str) {
 }
 
 /// Writes a workload of inserts, modifies and removes; returns `(event_name, pk, v)` in write order.
-async fn workload(ddb: &aws_sdk_dynamodb::Client, table: &str, tag: &str, items: usize) -> Vec<(String, String, Option<i64>)> {
+async fn workload(
+    ddb: &aws_sdk_dynamodb::Client,
+    table: &str,
+    tag: &str,
+    items: usize,
+) -> Vec<(String, String, Option<i64>)> {
     let mut expected = Vec::new();
     for i in 0..items {
         let pk = format!("{tag}-{i}");
@@ -366,7 +371,9 @@ async fn bad_configuration_names_every_bad_variable_and_exits_2() {
 
     let mut help = ServiceProcess::start(binary(), &["--help"], &[]);
     assert!(help.wait_exit(Duration::from_secs(10)).await.success());
-    for variable in ["DYNAMODB_TABLES", "NATS_URL", "CHECKPOINT_BUCKET", "POLL_INTERVAL_MS", "SHARD_REFRESH_INTERVAL_SEC", "BIND"] {
+    for variable in
+        ["DYNAMODB_TABLES", "NATS_URL", "CHECKPOINT_BUCKET", "POLL_INTERVAL_MS", "SHARD_REFRESH_INTERVAL_SEC", "BIND"]
+    {
         assert!(help.log().contains(variable), "--help lacks {variable}:\n{}", help.log());
     }
     assert!(help.log().contains("[default: dynamodb-stream-checkpoints]"), "{}", help.log());

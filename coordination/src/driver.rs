@@ -60,9 +60,7 @@ pub(crate) struct Driver {
 
 /// Runs `op` with the configured timeout; a timeout is an `Unavailable` (the write may still land).
 async fn bounded<T>(limit: Duration, op: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
-    timeout(limit, op)
-        .await
-        .unwrap_or_else(|_| Err(StoreError::Unavailable { reason: "timed out".into() }))
+    timeout(limit, op).await.unwrap_or_else(|_| Err(StoreError::Unavailable { reason: "timed out".into() }))
 }
 
 impl Driver {
@@ -210,12 +208,8 @@ impl Driver {
 
     /// Revokes every held lease whose deadline has passed.
     fn fence(&mut self, now: Instant) {
-        let expired: Vec<ShardKey> = self
-            .held
-            .iter()
-            .filter(|(_, held)| held.guard.deadline() <= now)
-            .map(|(shard, _)| shard.clone())
-            .collect();
+        let expired: Vec<ShardKey> =
+            self.held.iter().filter(|(_, held)| held.guard.deadline() <= now).map(|(shard, _)| shard.clone()).collect();
         for shard in expired {
             self.held.remove(&shard);
             warn!(replica = %self.me.replica, shard = %shard, "lease not renewed in time, stopping the shard");
@@ -462,7 +456,9 @@ impl Driver {
         let mut revision = revision;
         for _ in 0..2 {
             let result = match &value {
-                Some(value) => bounded(limit, self.store.update(&key, lease::encode(value), revision)).await.map(|_| ()),
+                Some(value) => {
+                    bounded(limit, self.store.update(&key, lease::encode(value), revision)).await.map(|_| ())
+                }
                 None => bounded(limit, self.store.delete(&key, revision)).await,
             };
             match result {

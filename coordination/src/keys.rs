@@ -141,20 +141,15 @@ mod tests {
             check_kv_key(&shard_lease_key(&key)).unwrap();
             assert!(seen.insert(key.clone()), "collision for {table}/{shard}: {key}");
         }
-        assert_eq!(
-            ShardKey::for_shard("my.table", "shardId-1").as_str(),
-            "my=2Etable/shardId-1"
-        );
+        assert_eq!(ShardKey::for_shard("my.table", "shardId-1").as_str(), "my=2Etable/shardId-1");
     }
 
     #[test]
     fn lease_keys_never_look_like_checkpoint_keys() {
         // A checkpoint key is `{table}.{shard_id}` and has no '/'.
-        for key in [
-            shard_lease_key(&ShardKey::for_shard("t", "s")),
-            presence_key("0f8c"),
-            leader_key("discovery").unwrap(),
-        ] {
+        for key in
+            [shard_lease_key(&ShardKey::for_shard("t", "s")), presence_key("0f8c"), leader_key("discovery").unwrap()]
+        {
             assert!(key.contains('/'), "{key}");
         }
     }

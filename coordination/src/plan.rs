@@ -227,8 +227,7 @@ pub fn decide(view: &View<'_>) -> Plan {
         let pick = least_loaded(&loads, &caps);
         // Fallback: a lease left free for a whole TTL (its assignee does not know the shard, or is
         // stuck) goes to anyone with room, so no shard waits on one replica's view.
-        let take = my_total < my_cap
-            && (pick == Some(me) || view.now >= candidate.free_since + view.ttl);
+        let take = my_total < my_cap && (pick == Some(me) || view.now >= candidate.free_since + view.ttl);
         if take {
             *loads.entry(me).or_default() += 1;
             my_total += 1;
@@ -286,7 +285,10 @@ pub fn decide(view: &View<'_>) -> Plan {
 }
 
 /// The live replica with the fewest leases that is below its cap (ties: smallest owner).
-fn least_loaded<'o>(loads: &BTreeMap<&'o Owner, usize>, caps: &BTreeMap<&'o Owner, Option<usize>>) -> Option<&'o Owner> {
+fn least_loaded<'o>(
+    loads: &BTreeMap<&'o Owner, usize>,
+    caps: &BTreeMap<&'o Owner, Option<usize>>,
+) -> Option<&'o Owner> {
     loads
         .iter()
         .filter(|(owner, load)| **load < caps.get(*owner).copied().flatten().unwrap_or(usize::MAX))

@@ -32,9 +32,9 @@ impl Serialize for Json {
             Json::Null => serializer.serialize_unit(),
             Json::Bool(value) => serializer.serialize_bool(*value),
             Json::String(value) => serializer.serialize_str(value),
-            Json::Number(digits) => RawValue::from_string(digits.clone())
-                .map_err(serde::ser::Error::custom)?
-                .serialize(serializer),
+            Json::Number(digits) => {
+                RawValue::from_string(digits.clone()).map_err(serde::ser::Error::custom)?.serialize(serializer)
+            }
             Json::Array(items) => {
                 let mut seq = serializer.serialize_seq(Some(items.len()))?;
                 for item in items {
@@ -220,9 +220,10 @@ impl Event {
     /// The JSON payload.
     pub fn to_json(&self) -> Bytes {
         // Serialising our own tree of strings, numbers checked for syntax and maps cannot fail.
-        Bytes::from(serde_json::to_vec(self).unwrap_or_else(|err| {
-            format!("{{\"serialisation_error\":{:?}}}", err.to_string()).into_bytes()
-        }))
+        Bytes::from(
+            serde_json::to_vec(self)
+                .unwrap_or_else(|err| format!("{{\"serialisation_error\":{:?}}}", err.to_string()).into_bytes()),
+        )
     }
 
     /// The same event without images, for a record whose full JSON exceeds the max payload.
@@ -303,10 +304,12 @@ mod tests {
     #[test]
     fn ttl_deletion_carries_user_identity() {
         let mut rec = record(OperationType::Remove, None);
-        rec.user_identity =
-            Some(Identity::builder().r#type("Service").principal_id("dynamodb.amazonaws.com").build());
+        rec.user_identity = Some(Identity::builder().r#type("Service").principal_id("dynamodb.amazonaws.com").build());
         let json = String::from_utf8(Event::from_record("t", &rec).expect("event").to_json().to_vec()).expect("utf8");
-        assert!(json.ends_with(r#""user_identity":{"type":"Service","principal_id":"dynamodb.amazonaws.com"}}"#), "{json}");
+        assert!(
+            json.ends_with(r#""user_identity":{"type":"Service","principal_id":"dynamodb.amazonaws.com"}}"#),
+            "{json}"
+        );
     }
 
     #[test]
@@ -324,7 +327,7 @@ mod tests {
         assert_eq!(t(1_795_593_789.0), "2026-11-25T08:03:09Z");
         assert_eq!(t(1_795_593_789.67), "2026-11-25T08:03:09.67Z");
         assert_eq!(t(1_795_593_789.715), "2026-11-25T08:03:09.715Z");
-        assert_eq!(t(1_795_593_789.9996), "2026-11-25T08:03:10Z");
+        assert_eq!(t(1_795_593_789.999_6), "2026-11-25T08:03:10Z");
     }
 
     #[test]

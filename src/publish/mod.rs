@@ -96,10 +96,7 @@ impl Publisher {
         headers.insert(HEADER_EVENT_NAME, event.event_name.as_str());
         headers.insert(HEADER_SEQUENCE_NUMBER, event.sequence_number.as_str());
         headers.insert(HEADER_SHARD_ID, shard_id);
-        let created_at = record
-            .dynamodb()
-            .and_then(|d| d.approximate_creation_date_time())
-            .map(|t| t.as_secs_f64());
+        let created_at = record.dynamodb().and_then(|d| d.approximate_creation_date_time()).map(|t| t.as_secs_f64());
         let mut prepared = Prepared {
             sequence_number,
             event_name: event.event_name.clone(),

@@ -99,7 +99,9 @@ impl TableWatcher {
         for arn in state.streams.clone() {
             match self.services.api.shards(&arn).await {
                 Ok(shards) => listed.push((arn, shards)),
-                Err(super::error::ReadError::NotFound(_)) if state.streams.len() > 1 && state.streams.front() == Some(&arn) => {
+                Err(super::error::ReadError::NotFound(_))
+                    if state.streams.len() > 1 && state.streams.front() == Some(&arn) =>
+                {
                     tracing::warn!(table, stream = %arn, "old stream is gone; following the new one");
                     state.streams.pop_front();
                 }
@@ -142,8 +144,7 @@ impl TableWatcher {
                 if state.running.contains_key(id) {
                     continue;
                 }
-                let fresh_start =
-                    if state.start_latest.contains(id) { StartAt::Latest } else { StartAt::TrimHorizon };
+                let fresh_start = if state.start_latest.contains(id) { StartAt::Latest } else { StartAt::TrimHorizon };
                 self.spawn_reader(state, arn, id, fresh_start, ended.clone());
             }
         }
@@ -193,10 +194,12 @@ impl TableWatcher {
         }
         if keys.is_empty() && self.services.config.start_from_latest {
             let arn = state.streams.back().cloned().unwrap_or_default();
-            let shards = self.services.api.shards(&arn).await.map_err(|err| checkpoint::CheckpointError::Nats {
-                key: self.table.clone(),
-                source: err.into(),
-            })?;
+            let shards = self
+                .services
+                .api
+                .shards(&arn)
+                .await
+                .map_err(|err| checkpoint::CheckpointError::Nats { key: self.table.clone(), source: err.into() })?;
             let parents: HashSet<&str> = shards.iter().filter_map(|s| s.parent_shard_id.as_deref()).collect();
             for shard in &shards {
                 if !shard.closed && !parents.contains(shard.shard_id.as_str()) {
@@ -226,7 +229,9 @@ impl TableWatcher {
                     tracing::info!(table = %self.table, shard_id, "finished shard left the stream; checkpoint deleted");
                     state.finished.remove(&shard_id);
                 }
-                Err(err) => tracing::warn!(table = %self.table, shard_id, error = %err, "cannot delete finished checkpoint; retrying later"),
+                Err(err) => {
+                    tracing::warn!(table = %self.table, shard_id, error = %err, "cannot delete finished checkpoint; retrying later")
+                }
             }
         }
     }

@@ -119,10 +119,10 @@ impl ShardReader {
                 Some(created) if count > 0 => now_secs() - created,
                 _ => 0.0,
             };
-            if !batch.is_empty() {
-                if let Err(outcome) = self.publish(batch, &mut checkpoint, &mut start).await {
-                    return outcome;
-                }
+            if !batch.is_empty()
+                && let Err(outcome) = self.publish(batch, &mut checkpoint, &mut start).await
+            {
+                return outcome;
             }
             metrics.set_shard_lag(table, shard_id, Some(lag));
             let Some(next) = page.next_iterator else {

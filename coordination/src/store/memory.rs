@@ -129,9 +129,7 @@ impl MemoryStore {
             tokio::time::sleep(fault.response_delay).await;
             let _ = answer.send(result);
         });
-        answered
-            .await
-            .unwrap_or_else(|_| Err(StoreError::Unavailable { reason: "store task ended".into() }))
+        answered.await.unwrap_or_else(|_| Err(StoreError::Unavailable { reason: "store task ended".into() }))
     }
 }
 
@@ -208,10 +206,7 @@ mod tests {
         assert!(matches!(store.create("k", Bytes::new()).await, Err(StoreError::Conflict { .. })));
         let second = store.update("k", Bytes::from_static(b"b"), first).await.unwrap();
         assert!(second > first);
-        assert!(matches!(
-            store.update("k", Bytes::new(), first).await,
-            Err(StoreError::Conflict { .. })
-        ));
+        assert!(matches!(store.update("k", Bytes::new(), first).await, Err(StoreError::Conflict { .. })));
         assert!(matches!(store.delete("k", first).await, Err(StoreError::Conflict { .. })));
         store.delete("k", second).await.unwrap();
         assert_eq!(store.get("k").await.unwrap(), None);
@@ -230,10 +225,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lost_answer_still_applies_the_write() {
         let store = MemoryStore::with_faults(LoseAnswers);
-        assert!(matches!(
-            store.create("k", Bytes::from_static(b"a")).await,
-            Err(StoreError::Unavailable { .. })
-        ));
+        assert!(matches!(store.create("k", Bytes::from_static(b"a")).await, Err(StoreError::Unavailable { .. })));
         assert_eq!(store.dump().len(), 1);
     }
 }

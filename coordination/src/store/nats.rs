@@ -35,9 +35,7 @@ impl LeaseStore for NatsKvStore {
             _ => unavailable(err),
         })?;
         Ok(entry.and_then(|entry| match entry.operation {
-            Operation::Put => {
-                Some(Versioned { value: entry.value, revision: Revision::new(entry.revision) })
-            }
+            Operation::Put => Some(Versioned { value: entry.value, revision: Revision::new(entry.revision) }),
             Operation::Delete | Operation::Purge => None,
         }))
     }
@@ -61,10 +59,7 @@ impl LeaseStore for NatsKvStore {
     }
 
     async fn delete(&self, key: &str, expected: Revision) -> Result<(), StoreError> {
-        self.kv
-            .delete_expect_revision(key, Some(expected.get()))
-            .await
-            .map_err(|err| update_error(key, err))
+        self.kv.delete_expect_revision(key, Some(expected.get())).await.map_err(|err| update_error(key, err))
     }
 
     async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {

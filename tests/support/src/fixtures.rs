@@ -84,7 +84,8 @@ pub struct Stored {
 
 impl Stored {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.payload).unwrap_or_else(|err| panic!("payload is not JSON ({err}): {}", self.payload))
+        serde_json::from_str(&self.payload)
+            .unwrap_or_else(|err| panic!("payload is not JSON ({err}): {}", self.payload))
     }
 
     pub fn header(&self, name: &str) -> &str {
@@ -101,7 +102,12 @@ pub async fn message_count(js: &async_nats::jetstream::Context, stream: &str) ->
 }
 
 /// Waits until `stream` holds at least `count` messages, then returns all of them in stream order.
-pub async fn wait_for_messages(js: &async_nats::jetstream::Context, stream: &str, count: u64, deadline: Duration) -> Vec<Stored> {
+pub async fn wait_for_messages(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    count: u64,
+    deadline: Duration,
+) -> Vec<Stored> {
     crate::wait_for(&format!("{count} messages in stream {stream}"), deadline, || async {
         (message_count(js, stream).await >= count).then_some(())
     })

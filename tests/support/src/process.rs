@@ -26,9 +26,7 @@ impl ServiceProcess {
         for (key, value) in env {
             command.env(key, value);
         }
-        let child = command
-            .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
+        let child = command.spawn().unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
         ServiceProcess { child, log, _log_dir: log_dir }
     }
 
@@ -43,11 +41,8 @@ impl ServiceProcess {
 
     /// Sends a signal by name (`TERM`, `INT`, `KILL`, `STOP`, `CONT`) with the system's `kill`.
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill");
+        let status =
+            Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status().expect("run kill");
         assert!(status.success(), "kill -{name} {} failed", self.pid());
     }
 
