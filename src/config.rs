@@ -68,6 +68,15 @@ pub struct Args {
     /// This replica's name in logs, NATS and leases (default: the host name)
     #[arg(long, env = "REPLICA_ID", default_value = "")]
     pub replica_id: String,
+    /// Seconds a shard lease lives without renewal before peers may take it over
+    #[arg(long, env = "LEASE_TTL_SEC", default_value = "10")]
+    pub lease_ttl_sec: String,
+    /// Milliseconds between lease renewals (default: a third of the lease TTL)
+    #[arg(long, env = "LEASE_RENEW_INTERVAL_MS", default_value = "")]
+    pub lease_renew_interval_ms: String,
+    /// Most shard leases this replica holds at once (default: unlimited)
+    #[arg(long, env = "MAX_LEASES", default_value = "")]
+    pub max_leases: String,
     /// HTTP port for health checks and metrics
     #[arg(long, env = "PORT", default_value = "8080")]
     pub port: String,
@@ -109,6 +118,8 @@ pub struct Config {
     pub publish_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub replica_id: String,
+    /// The lease protocol's settings (replica id, TTL, renew interval, max leases), validated.
+    pub lease: coordination::Config,
     pub bind: IpAddr,
     pub port: u16,
     pub debug: bool,
@@ -295,6 +306,8 @@ impl Args {
             check.fail("REPLICA_ID", format!("{replica_id:?} may only contain a-z A-Z 0-9 _ - ."));
         }
 
+        let lease = lease_config(&mut check, self, &replica_id);
+
         let port = check.number("PORT", &self.port, 0, u16::MAX.into()) as u16;
         let bind = match self.bind.trim() {
             "*" | "" => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -335,12 +348,34 @@ impl Args {
             publish_timeout,
             shutdown_timeout,
             replica_id,
+            lease,
             bind,
             port,
             debug,
             log_format,
         })
     }
+}
+
+/// The lease settings: TTL, renew interval (TTL/3 unless set) and cap, checked against the fencing
+/// argument of `coordination/DESIGN.md` (a renewal must fit well before the guard's deadline).
+fn lease_config(check: &mut Checker, args: &Args, replica_id: &str) -> coordination::Config {
+    // Below 2 s the safety margin (TTL/5) would not cover one publish batch.
+    let ttl = check.secs("LEASE_TTL_SEC", &args.lease_ttl_sec, 2, 3_600);
+    let mut lease = coordination::Config::new(replica_id, ttl);
+    if !args.lease_renew_interval_ms.trim().is_empty() {
+        let renew = check.millis("LEASE_RENEW_INTERVAL_MS", &args.lease_renew_interval_ms, 100, 3_600_000);
+        lease.renew_interval = renew;
+        lease.poll_interval = renew / 2;
+    }
+    if !args.max_leases.trim().is_empty() {
+        lease.max_leases = Some(check.number("MAX_LEASES", &args.max_leases, 1, 1_000_000) as usize);
+    }
+    let settings_ok = !check.0.iter().any(|(v, _)| v.starts_with("LEASE_") || *v == "MAX_LEASES");
+    if settings_ok && let Err(err) = lease.validate() {
+        check.fail("LEASE_RENEW_INTERVAL_MS", format!("{} (with LEASE_TTL_SEC {})", err.0, ttl.as_secs()));
+    }
+    lease
 }
 
 /// The host name (`HOSTNAME`, then `/etc/hostname`), which on Kubernetes is the pod name.
@@ -393,6 +428,21 @@ mod tests {
         assert_eq!(config.port, 8080);
         assert_eq!(config.bind, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         assert!(!config.debug);
+        assert_eq!(config.lease.ttl, Duration::from_secs(10));
+        assert_eq!(config.lease.renew_interval, Duration::from_secs(10) / 3);
+        assert_eq!(config.lease.max_leases, None);
+    }
+
+    #[test]
+    fn a_renew_interval_that_breaks_fencing_is_refused() {
+        let error = args(&[("dynamodb-tables", "orders"), ("lease-ttl-sec", "3"), ("lease-renew-interval-ms", "2500")])
+            .validate()
+            .expect_err("renewal cannot fit");
+        assert_eq!(error.0[0].0, "LEASE_RENEW_INTERVAL_MS", "{error}");
+        let config = args(&[("dynamodb-tables", "orders"), ("lease-ttl-sec", "3"), ("max-leases", "4")])
+            .validate()
+            .expect("valid");
+        assert_eq!(config.lease.max_leases, Some(4));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! replicas issue).
 //!
 //! Readiness is one shared flag set by the service's lifecycle (connected and serving, not shutting
-//! down) combined with the NATS connection's state at the moment of the probe.
+//! down) combined, at the moment of the probe, with the NATS connection's state and whether the
+//! coordinator could read the lease table at its last try ("serving its leases").
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,9 +14,11 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::status::ShardStatuses;
 
 /// What the endpoints report on.
 pub struct Health {
@@ -25,11 +28,26 @@ pub struct Health {
     pub nats: std::sync::OnceLock<async_nats::Client>,
     pub metrics: Arc<Metrics>,
     pub replica_id: String,
+    /// The coordinator's status, once it runs.
+    pub leases: std::sync::OnceLock<watch::Receiver<coordination::Status>>,
+    /// The shards being read.
+    pub shards: Arc<ShardStatuses>,
 }
 
 impl Health {
     pub fn new(metrics: Arc<Metrics>, replica_id: String) -> Self {
-        Health { serving: AtomicBool::new(false), nats: std::sync::OnceLock::new(), metrics, replica_id }
+        Health {
+            serving: AtomicBool::new(false),
+            nats: std::sync::OnceLock::new(),
+            metrics,
+            replica_id,
+            leases: std::sync::OnceLock::new(),
+            shards: Arc::default(),
+        }
+    }
+
+    fn leases(&self) -> coordination::Status {
+        self.leases.get().map(|status| status.borrow().clone()).unwrap_or_default()
     }
 
     fn nats_connected(&self) -> bool {
@@ -47,10 +65,12 @@ async fn livez() -> &'static str {
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     let serving = health.serving.load(Ordering::SeqCst);
     let connected = health.nats_connected();
-    match (serving, connected) {
-        (true, true) => (StatusCode::OK, "ready\n"),
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not serving\n"),
-        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "NATS not connected\n"),
+    let leases = health.leases().store_reachable;
+    match (serving, connected, leases) {
+        (true, true, true) => (StatusCode::OK, "ready\n"),
+        (false, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "not serving\n"),
+        (true, false, _) => (StatusCode::SERVICE_UNAVAILABLE, "NATS not connected\n"),
+        (true, true, false) => (StatusCode::SERVICE_UNAVAILABLE, "lease table not readable\n"),
     }
 }
 
@@ -60,10 +80,14 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
 }
 
 async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let leases = health.leases();
     axum::Json(serde_json::json!({
         "replica_id": health.replica_id,
         "serving": health.serving.load(Ordering::SeqCst),
         "nats_connected": health.nats_connected(),
+        "live_replicas": leases.live_replicas,
+        "leases": leases.held.iter().map(|shard| shard.as_str()).collect::<Vec<_>>(),
+        "shards": health.shards.snapshot(),
     }))
 }
 

@@ -1,16 +1,19 @@
 //! dynamodb-stream-consumer: DynamoDB Streams → NATS JetStream, one JSON event per change record.
 //!
 //! [`run`] wires the parts and owns the process lifecycle. Shutdown order, written down once:
-//! readiness off → stop reads → finish in-flight publishes → final checkpoints → exit, all within
-//! `SHUTDOWN_TIMEOUT_SEC`; a second signal aborts at once.
+//! readiness off → stop reads → finish in-flight publishes → final checkpoints → release leases →
+//! exit, all within `SHUTDOWN_TIMEOUT_SEC`; a second signal aborts at once (peers then take the
+//! leases after their TTL).
 
 pub mod checkpoint;
 pub mod config;
+pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod nats;
 pub mod publish;
 pub mod source;
+pub mod status;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -26,11 +29,11 @@ use tokio_util::task::TaskTracker;
 
 use checkpoint::Checkpoints;
 use config::Config;
+use fleet::Fleet;
 use metrics::Metrics;
 use publish::Publisher;
 use source::Services;
 use source::api::StreamsApi;
-use source::discovery::TableWatcher;
 
 /// Exit code after a second signal cut the graceful shutdown short (128 + SIGINT).
 const EXIT_ABORTED: u8 = 130;
@@ -66,8 +69,8 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
         .map_err(|err| anyhow::anyhow!("cannot listen on {address} (BIND, PORT): {err}"))?;
     let http_task = tokio::spawn(server);
 
-    let services = tokio::select! {
-        services = start(&config, metrics.clone(), &health) => services?,
+    let (services, store) = tokio::select! {
+        started = start(&config, metrics.clone(), &health) => started?,
         signal = signals.next() => {
             tracing::info!(signal, "stopped during start-up");
             http_cancel.cancel();
@@ -77,15 +80,9 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
 
     let root = CancellationToken::new();
     let tracker = TaskTracker::new();
-    for table in &config.tables {
-        let watcher = TableWatcher {
-            services: services.clone(),
-            table: table.clone(),
-            cancel: root.child_token(),
-            tracker: tracker.clone(),
-        };
-        tracker.spawn(watcher.run());
-    }
+    let (fleet, leases) = Fleet::start(services, store, tracker.clone())?;
+    let _ = health.leases.set(leases);
+    tracker.spawn(fleet.run(root.clone()));
     health.serving.store(true, Ordering::SeqCst);
     tracing::info!(replica_id = %config.replica_id, tables = ?config.tables, "serving");
 
@@ -93,7 +90,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     tracing::info!(
         signal,
         timeout_sec = config.shutdown_timeout.as_secs(),
-        "shutting down: reads stop, in-flight publishes finish, checkpoints are written"
+        "shutting down: reads stop, in-flight publishes finish, checkpoints are written, leases are released"
     );
     health.serving.store(false, Ordering::SeqCst);
     root.cancel();
@@ -117,8 +114,13 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
-/// Connects to NATS and AWS and makes sure the stream and bucket exist.
-async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) -> anyhow::Result<Arc<Services>> {
+/// Connects to NATS and AWS and makes sure the stream and bucket exist; returns what the readers
+/// share and the lease store (the checkpoint bucket).
+async fn start(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    health: &http::Health,
+) -> anyhow::Result<(Arc<Services>, Arc<dyn coordination::LeaseStore>)> {
     let client = connect_nats(config).await?;
     let _ = health.nats.set(client.clone());
     metrics.nats_connected.set(1);
@@ -127,13 +129,15 @@ async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) ->
     let bucket = nats::ensure_bucket(&js, config).await?;
 
     let aws = aws_config(config).await;
-    Ok(Arc::new(Services {
+    let services = Arc::new(Services {
         config: config.clone(),
         api: StreamsApi::new(&aws),
         publisher: Publisher::new(js, client, metrics.clone()),
-        checkpoints: Checkpoints::new(bucket),
+        checkpoints: Checkpoints::new(bucket.clone()),
         metrics,
-    }))
+        shards: Arc::clone(&health.shards),
+    });
+    Ok((services, Arc::new(coordination::NatsKvStore::new(bucket))))
 }
 
 /// Connects to NATS, retrying with backoff while the servers cannot be reached. Failures that a

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub lag_seconds: GaugeVec,
     pub publish_ack_seconds: HistogramVec,
     pub nats_connected: IntGauge,
+    pub leases_held: IntGauge,
+    pub replicas_live: IntGauge,
+    pub lease_changes: IntCounterVec,
     /// Per table, the lag of each shard being read; the gauge is the maximum.
     shard_lags: Mutex<HashMap<String, HashMap<String, f64>>>,
 }
@@ -81,6 +84,13 @@ impl Metrics {
         }
         registry.register(Box::new(lag_seconds.clone())).unwrap_or_else(|err| panic!("register: {err}"));
         registry.register(Box::new(nats_connected.clone())).unwrap_or_else(|err| panic!("register: {err}"));
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(format!("{PREFIX}_{name}"), help).unwrap_or_else(|err| panic!("{name}: {err}"));
+            registry.register(Box::new(metric.clone())).unwrap_or_else(|err| panic!("register: {err}"));
+            metric
+        };
+        let leases_held = gauge("leases_held", "Shard leases this replica holds");
+        let replicas_live = gauge("replicas_live", "Live replicas seen in the lease table, this one included");
 
         Metrics {
             records_published: counter(
@@ -153,9 +163,17 @@ impl Metrics {
                 &["table"],
                 prometheus::exponential_buckets(0.0005, 2.0, 16).unwrap_or_default(),
             ),
+            lease_changes: counter(
+                r,
+                "lease_changes_total",
+                "Lease changes at this replica: acquired, handed_over, expired, lost, finished",
+                &["change"],
+            ),
             shards_known,
             lag_seconds,
             nats_connected,
+            leases_held,
+            replicas_live,
             shard_lags: Mutex::new(HashMap::new()),
             registry,
         }

@@ -88,8 +88,8 @@ impl fmt::Display for ShardKey {
 }
 
 /// Escapes every byte outside `[-_a-zA-Z0-9]` as `=XX` (upper-case hex); `=` itself is escaped, so
-/// the mapping is injective.
-fn escape(text: &str) -> String {
+/// the mapping is injective and the result is a valid KV key fragment without `.` or `/`.
+pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_') {

@@ -10,11 +10,13 @@ use super::error::ReadError;
 use crate::config::MAX_RECORDS_PER_CALL;
 
 /// A shard as `DescribeStream` lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShardInfo {
     pub shard_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_shard_id: Option<String>,
     /// Set once the shard is closed (it has an ending sequence number).
+    #[serde(default)]
     pub closed: bool,
 }
 

@@ -5,6 +5,7 @@ pub mod api;
 pub mod discovery;
 pub mod error;
 pub mod shard;
+pub mod topology;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
+use crate::status::ShardStatuses;
 use api::StreamsApi;
 
 /// What every table watcher and shard reader shares.
@@ -24,6 +26,8 @@ pub struct Services {
     pub publisher: Publisher,
     pub checkpoints: Checkpoints,
     pub metrics: Arc<Metrics>,
+    /// Per-shard progress for `/status`.
+    pub shards: Arc<ShardStatuses>,
 }
 
 /// First retry delay after a failure (throttling, 5xx, NATS down).

@@ -4,11 +4,14 @@
 //! Invariants: records are published in the shard's order; the checkpoint only covers records
 //! JetStream acknowledged; a failed publish is retried from the first unacknowledged record (never
 //! skipped); once reading has stopped, the batch in hand is still published and checkpointed, so a
-//! graceful stop leaves nothing to publish twice.
+//! graceful stop leaves nothing to publish twice. Fencing: the shard's [`LeaseGuard`] is checked
+//! before every publish batch (and every retry of one) and every checkpoint write; once it fails the
+//! reader ends at once, writing nothing more.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use coordination::LeaseGuard;
 use tokio_util::sync::CancellationToken;
 
 use super::Services;
@@ -27,6 +30,8 @@ pub enum Outcome {
     Stopped,
     /// Its checkpoint was moved by another writer; it stopped without writing.
     Fenced,
+    /// Its lease was lost (expired or taken): it stopped without publishing or writing more.
+    LeaseLost,
 }
 
 /// Reads one shard of one table's stream.
@@ -38,13 +43,17 @@ pub struct ShardReader {
     pub shard_id: String,
     /// Where to start when the shard has no checkpoint.
     pub fresh_start: StartAt,
+    /// Told to stop gracefully (hand-over, shutdown): the batch in hand is still published.
     pub cancel: CancellationToken,
+    /// The permission to publish and checkpoint this shard.
+    pub guard: LeaseGuard,
 }
 
 impl ShardReader {
     pub async fn run(self) -> Outcome {
         let outcome = self.read().await;
         self.services.metrics.set_shard_lag(&self.table, &self.shard_id, None);
+        self.services.shards.remove(&self.table, &self.shard_id);
         tracing::info!(table = %self.table, shard_id = %self.shard_id, ?outcome, "shard reader ended");
         outcome
     }
@@ -52,7 +61,8 @@ impl ShardReader {
     async fn read(&self) -> Outcome {
         let (table, shard_id) = (self.table.as_str(), self.shard_id.as_str());
         let metrics = &self.services.metrics;
-        let Some(mut checkpoint) = self.load_checkpoint().await else { return Outcome::Stopped };
+        let Some(mut checkpoint) = self.load_checkpoint().await else { return self.stopped() };
+        self.services.shards.started(table, shard_id, checkpoint.position());
         let mut start = match checkpoint.position() {
             Some(Position::Finished { .. }) => return Outcome::Finished,
             Some(Position::After(seq)) => StartAt::After(seq.to_string()),
@@ -62,8 +72,8 @@ impl ShardReader {
         let mut iterator: Option<String> = None;
         let mut delays = super::backoff();
         loop {
-            if self.cancel.is_cancelled() {
-                return Outcome::Stopped;
+            if self.cancel.is_cancelled() || !self.guard.is_valid() {
+                return self.stopped();
             }
             let current = match iterator.take() {
                 Some(it) => it,
@@ -77,7 +87,7 @@ impl ShardReader {
                             other => {
                                 tracing::warn!(table, shard_id, error = %other, "cannot get a shard iterator; retrying");
                                 if !self.pause(delays.next()).await {
-                                    return Outcome::Stopped;
+                                    return self.stopped();
                                 }
                             }
                         }
@@ -100,7 +110,7 @@ impl ShardReader {
                             tracing::warn!(table, shard_id, error = %other, "GetRecords failed; retrying");
                             iterator = Some(current);
                             if !self.pause(delays.next()).await {
-                                return Outcome::Stopped;
+                                return self.stopped();
                             }
                         }
                     }
@@ -125,6 +135,7 @@ impl ShardReader {
                 return outcome;
             }
             metrics.set_shard_lag(table, shard_id, Some(lag));
+            self.services.shards.read(table, shard_id, lag);
             let Some(next) = page.next_iterator else {
                 return self.finish(&mut checkpoint).await;
             };
@@ -137,9 +148,22 @@ impl ShardReader {
                 self.services.config.poll_interval
             };
             if !wait.is_zero() && !self.pause(Some(wait)).await {
-                return Outcome::Stopped;
+                return self.stopped();
             }
         }
+    }
+
+    /// How a reader that was told to stop (or lost its lease) ends.
+    fn stopped(&self) -> Outcome {
+        if self.guard.is_valid() { Outcome::Stopped } else { Outcome::LeaseLost }
+    }
+
+    /// The lease still allows publishing and checkpointing; `Err(LeaseLost)` otherwise.
+    fn fenced(&self) -> Result<(), Outcome> {
+        self.guard.check().map_err(|lost| {
+            tracing::warn!(table = %self.table, shard_id = %self.shard_id, reason = %lost, "lease lost: this reader stops publishing");
+            Outcome::LeaseLost
+        })
     }
 
     /// Reads the checkpoint, retrying while NATS is unavailable; `None` if told to stop meanwhile.
@@ -181,6 +205,7 @@ impl ShardReader {
         let mut delays = super::backoff();
         let mut done = 0;
         while done < batch.len() {
+            self.fenced()?;
             let rest = &mut batch[done..];
             let result = self.services.publisher.publish_in_order(&self.subject, table, shard_id, rest, window).await;
             let acked = match &result {
@@ -197,7 +222,10 @@ impl ShardReader {
                 let delay = delays.next().unwrap_or(Duration::from_secs(1));
                 tracing::warn!(table, shard_id, kind = failure.kind, error = %failure.message,
                     retry_in_ms = delay.as_millis() as u64, pending = batch.len() - done, "publish failed; retrying from the first unacknowledged record");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = self.guard.lost() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
         }
         Ok(())
@@ -209,10 +237,12 @@ impl ShardReader {
         let metrics = &self.services.metrics;
         let mut delays = super::backoff().take(5);
         loop {
+            self.fenced()?;
             match checkpoint.advance(position.clone()).await {
                 Ok(written) => {
                     if written {
                         metrics.checkpoints_written.with_label_values(&[&self.table]).inc();
+                        self.services.shards.checkpointed(&self.table, &self.shard_id, checkpoint.position());
                     }
                     return Ok(());
                 }
@@ -246,18 +276,19 @@ impl ShardReader {
                 // Not written yet: the children wait on this marker, so keep trying.
                 Ok(()) => {
                     if !self.pause(delays.next()).await {
-                        return Outcome::Stopped;
+                        return self.stopped();
                     }
                 }
             }
         }
     }
 
-    /// Sleeps for `delay` unless told to stop first; false when told to stop.
+    /// Sleeps for `delay` unless told to stop (or the lease is lost) first; false then.
     async fn pause(&self, delay: Option<Duration>) -> bool {
         let delay = delay.unwrap_or(Duration::from_secs(1));
         tokio::select! {
             _ = self.cancel.cancelled() => false,
+            _ = self.guard.lost() => false,
             _ = tokio::time::sleep(delay) => true,
         }
     }
