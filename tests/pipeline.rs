@@ -20,27 +20,11 @@ fn binary() -> &'static Path {
 }
 
 async fn start(env: &[(String, String)], port: u16) -> ServiceProcess {
-    let mut service = ServiceProcess::start(binary(), &[], env);
-    let ready = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Ok((200, _)) = http_get(port, "/readyz").await {
-            return service;
-        }
-        if let Some(status) = service.try_status() {
-            panic!("service exited with {status} before it was ready; log:\n{}", service.log());
-        }
-        assert!(tokio::time::Instant::now() < ready, "service not ready in time; log:\n{}", service.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    ServiceProcess::start_ready(binary(), env, port, DEADLINE).await
 }
 
-async fn stop(mut service: ServiceProcess) -> String {
-    service.signal("TERM");
-    let status = service.wait_exit(Duration::from_secs(20)).await;
-    let log = service.log();
-    assert!(status.success(), "graceful stop must exit 0, got {status}; log:\n{log}");
-    assert!(!log.contains("panicked"), "log shows a panic:\n{log}");
-    log
+async fn stop(service: ServiceProcess) -> String {
+    service.stop_gracefully(Duration::from_secs(20)).await
 }
 
 async fn put(ddb: &aws_sdk_dynamodb::Client, table: &str, pk: &str, version: i64) {
@@ -113,14 +97,6 @@ async fn wait_for_checkpoint(js: &async_nats::jetstream::Context, last: &Stored)
         (checkpoint_of(&kv, &key).await.as_deref() == Some(want.as_str())).then_some(())
     })
     .await;
-}
-
-async fn metric(port: u16, name_and_labels: &str) -> f64 {
-    let (_, body) = http_get(port, "/metrics").await.unwrap();
-    body.lines()
-        .filter(|line| line.starts_with(name_and_labels))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -209,7 +185,7 @@ async fn two_tables_arrive_exact_in_order_once_with_seed_checkpoints() {
     assert_eq!(types.json()["keys"], serde_json::json!({"pk": "types"}));
 
     // Metrics count what was written.
-    let published = metric(port, "dynamodb_stream_consumer_records_published_total{").await;
+    let published = fixtures::metric(port, "dynamodb_stream_consumer_records_published_total{").await;
     assert_eq!(published as u64, total, "records_published_total");
     assert_eq!(http_get(port, "/readyz").await.unwrap().0, 200);
 

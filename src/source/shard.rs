@@ -119,6 +119,7 @@ impl ShardReader {
             };
             delays = super::backoff();
             let count = page.records.len();
+            tracing::debug!(table, shard_id, records = count, ended = page.next_iterator.is_none(), "GetRecords");
             metrics.records_per_get_records.with_label_values(&[table]).observe(count as f64);
             let batch: Vec<Prepared> = page
                 .records

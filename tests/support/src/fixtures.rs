@@ -142,3 +142,13 @@ pub async fn all_messages(js: &async_nats::jetstream::Context, stream: &str) -> 
     }
     out
 }
+
+/// The sum of every sample of the service's `/metrics` whose line starts with `name_and_labels`
+/// (e.g. `dynamodb_stream_consumer_records_published_total{`); 0 when there is none.
+pub async fn metric(port: u16, name_and_labels: &str) -> f64 {
+    let Ok((_, body)) = crate::http_get(port, "/metrics").await else { return 0.0 };
+    body.lines()
+        .filter(|line| line.starts_with(name_and_labels))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

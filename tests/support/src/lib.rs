@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub mod process;
+pub mod streams_fault;
 
 pub use process::ServiceProcess;
 

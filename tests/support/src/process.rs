@@ -30,6 +30,33 @@ impl ServiceProcess {
         ServiceProcess { child, log, _log_dir: log_dir }
     }
 
+    /// Starts the service and waits until `GET /readyz` on `port` answers 200; panics with the log
+    /// if the process exits first or is not ready within `deadline`.
+    pub async fn start_ready(binary: &Path, env: &[(String, String)], port: u16, deadline: Duration) -> Self {
+        let mut service = ServiceProcess::start(binary, &[], env);
+        let give_up = tokio::time::Instant::now() + deadline;
+        loop {
+            if let Ok((200, _)) = crate::http_get(port, "/readyz").await {
+                return service;
+            }
+            if let Some(status) = service.try_status() {
+                panic!("service exited with {status} before it was ready; log:\n{}", service.log());
+            }
+            assert!(tokio::time::Instant::now() < give_up, "service not ready in time; log:\n{}", service.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends SIGTERM and checks the graceful stop: exit 0 within `deadline`, no panic. Returns the log.
+    pub async fn stop_gracefully(mut self, deadline: Duration) -> String {
+        self.signal("TERM");
+        let status = self.wait_exit(deadline).await;
+        let log = self.log();
+        assert!(status.success(), "graceful stop must exit 0, got {status}; log:\n{log}");
+        assert!(!log.contains("panicked"), "log shows a panic:\n{log}");
+        log
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

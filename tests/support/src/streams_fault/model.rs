@@ -1,0 +1,421 @@
+//! The state behind the endpoint: tables with their current items, and their streams, shards and records.
+//!
+//! Invariants kept here:
+//! - sequence numbers come from one server-wide counter, so they are unique across all streams and
+//!   increase within a shard; a shard's `StartingSequenceNumber` is reserved from the same counter;
+//! - the open shards of a table's enabled stream own disjoint ranges of the key-hash space that together
+//!   cover all of it (until `drop_shard` removes an open one), so every item key goes to exactly one
+//!   shard, and a split or roll-over hands each part of a parent's range to exactly one child;
+//! - a closed shard never gains records; its `EndingSequenceNumber` is its last record's.
+//!
+//! Misuse by a test (an unknown table or shard, splitting a closed shard) panics with a message; the
+//! request path only reads the model through lookups that return `Option`.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use super::faults::Faults;
+use super::names;
+use super::types::{Attributes, EventName, NewRecord, ViewType, Written};
+
+/// DynamoDB sequence numbers are decimal strings of 21 digits or more; 10^20 is the first with 21.
+const FIRST_SEQUENCE_NUMBER: u128 = 100_000_000_000_000_000_000;
+
+/// `DescribeStream` returns at most 100 shards per call (the maximum and default of its `Limit`).
+pub(crate) const MAX_SHARDS_PER_PAGE: usize = 100;
+
+/// A record in a shard.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredRecord {
+    pub sequence_number: u128,
+    pub created_seconds: u64,
+    pub record: NewRecord,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shard {
+    pub id: String,
+    pub parent: Option<String>,
+    pub start: u128,
+    pub end: Option<u128>,
+    /// The inclusive range of key hashes this shard owns while it is open.
+    hashes: (u64, u64),
+    /// The records still kept, oldest first.
+    pub records: Vec<StoredRecord>,
+    /// The last record ever written here (trimming does not change it).
+    last_written: Option<u128>,
+    /// Positions at or below this one were trimmed away.
+    pub trimmed_through: Option<u128>,
+}
+
+impl Shard {
+    pub fn is_open(&self) -> bool {
+        self.end.is_none()
+    }
+
+    /// Whether reading from `position` would skip trimmed records.
+    pub fn is_trimmed(&self, position: u128) -> bool {
+        self.trimmed_through.is_some_and(|through| position <= through)
+    }
+
+    /// The oldest position still readable (where `TRIM_HORIZON` starts).
+    pub fn horizon(&self) -> u128 {
+        self.trimmed_through.map_or(self.start, |through| self.start.max(through.saturating_add(1)))
+    }
+
+    /// The records at or after `position`.
+    pub fn records_from(&self, position: u128) -> &[StoredRecord] {
+        let first = self.records.partition_point(|stored| stored.sequence_number < position);
+        &self.records[first..]
+    }
+
+    fn owns(&self, hash: u64) -> bool {
+        self.is_open() && self.hashes.0 <= hash && hash <= self.hashes.1
+    }
+
+    fn close(&mut self) {
+        if self.end.is_none() {
+            self.end = Some(self.last_written.unwrap_or(self.start));
+        }
+    }
+
+    fn trim_through(&mut self, through: u128) {
+        self.records.retain(|stored| stored.sequence_number > through);
+        self.trimmed_through = Some(self.trimmed_through.map_or(through, |old| old.max(through)));
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Stream {
+    pub arn: String,
+    pub label: String,
+    pub table: String,
+    pub key: String,
+    pub view: ViewType,
+    pub enabled: bool,
+    pub created_seconds: u64,
+    /// In creation order, which is also the order of their ids.
+    pub shards: Vec<Shard>,
+}
+
+impl Stream {
+    pub fn shard(&self, shard_id: &str) -> Option<&Shard> {
+        self.shards.iter().find(|shard| shard.id == shard_id)
+    }
+
+    fn shard_mut(&mut self, shard_id: &str) -> &mut Shard {
+        let arn = &self.arn;
+        self.shards
+            .iter_mut()
+            .find(|shard| shard.id == shard_id)
+            .unwrap_or_else(|| panic!("stream {arn} has no shard {shard_id}"))
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Table {
+    pub name: String,
+    pub key: String,
+    pub view: ViewType,
+    pub created_seconds: u64,
+    /// The current items by their key value.
+    pub items: BTreeMap<String, Attributes>,
+    /// The latest stream (the one writes go to while enabled).
+    pub stream_arn: String,
+    pub stream_enabled: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Model {
+    pub tables: BTreeMap<String, Table>,
+    /// Every stream by ARN, disabled ones included.
+    pub streams: BTreeMap<String, Stream>,
+    next_sequence: u128,
+    next_shard: u64,
+    last_label_millis: u64,
+    /// Iterators issued under an older generation are expired.
+    pub generation: u64,
+    /// The most shards one `DescribeStream` page holds.
+    pub max_page: usize,
+    pub faults: Faults,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Model {
+            tables: BTreeMap::new(),
+            streams: BTreeMap::new(),
+            next_sequence: FIRST_SEQUENCE_NUMBER,
+            next_shard: 0,
+            last_label_millis: 0,
+            generation: 0,
+            max_page: MAX_SHARDS_PER_PAGE,
+            faults: Faults::default(),
+        }
+    }
+}
+
+impl Model {
+    pub fn table(&self, name: &str) -> Option<&Table> {
+        self.tables.get(name)
+    }
+
+    pub fn stream(&self, arn: &str) -> Option<&Stream> {
+        self.streams.get(arn)
+    }
+
+    /// The next sequence number a record will get (a `LATEST` iterator starts here).
+    pub fn next_sequence(&self) -> u128 {
+        self.next_sequence
+    }
+
+    pub fn create_table(&mut self, name: &str, key: &str, view: ViewType) -> String {
+        assert!(!self.tables.contains_key(name), "table {name} exists already");
+        let arn = self.open_stream(name, key, view);
+        let table = Table {
+            name: name.to_owned(),
+            key: key.to_owned(),
+            view,
+            created_seconds: now_millis() / 1000,
+            items: BTreeMap::new(),
+            stream_arn: arn.clone(),
+            stream_enabled: true,
+        };
+        self.tables.insert(name.to_owned(), table);
+        arn
+    }
+
+    /// Puts (`Some`) or deletes (`None`) the item `pk` and appends the record that change makes.
+    /// No change (deleting a missing item, writing identical attributes) makes no record.
+    pub fn write(&mut self, table: &str, pk: &str, attributes: Option<Attributes>) -> Option<Written> {
+        let current = self.table_mut(table);
+        let key_value = json!({ "S": pk });
+        let mut keys = Attributes::new();
+        keys.insert(current.key.clone(), key_value.clone());
+        let new_image = attributes.map(|mut item| {
+            item.insert(current.key.clone(), key_value);
+            item
+        });
+        let old_image = current.items.get(pk).cloned();
+        let event_name = match (&old_image, &new_image) {
+            (None, None) => return None,
+            (Some(old), Some(new)) if old == new => return None,
+            (None, Some(_)) => EventName::Insert,
+            (Some(_), Some(_)) => EventName::Modify,
+            (Some(_), None) => EventName::Remove,
+        };
+        match &new_image {
+            Some(item) => current.items.insert(pk.to_owned(), item.clone()),
+            None => current.items.remove(pk),
+        };
+        self.append(table, NewRecord { keys, new_image, old_image, event_name, user_identity: None })
+    }
+
+    /// Appends `record` to the open shard of the table's stream that owns its keys. `None` when the
+    /// stream is disabled or the owning shard was dropped.
+    pub fn append(&mut self, table: &str, record: NewRecord) -> Option<Written> {
+        let current = self.table_mut(table);
+        if !current.stream_enabled {
+            return None;
+        }
+        let arn = current.stream_arn.clone();
+        let hash = names::key_hash(&record.keys);
+        let shard = self.streams.get_mut(&arn)?.shards.iter_mut().find(|shard| shard.owns(hash))?;
+        let sequence_number = self.next_sequence;
+        self.next_sequence += 1;
+        let event_name = record.event_name;
+        shard.records.push(StoredRecord { sequence_number, created_seconds: now_millis() / 1000, record });
+        shard.last_written = Some(sequence_number);
+        Some(Written { shard_id: shard.id.clone(), sequence_number: sequence_number.to_string(), event_name })
+    }
+
+    /// Closes an open shard of the table's current stream and opens two children that split its keys.
+    pub fn split(&mut self, table: &str, shard_id: &str) -> (String, String) {
+        let arn = self.table_mut(table).stream_arn.clone();
+        let parent = self.stream_mut(&arn).shard_mut(shard_id);
+        assert!(parent.is_open(), "shard {shard_id} of {table} is closed already");
+        let (low, high) = parent.hashes;
+        assert!(low < high, "shard {shard_id} owns a single key hash and cannot be split");
+        parent.close();
+        let middle = low + (high - low) / 2;
+        let first = self.add_shard(&arn, Some(shard_id.to_owned()), (low, middle));
+        let second = self.add_shard(&arn, Some(shard_id.to_owned()), (middle + 1, high));
+        (first, second)
+    }
+
+    /// Closes every open shard of the table's current stream, each with one child: `(parent, child)`.
+    pub fn roll_over(&mut self, table: &str) -> Vec<(String, String)> {
+        let arn = self.table_mut(table).stream_arn.clone();
+        let stream = self.stream_mut(&arn);
+        let mut open = Vec::new();
+        for shard in stream.shards.iter_mut().filter(|shard| shard.is_open()) {
+            shard.close();
+            open.push((shard.id.clone(), shard.hashes));
+        }
+        open.into_iter().map(|(parent, hashes)| (parent.clone(), self.add_shard(&arn, Some(parent), hashes))).collect()
+    }
+
+    /// Ends the table's stream: it becomes `DISABLED`, its open shards close, writes make no records.
+    pub fn disable_stream(&mut self, table: &str) {
+        let current = self.table_mut(table);
+        current.stream_enabled = false;
+        let arn = current.stream_arn.clone();
+        let stream = self.stream_mut(&arn);
+        stream.enabled = false;
+        stream.shards.iter_mut().for_each(Shard::close);
+    }
+
+    /// Ends the table's stream and gives the table a new one (new label and ARN, one open shard).
+    pub fn reenable_stream(&mut self, table: &str) -> String {
+        self.disable_stream(table);
+        let (key, view) = {
+            let current = self.table_mut(table);
+            (current.key.clone(), current.view)
+        };
+        let arn = self.open_stream(table, &key, view);
+        let current = self.table_mut(table);
+        current.stream_arn = arn.clone();
+        current.stream_enabled = true;
+        arn
+    }
+
+    /// Removes a shard (of any of the table's streams) with its records.
+    pub fn drop_shard(&mut self, table: &str, shard_id: &str) {
+        let stream = self
+            .streams
+            .values_mut()
+            .find(|stream| stream.table == table && stream.shard(shard_id).is_some())
+            .unwrap_or_else(|| panic!("table {table} has no shard {shard_id}"));
+        stream.shards.retain(|shard| shard.id != shard_id);
+    }
+
+    /// Trims every position before `sequence_number` in every shard of the table's streams.
+    pub fn trim_before(&mut self, table: &str, sequence_number: u128) {
+        let Some(through) = sequence_number.checked_sub(1) else { return };
+        for shard in self.table_shards_mut(table) {
+            shard.trim_through(through);
+        }
+    }
+
+    /// Trims every shard of the table's streams down to its newest `keep` records.
+    pub fn trim_all_but_last(&mut self, table: &str, keep: usize) {
+        for shard in self.table_shards_mut(table) {
+            if shard.records.len() > keep {
+                let through = shard.records[shard.records.len() - keep - 1].sequence_number;
+                shard.trim_through(through);
+            }
+        }
+    }
+
+    /// The ids of the open shards of the table's current stream.
+    pub fn open_shards(&self, table: &str) -> Vec<String> {
+        let arn = self.table(table).map(|current| current.stream_arn.as_str()).unwrap_or_default();
+        let shards = self.stream(arn).map(|stream| stream.shards.as_slice()).unwrap_or_default();
+        shards.iter().filter(|shard| shard.is_open()).map(|shard| shard.id.clone()).collect()
+    }
+
+    fn open_stream(&mut self, table: &str, key: &str, view: ViewType) -> String {
+        let millis = now_millis().max(self.last_label_millis + 1);
+        self.last_label_millis = millis;
+        let label = names::stream_label(millis);
+        let arn = names::stream_arn(table, &label);
+        let stream = Stream {
+            arn: arn.clone(),
+            label,
+            table: table.to_owned(),
+            key: key.to_owned(),
+            view,
+            enabled: true,
+            created_seconds: millis / 1000,
+            shards: Vec::new(),
+        };
+        self.streams.insert(arn.clone(), stream);
+        self.add_shard(&arn, None, (0, u64::MAX));
+        arn
+    }
+
+    fn add_shard(&mut self, arn: &str, parent: Option<String>, hashes: (u64, u64)) -> String {
+        let id = names::shard_id(self.next_shard, arn);
+        self.next_shard += 1;
+        let start = self.next_sequence;
+        self.next_sequence += 1;
+        let shard = Shard {
+            id: id.clone(),
+            parent,
+            start,
+            end: None,
+            hashes,
+            records: Vec::new(),
+            last_written: None,
+            trimmed_through: None,
+        };
+        self.stream_mut(arn).shards.push(shard);
+        id
+    }
+
+    fn table_mut(&mut self, name: &str) -> &mut Table {
+        self.tables.get_mut(name).unwrap_or_else(|| panic!("no table {name}: create it first"))
+    }
+
+    fn stream_mut(&mut self, arn: &str) -> &mut Stream {
+        self.streams.get_mut(arn).unwrap_or_else(|| panic!("no stream {arn}"))
+    }
+
+    fn table_shards_mut(&mut self, table: &str) -> impl Iterator<Item = &mut Shard> {
+        assert!(self.tables.contains_key(table), "no table {table}: create it first");
+        let streams = self.streams.values_mut().filter(move |stream| stream.table == table);
+        streams.flat_map(|stream| stream.shards.iter_mut())
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (record times and stream labels are wall-clock in AWS).
+fn now_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(value: &str) -> Option<Attributes> {
+        json!({ "v": { "S": value } }).as_object().cloned()
+    }
+
+    #[test]
+    fn writes_derive_event_names_from_the_item_state() {
+        let mut model = Model::default();
+        model.create_table("t", "pk", ViewType::NewAndOldImages);
+        let event = |written: Option<Written>| written.map(|w| w.event_name);
+        assert_eq!(event(model.write("t", "a", None)), None);
+        assert_eq!(event(model.write("t", "a", item("1"))), Some(EventName::Insert));
+        assert_eq!(event(model.write("t", "a", item("1"))), None);
+        assert_eq!(event(model.write("t", "a", item("2"))), Some(EventName::Modify));
+        assert_eq!(event(model.write("t", "a", None)), Some(EventName::Remove));
+    }
+
+    #[test]
+    fn a_split_sends_each_key_to_one_child_for_good() {
+        let mut model = Model::default();
+        model.create_table("t", "pk", ViewType::NewImage);
+        let parent = model.open_shards("t").remove(0);
+        let last = model.write("t", "k0", item("x")).map(|w| w.sequence_number);
+        let (first, second) = model.split("t", &parent);
+        let stream = model.stream(&model.tables["t"].stream_arn);
+        let end = stream.and_then(|stream| stream.shard(&parent)).and_then(|shard| shard.end);
+        assert_eq!(end.map(|end| end.to_string()), last);
+        let mut children = std::collections::BTreeSet::new();
+        for round in 0..3 {
+            for key in 0..40 {
+                let written = model.write("t", &format!("k{key}"), item(&round.to_string()));
+                let shard = written.map(|w| w.shard_id).unwrap_or_default();
+                assert!(shard == first || shard == second, "{shard}");
+                let other = model.write("t", &format!("k{key}"), item("again")).map(|w| w.shard_id);
+                assert_eq!(other.as_deref(), Some(shard.as_str()));
+                children.insert(shard);
+            }
+        }
+        assert_eq!(children.len(), 2, "40 keys should land in both children");
+    }
+}

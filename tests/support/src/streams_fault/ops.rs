@@ -1,0 +1,239 @@
+//! The five API operations, from request body to output JSON or AWS error, over a locked model.
+//!
+//! Nothing here panics on request input: a body that is not JSON is a `SerializationException`, a
+//! missing or mistyped field, an out-of-range `Limit`, an unknown iterator type or a token this server
+//! did not issue is a `ValidationException`, as DynamoDB answers them.
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::faults::Op;
+use super::iterator::IteratorToken;
+use super::model::{MAX_SHARDS_PER_PAGE, Model, Shard, Stream};
+use super::shapes;
+
+/// `GetRecords` returns at most 1000 records per call (the maximum and default of its `Limit`).
+const MAX_RECORDS_PER_CALL: usize = 1000;
+
+/// `ListStreams` returns at most 100 streams per call (the maximum and default of its `Limit`).
+const MAX_STREAMS_PER_PAGE: usize = 100;
+
+/// An AWS error answer: HTTP status, error code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+
+    fn validation(message: impl Into<String>) -> ApiError {
+        ApiError::new(400, "ValidationException", message)
+    }
+
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(400, "ResourceNotFoundException", format!("Requested resource not found: {}", message.into()))
+    }
+}
+
+/// Runs `op` on `body` against the model.
+pub(crate) fn dispatch(model: &Model, op: Op, body: &[u8]) -> Result<Value, ApiError> {
+    match op {
+        Op::DescribeTable => describe_table(model, parse(body)?),
+        Op::DescribeStream => describe_stream(model, parse(body)?),
+        Op::GetShardIterator => get_shard_iterator(model, parse(body)?),
+        Op::GetRecords => get_records(model, parse(body)?),
+        Op::ListStreams => list_streams(model, parse(body)?),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DescribeTableInput {
+    table_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DescribeStreamInput {
+    stream_arn: String,
+    limit: Option<i64>,
+    exclusive_start_shard_id: Option<String>,
+    shard_filter: Option<ShardFilter>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ShardFilter {
+    #[serde(rename = "Type")]
+    kind: Option<String>,
+    shard_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct GetShardIteratorInput {
+    stream_arn: String,
+    shard_id: String,
+    shard_iterator_type: String,
+    sequence_number: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct GetRecordsInput {
+    shard_iterator: String,
+    limit: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListStreamsInput {
+    table_name: Option<String>,
+    limit: Option<i64>,
+    exclusive_start_stream_arn: Option<String>,
+}
+
+fn describe_table(model: &Model, input: DescribeTableInput) -> Result<Value, ApiError> {
+    let name = &input.table_name;
+    let table = model.table(name).ok_or_else(|| ApiError::not_found(format!("Table: {name} not found")))?;
+    let label = model.stream(&table.stream_arn).map(|stream| stream.label.as_str()).unwrap_or_default();
+    Ok(json!({ "Table": shapes::table(table, label) }))
+}
+
+fn describe_stream(model: &Model, input: DescribeStreamInput) -> Result<Value, ApiError> {
+    let stream = find_stream(model, &input.stream_arn)?;
+    let page = limit("limit", input.limit, MAX_SHARDS_PER_PAGE)?.min(model.max_page);
+    let children_of = match input.shard_filter {
+        None => None,
+        Some(ShardFilter { kind: Some(kind), shard_id: Some(parent) }) if kind == "CHILD_SHARDS" => Some(parent),
+        Some(_) => return Err(ApiError::validation("ShardFilter needs Type CHILD_SHARDS and a ShardId")),
+    };
+    let start = input.exclusive_start_shard_id;
+    // Shard ids sort in creation order, so a page starts after the given id even if that shard is gone.
+    let mut listed = stream
+        .shards
+        .iter()
+        .filter(|shard| children_of.as_ref().is_none_or(|parent| shard.parent.as_ref() == Some(parent)))
+        .filter(|shard| start.as_ref().is_none_or(|start| shard.id.as_str() > start.as_str()));
+    let shards: Vec<&Shard> = listed.by_ref().take(page).collect();
+    let more = listed.next().is_some();
+    let last = shards.last().filter(|_| more).map(|shard| shard.id.as_str());
+    Ok(json!({ "StreamDescription": shapes::stream_description(stream, &shards, last) }))
+}
+
+fn get_shard_iterator(model: &Model, input: GetShardIteratorInput) -> Result<Value, ApiError> {
+    let (stream, shard) = find_shard(model, &input.stream_arn, &input.shard_id)?;
+    let position = match input.shard_iterator_type.as_str() {
+        "TRIM_HORIZON" => shard.horizon(),
+        "LATEST" => shard.end.map_or(model.next_sequence(), |end| end.saturating_add(1)),
+        kind @ ("AT_SEQUENCE_NUMBER" | "AFTER_SEQUENCE_NUMBER") => {
+            let sequence_number = sequence_number_in(shard, input.sequence_number.as_deref())?;
+            let position =
+                if kind == "AT_SEQUENCE_NUMBER" { sequence_number } else { sequence_number.saturating_add(1) };
+            if shard.is_trimmed(position) {
+                return Err(ApiError::new(
+                    400,
+                    "TrimmedDataAccessException",
+                    format!("Sequence number {sequence_number} of shard {} is beyond the trim horizon", shard.id),
+                ));
+            }
+            position
+        }
+        other => return Err(ApiError::validation(format!("Invalid ShardIteratorType: {other}"))),
+    };
+    let token = IteratorToken::new(&stream.arn, &shard.id, position, model.generation);
+    Ok(json!({ "ShardIterator": token.encode() }))
+}
+
+fn get_records(model: &Model, input: GetRecordsInput) -> Result<Value, ApiError> {
+    let token = IteratorToken::decode(&input.shard_iterator)
+        .ok_or_else(|| ApiError::validation("Invalid ShardIterator: not issued by this server"))?;
+    let limit = limit("limit", input.limit, MAX_RECORDS_PER_CALL)?;
+    if token.generation != model.generation {
+        return Err(ApiError::new(400, "ExpiredIteratorException", "Iterator expired"));
+    }
+    let (stream, shard) = find_shard(model, &token.stream_arn, &token.shard_id)?;
+    let position = token.position();
+    if shard.is_trimmed(position) {
+        let message = format!("The iterator of shard {} points at trimmed records", shard.id);
+        return Err(ApiError::new(400, "TrimmedDataAccessException", message));
+    }
+    let available = shard.records_from(position);
+    let page = &available[..available.len().min(limit)];
+    let records: Vec<Value> = page.iter().map(|stored| shapes::record(stored, stream)).collect();
+    let mut output = json!({ "Records": records });
+    // A closed shard read to its end has no next iterator, even on the page with its last records.
+    let exhausted = !shard.is_open() && page.len() == available.len();
+    if !exhausted {
+        let next = page.last().map_or(position, |stored| stored.sequence_number + 1);
+        output["NextShardIterator"] = json!(token.at(next).encode());
+    }
+    Ok(output)
+}
+
+fn list_streams(model: &Model, input: ListStreamsInput) -> Result<Value, ApiError> {
+    let page = limit("limit", input.limit, MAX_STREAMS_PER_PAGE)?;
+    if let Some(name) = input.table_name.as_deref().filter(|name| model.table(name).is_none()) {
+        return Err(ApiError::not_found(format!("Table: {name} not found")));
+    }
+    let start = input.exclusive_start_stream_arn;
+    let mut listed = model
+        .streams
+        .values()
+        .filter(|stream| input.table_name.as_ref().is_none_or(|name| &stream.table == name))
+        .filter(|stream| start.as_ref().is_none_or(|start| stream.arn.as_str() > start.as_str()));
+    let streams: Vec<&Stream> = listed.by_ref().take(page).collect();
+    let mut output = json!({ "Streams": streams.iter().map(|s| shapes::stream_summary(s)).collect::<Vec<_>>() });
+    if let Some(last) = streams.last().filter(|_| listed.next().is_some()) {
+        output["LastEvaluatedStreamArn"] = json!(last.arn);
+    }
+    Ok(output)
+}
+
+fn find_stream<'m>(model: &'m Model, arn: &str) -> Result<&'m Stream, ApiError> {
+    model.stream(arn).ok_or_else(|| ApiError::not_found(format!("Stream: {arn} not found")))
+}
+
+fn find_shard<'m>(model: &'m Model, arn: &str, shard_id: &str) -> Result<(&'m Stream, &'m Shard), ApiError> {
+    let stream = find_stream(model, arn)?;
+    let shard = stream.shard(shard_id).ok_or_else(|| ApiError::not_found(format!("Shard: {shard_id} in {arn}")))?;
+    Ok((stream, shard))
+}
+
+/// The sequence number of an `AT_`/`AFTER_SEQUENCE_NUMBER` request, checked to lie in the shard.
+fn sequence_number_in(shard: &Shard, text: Option<&str>) -> Result<u128, ApiError> {
+    let text = text.ok_or_else(|| ApiError::validation("SequenceNumber is required for this ShardIteratorType"))?;
+    let number: u128 = text.parse().map_err(|_| ApiError::validation(format!("Invalid SequenceNumber: {text}")))?;
+    if number < shard.start || shard.end.is_some_and(|end| number > end) {
+        return Err(ApiError::validation(format!("Invalid SequenceNumber {number} for shard {}", shard.id)));
+    }
+    Ok(number)
+}
+
+/// A `Limit` between 1 and `max` (default `max`).
+fn limit(name: &str, value: Option<i64>, max: usize) -> Result<usize, ApiError> {
+    match value.map(usize::try_from) {
+        None => Ok(max),
+        Some(Ok(value)) if (1..=max).contains(&value) => Ok(value),
+        _ => Err(ApiError::validation(format!(
+            "1 validation error detected: Value '{}' at '{name}' failed to satisfy constraint: \
+             Member must have value between 1 and {max}",
+            value.unwrap_or_default()
+        ))),
+    }
+}
+
+/// Parses a request body; an empty body is `{}` (as the SDK sends for an input without fields).
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
+    serde_json::from_slice(body).map_err(|err| match err.classify() {
+        serde_json::error::Category::Data => ApiError::validation(err.to_string()),
+        _ => ApiError::new(400, "SerializationException", err.to_string()),
+    })
+}

@@ -1,0 +1,105 @@
+//! The JSON output shapes of the AWS API, built from the model.
+//!
+//! Field names follow the DynamoDB and DynamoDB Streams API references (and the SDK deserializers in
+//! `aws-sdk-dynamodbstreams/src/protocol_serde/`); sequence numbers are decimal strings and times are
+//! JSON numbers of epoch seconds, as AWS sends them.
+
+use serde_json::{Map, Value, json};
+
+use super::model::{Shard, StoredRecord, Stream, Table};
+use super::names;
+
+/// `DescribeTable`'s `Table`.
+pub(crate) fn table(table: &Table, stream_label: &str) -> Value {
+    let mut specification = json!({ "StreamEnabled": table.stream_enabled });
+    if table.stream_enabled {
+        specification["StreamViewType"] = json!(table.view.as_str());
+    }
+    json!({
+        "TableName": table.name,
+        "TableArn": names::table_arn(&table.name),
+        "TableStatus": "ACTIVE",
+        "CreationDateTime": table.created_seconds,
+        "ItemCount": table.items.len(),
+        "KeySchema": key_schema(&table.key),
+        "AttributeDefinitions": [{ "AttributeName": table.key, "AttributeType": "S" }],
+        "BillingModeSummary": { "BillingMode": "PAY_PER_REQUEST" },
+        "StreamSpecification": specification,
+        "LatestStreamArn": table.stream_arn,
+        "LatestStreamLabel": stream_label,
+    })
+}
+
+/// `DescribeStream`'s `StreamDescription` with one page of shards.
+pub(crate) fn stream_description(stream: &Stream, shards: &[&Shard], last_evaluated_shard_id: Option<&str>) -> Value {
+    let mut description = json!({
+        "StreamArn": stream.arn,
+        "StreamLabel": stream.label,
+        "StreamStatus": if stream.enabled { "ENABLED" } else { "DISABLED" },
+        "StreamViewType": stream.view.as_str(),
+        "CreationRequestDateTime": stream.created_seconds,
+        "TableName": stream.table,
+        "KeySchema": key_schema(&stream.key),
+        "Shards": shards.iter().map(|s| shard(s)).collect::<Vec<_>>(),
+    });
+    if let Some(last) = last_evaluated_shard_id {
+        description["LastEvaluatedShardId"] = json!(last);
+    }
+    description
+}
+
+/// `ListStreams`' entry for one stream.
+pub(crate) fn stream_summary(stream: &Stream) -> Value {
+    json!({ "StreamArn": stream.arn, "TableName": stream.table, "StreamLabel": stream.label })
+}
+
+fn shard(shard: &Shard) -> Value {
+    let mut range = json!({ "StartingSequenceNumber": shard.start.to_string() });
+    if let Some(end) = shard.end {
+        range["EndingSequenceNumber"] = json!(end.to_string());
+    }
+    let mut value = json!({ "ShardId": shard.id, "SequenceNumberRange": range });
+    if let Some(parent) = &shard.parent {
+        value["ParentShardId"] = json!(parent);
+    }
+    value
+}
+
+/// One entry of `GetRecords`' `Records`, with the images the stream's view type carries.
+pub(crate) fn record(stored: &StoredRecord, stream: &Stream) -> Value {
+    let record = &stored.record;
+    let mut dynamodb = Map::new();
+    dynamodb.insert("ApproximateCreationDateTime".into(), json!(stored.created_seconds));
+    dynamodb.insert("Keys".into(), Value::Object(record.keys.clone()));
+    if let Some(image) = record.new_image.as_ref().filter(|_| stream.view.has_new_image()) {
+        dynamodb.insert("NewImage".into(), Value::Object(image.clone()));
+    }
+    if let Some(image) = record.old_image.as_ref().filter(|_| stream.view.has_old_image()) {
+        dynamodb.insert("OldImage".into(), Value::Object(image.clone()));
+    }
+    // An estimate of the record's size: the JSON length of its keys and images.
+    let size: usize = ["Keys", "NewImage", "OldImage"]
+        .into_iter()
+        .filter_map(|name| dynamodb.get(name))
+        .map(|value| value.to_string().len())
+        .sum();
+    dynamodb.insert("SequenceNumber".into(), json!(stored.sequence_number.to_string()));
+    dynamodb.insert("SizeBytes".into(), json!(size));
+    dynamodb.insert("StreamViewType".into(), json!(stream.view.as_str()));
+    let mut value = json!({
+        "eventID": names::event_id(stored.sequence_number),
+        "eventName": record.event_name.as_str(),
+        "eventVersion": "1.1",
+        "eventSource": "aws:dynamodb",
+        "awsRegion": names::REGION,
+        "dynamodb": dynamodb,
+    });
+    if let Some(identity) = &record.user_identity {
+        value["userIdentity"] = json!({ "PrincipalId": identity.principal_id, "Type": identity.kind });
+    }
+    value
+}
+
+fn key_schema(key: &str) -> Value {
+    json!([{ "AttributeName": key, "KeyType": "HASH" }])
+}
