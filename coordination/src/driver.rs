@@ -106,16 +106,21 @@ impl Driver {
                 // Biased: a caller's release or finish is written before a due tick, and a fixed
                 // branch order keeps simulations deterministic.
                 biased;
-                command = self.commands.recv() => match command {
-                    Some(Command::Shutdown(done)) => {
-                        self.shutdown().await;
-                        let _ = done.send(());
-                        return;
+                command = self.commands.recv() => {
+                    // Fence first: a lease whose deadline passed while this task did not run (a
+                    // stalled process) is revoked as expired, not released as if it were still ours.
+                    self.fence(Instant::now());
+                    match command {
+                        Some(Command::Shutdown(done)) => {
+                            self.shutdown().await;
+                            let _ = done.send(());
+                            return;
+                        }
+                        Some(Command::Release(shard)) => self.release(&shard).await,
+                        Some(Command::Finish(shard)) => self.finish(&shard).await,
+                        None => return,
                     }
-                    Some(Command::Release(shard)) => self.release(&shard).await,
-                    Some(Command::Finish(shard)) => self.finish(&shard).await,
-                    None => return,
-                },
+                }
                 changed = self.shards_rx.changed() => {
                     if changed.is_err() {
                         return;

@@ -141,6 +141,11 @@ impl NatsServer {
         self.store.path()
     }
 
+    /// The server's process id while it runs (for signals such as `STOP`/`CONT`).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|owned| owned.0.id())
+    }
+
     /// Kills the server; its store directory stays.
     pub fn stop(&mut self) {
         self.process = None;

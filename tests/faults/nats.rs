@@ -1,0 +1,184 @@
+//! Faults of NATS: the server down for a while, the stream deleted under the service, publishes that time
+//! out, and a record larger than the server's max payload.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use test_support::NatsServer;
+use tokio::time::Instant;
+
+use super::harness::{DEADLINE, Rig, STREAM, TABLE, Window, keys, stream_config};
+
+/// Sends `signal` (`STOP`, `CONT`) to the nats-server process.
+fn signal_nats(nats: &NatsServer, signal: &str) {
+    let pid = nats.pid().expect("nats-server runs");
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Writes one record every 100 ms, round robin over `keys`, until `done` (checked between writes) holds.
+async fn write_until<F, Fut>(rig: &mut Rig, keys: &[String], what: &str, mut done: F)
+where
+    F: FnMut(u16) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let give_up = Instant::now() + DEADLINE;
+    for n in 0.. {
+        if done(rig.port).await {
+            return;
+        }
+        assert!(Instant::now() < give_up, "timed out waiting for {what}; service log (tail):\n{}", rig.log_tail());
+        rig.write(&keys[n % keys.len()]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of a metric sample at `port` with all of `labels`, as `Rig::metric` reads it.
+async fn metric_at(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let Ok((200, body)) = test_support::http_get(port, "/metrics").await else { return 0.0 };
+    let name = format!("dynamodb_stream_consumer_{name}");
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    body.lines()
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name && wanted.iter().all(|l| labels.contains(l.as_str()))).then(|| value.parse().ok())?
+        })
+        .sum()
+}
+
+/// NATS killed for longer than the lease TTL while records keep coming (the 30 s outage is
+/// shortened to "until the service's lease has expired", with a 3 s TTL: what a long outage does to
+/// the service happens then; waiting longer shows nothing new). Records acknowledged just before the
+/// kill may be re-published after it, so the stream keeps the seed's 2-minute duplicate window.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nats_outage_longer_than_the_lease_loses_nothing_and_readiness_follows_the_connection() {
+    let mut rig = Rig::new(Window::Seed).await;
+    let keys = keys(5);
+    rig.start(&[("LEASE_TTL_SEC", "3")]).await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+
+    rig.nats.stop();
+    rig.until("/readyz to answer 503 while NATS is down", || async { (rig.readyz().await == 503).then_some(()) })
+        .await;
+    write_until(&mut rig, &keys, "the lease to expire and publishes to fail during the outage", |port| async move {
+        metric_at(port, "lease_changes_total", &[("change", "expired")]).await >= 1.0
+            && metric_at(port, "publish_errors_total", &[]).await >= 1.0
+    })
+    .await;
+    assert_eq!(rig.readyz().await, 503);
+    rig.nats.restart().await;
+    rig.until("/readyz to answer 200 again", || async { (rig.readyz().await == 200).then_some(()) }).await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+    rig.stop().await;
+    rig.assert_exact(&rig.messages().await, &rig.written);
+}
+
+/// The stream deleted under the running service and created again: publishes fail and are retried with
+/// backoff; from the recreation on every record arrives, once (nothing was stored in between, so no
+/// re-publish is expected: the recreated stream has a 100 ms duplicate window).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_stream_holds_publishes_back_until_it_is_created_again() {
+    let mut rig = Rig::new(Window::Tiny).await;
+    let keys = keys(5);
+    rig.start(&[]).await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+    let before = rig.written.len();
+
+    rig.js.delete_stream(STREAM).await.unwrap();
+    write_until(&mut rig, &keys, "publishes to fail on the missing stream", |port| async move {
+        metric_at(port, "publish_errors_total", &[("kind", "stream_not_found")]).await >= 2.0
+    })
+    .await;
+    rig.js.create_stream(stream_config(Duration::from_millis(100))).await.unwrap();
+    rig.write_all(&keys);
+    let after = rig.written[before..].to_vec();
+    rig.settle(&after).await;
+    rig.stop().await;
+    rig.assert_exact(&rig.messages().await, &after);
+}
+
+/// The server frozen (SIGSTOP) past the publish timeout: publishes time out and are retried in order.
+/// The frozen server still receives the first attempts and stores them when it resumes, so the retries
+/// are re-publishes by design: the stream keeps the seed's duplicate window.
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_that_time_out_are_retried_in_order() {
+    let mut rig = Rig::new(Window::Seed).await;
+    let keys = keys(5);
+    rig.start(&[("PUBLISH_TIMEOUT_MS", "1000")]).await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+
+    signal_nats(&rig.nats, "STOP");
+    let frozen = async {
+        write_until(&mut rig, &keys, "a publish to time out", |port| async move {
+            metric_at(port, "publish_errors_total", &[("kind", "timed_out")]).await >= 1.0
+        })
+        .await;
+    };
+    let result = tokio::time::timeout(DEADLINE + Duration::from_secs(5), frozen).await;
+    signal_nats(&rig.nats, "CONT");
+    result.unwrap();
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+    rig.stop().await;
+    rig.assert_exact(&rig.messages().await, &rig.written);
+}
+
+/// A record whose event exceeds the server's max payload (4 KiB here) is published without its images,
+/// counted and logged, and the shard goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversize_record_is_published_without_images_and_the_shard_goes_on() {
+    let config = tempfile::tempdir().unwrap();
+    let file = config.path().join("nats.conf");
+    std::fs::write(&file, "max_payload: 4096\n").unwrap();
+    let nats = NatsServer::start_with_args(&["-c", file.to_str().unwrap()]).await;
+    let mut rig = Rig::with_nats(nats, Window::Tiny).await;
+    rig.start(&[]).await;
+    let small = rig.write("a").unwrap();
+    let big_image = json!({ "v": { "N": "1" }, "blob": { "S": "x".repeat(8000) } });
+    let big = rig.streams.write(TABLE, "big", Some(big_image)).unwrap();
+    // Its old image is the big one: also too large.
+    let shrunk = rig.streams.write(TABLE, "big", Some(json!({ "v": { "N": "2" } }))).unwrap();
+    let after = rig.write("a").unwrap();
+    let sequence = |s: &str| s.to_owned();
+    let expected = vec![
+        small.clone(),
+        super::harness::Record {
+            pk: "big".into(),
+            version: 1,
+            shard_id: big.shard_id.clone(),
+            sequence_number: sequence(&big.sequence_number),
+        },
+        super::harness::Record {
+            pk: "big".into(),
+            version: 2,
+            shard_id: shrunk.shard_id.clone(),
+            sequence_number: sequence(&shrunk.sequence_number),
+        },
+        after,
+    ];
+    rig.settle(&expected).await;
+    assert_eq!(rig.metric("oversize_events_total", &[]).await, 2.0);
+    assert_eq!(rig.log_lines(&["event exceeds the max payload"]).len(), 2, "{}", rig.log_tail());
+    rig.stop().await;
+
+    let messages = rig.messages().await;
+    rig.assert_exact(&messages, &expected);
+    for (message, record) in messages.iter().zip(&expected) {
+        let event = message.json();
+        let reduced = record.pk == "big";
+        assert_eq!(event["images_omitted"] == json!(true), reduced, "{event}");
+        assert_eq!(event["keys"], json!({ "pk": record.pk }));
+        if reduced {
+            assert!(event["new_image"].is_null() && event["old_image"].is_null(), "{event}");
+            assert!(message.payload.len() < 4096);
+        } else {
+            assert_eq!(event["new_image"]["v"], json!(record.version));
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Faults of the Streams calls on one shard: expired iterators, data trimmed past the checkpoint,
+//! throttling and server errors.
+
+use test_support::streams_fault::{Op, Throttle};
+
+use super::harness::{Rig, Window, keys};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_iterators_resume_from_the_last_published_record() {
+    let mut rig = Rig::new(Window::Tiny).await;
+    let keys = keys(5);
+    rig.start(&[]).await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+    let iterators = rig.streams.calls(Op::GetShardIterator);
+
+    // Three times: records wait in the shard when every iterator expires.
+    for round in 1..=3 {
+        rig.write_all(&keys);
+        rig.streams.expire_iterators();
+        rig.until(&format!("expired iterator #{round} to be seen"), || async {
+            (rig.metric("get_records_errors_total", &[("kind", "iterator_expired")]).await >= f64::from(round))
+                .then_some(())
+        })
+        .await;
+    }
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+    assert!(rig.streams.calls(Op::GetShardIterator) >= iterators + 3, "a new iterator after each expiry");
+    rig.stop().await;
+    rig.assert_exact(&rig.messages().await, &rig.written);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_trimmed_past_the_checkpoint_is_a_counted_gap_and_reading_goes_on_from_trim_horizon() {
+    let mut rig = Rig::new(Window::Tiny).await;
+    let keys = keys(5);
+    let gaps = "trimmed_data_gaps_total";
+    rig.start(&[]).await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+    rig.stop().await;
+
+    // While the service is stopped: v2 and v3 are written, and the stream drops all of v2 but its last
+    // two records, as if the service had been down past the 24 h retention.
+    let v2 = rig.write_all(&keys);
+    rig.write_all(&keys);
+    rig.streams.trim_before(super::harness::TABLE, &v2[3].sequence_number);
+    let mut expected: Vec<_> = rig.written.iter().filter(|r| !v2[..3].contains(r)).cloned().collect();
+    rig.start(&[]).await;
+    rig.settle(&expected).await;
+    assert_eq!(rig.metric(gaps, &[]).await, 1.0, "one gap, counted once");
+    let errors = rig.log_lines(&["ERROR", "trimmed"]);
+    assert_eq!(errors.len(), 1, "one error log for the gap: {errors:?}\n{}", rig.log_tail());
+    rig.stop().await;
+    rig.assert_exact(&rig.messages().await, &expected);
+
+    // Again with only the newest two records of the shard left (`trim_all_but_last`).
+    let v4 = rig.write_all(&keys);
+    rig.streams.trim_all_but_last(super::harness::TABLE, 2);
+    expected.extend(v4[3..].iter().cloned());
+    rig.start(&[]).await;
+    rig.settle(&expected).await;
+    assert_eq!(rig.metric(gaps, &[]).await, 1.0);
+    rig.stop().await;
+    rig.assert_exact(&rig.messages().await, &expected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_and_server_errors_are_retried_with_backoff_and_nothing_is_lost() {
+    let mut rig = Rig::new(Window::Tiny).await;
+    let keys = keys(5);
+    // The SDK makes three attempts per call (its standard retry), so three faults in a row reach the
+    // service as one error; each queue below holds one or more such runs.
+    let queued = [
+        (Op::DescribeStream, vec![Some(Throttle::LimitExceeded), None]),
+        (Op::GetShardIterator, vec![Some(Throttle::ProvisionedThroughputExceeded), None]),
+        (Op::GetRecords, vec![Some(Throttle::LimitExceeded), Some(Throttle::ProvisionedThroughputExceeded), None]),
+    ];
+    let mut faults = Vec::new();
+    for (op, runs) in &queued {
+        for run in runs {
+            match run {
+                Some(kind) => rig.streams.throttle(*op, *kind, 3),
+                None => rig.streams.fail_5xx(*op, 3),
+            }
+        }
+        faults.push((*op, 3 * runs.len()));
+    }
+    rig.write_all(&keys);
+    rig.start(&[]).await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+    for (op, count) in faults {
+        assert_eq!(rig.streams.pending_faults(op), 0, "{op:?}: every fault was met");
+        assert!(rig.streams.calls(op) > count, "{op:?}: retried past {count} faults");
+    }
+    // Each operation met a run of throttles and a run of server errors.
+    let errors = |kind| rig.metric("get_records_errors_total", &[("kind", kind)]);
+    assert!(errors("throttled").await >= 3.0, "throttled: {}", errors("throttled").await);
+    assert!(errors("transient").await >= 3.0, "transient: {}", errors("transient").await);
+    assert!(!rig.log_lines(&["GetRecords failed; retrying", "LimitExceededException"]).is_empty());
+    rig.stop().await;
+    rig.assert_exact(&rig.messages().await, &rig.written);
+}
