@@ -189,6 +189,18 @@ async fn two_tables_arrive_exact_in_order_once_with_seed_checkpoints() {
     assert_eq!(published as u64, total, "records_published_total");
     assert_eq!(http_get(port, "/readyz").await.unwrap().0, 200);
 
+    // `/status`: this replica holds both shards' leases and shows each shard's checkpoint.
+    let (_, body) = http_get(port, "/status").await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["leases"].as_array().map(Vec::len), Some(2), "{status}");
+    let shards = status["shards"].as_array().unwrap();
+    for table in ["orders", "my.table"] {
+        let last = messages.iter().rfind(|m| m.json()["table_name"] == table).unwrap().json();
+        let shard = shards.iter().find(|s| s["table"] == table).unwrap_or_else(|| panic!("{table} in {status}"));
+        assert_eq!(shard["checkpoint"], last["sequence_number"], "{status}");
+        assert!(shard["last_publish"].as_str().is_some_and(|t| t.ends_with('Z')), "{status}");
+    }
+
     let log = stop(service).await;
     assert!(log.contains("shutdown complete"), "{log}");
 }
