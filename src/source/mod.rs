@@ -6,6 +6,7 @@ pub mod discovery;
 pub mod error;
 pub mod shard;
 pub mod topology;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,6 +4,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+/// Builds the service binary with cargo, in the profile of the running program (a binary of this
+/// crate, such as the demo or the benchmark), and returns its path: beside the running program.
+pub fn build_service() -> PathBuf {
+    let me = std::env::current_exe().expect("path of the running program");
+    let release = me.parent().is_some_and(|dir| dir.ends_with("release"));
+    eprintln!("building the service{}…", if release { " (release)" } else { "" });
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.args(["build", "--quiet", "--bin", "dynamodb-stream-consumer"]).current_dir(crate::workspace_root());
+    if release {
+        command.arg("--release");
+    }
+    let status = command.status().expect("run cargo build");
+    assert!(status.success(), "cargo build of the service failed");
+    me.with_file_name("dynamodb-stream-consumer")
+}
+
 /// A running service process; killed when dropped if it is still running.
 pub struct ServiceProcess {
     child: Child,

@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{AttributeValue as Av, StreamViewType};
@@ -24,24 +24,10 @@ fn install_servers() {
     assert!(status.success(), "installing the servers failed");
 }
 
-fn build_service() -> std::path::PathBuf {
-    println!("building the service…");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "--bin", "dynamodb-stream-consumer"])
-        .current_dir(workspace_root())
-        .stdout(Stdio::inherit())
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "cargo build failed");
-    // The service binary sits beside this one in the same target directory.
-    let me = std::env::current_exe().expect("path of the demo binary");
-    me.with_file_name("dynamodb-stream-consumer")
-}
-
 #[tokio::main]
 async fn main() {
     install_servers();
-    let binary = build_service();
+    let binary = test_support::process::build_service();
     let nats = NatsServer::start().await;
     let moto = Moto::start().await;
     println!("nats-server (JetStream) on {}; DynamoDB Streams emulator on {}", nats.url(), moto.endpoint());
