@@ -1,9 +1,12 @@
-//! The HTTP endpoints of SPEC §8: `/livez`, `/readyz`, `/metrics` (and `/status`, which grows with the
-//! replicas issue).
+//! The HTTP endpoints of SPEC §8: `/livez`, `/readyz`, `/metrics` and `/status`.
 //!
 //! Readiness is one shared flag set by the service's lifecycle (connected and serving, not shutting
 //! down) combined, at the moment of the probe, with the NATS connection's state and whether the
-//! coordinator could read the lease table at its last try ("serving its leases").
+//! coordinator could read the lease table at its last try ("serving its leases"). Every probe and
+//! every scrape also sets the `ready` and `nats_connected` gauges from that same answer.
+//!
+//! `/status` field names are stable: `replica_id`, `serving`, `nats_connected`, `live_replicas`,
+//! `leases` (held shard lease keys) and `shards` (see [`crate::status::ShardStatus`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -62,20 +65,29 @@ async fn livez() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    let serving = health.serving.load(Ordering::SeqCst);
-    let connected = health.nats_connected();
-    let leases = health.leases().store_reachable;
-    match (serving, connected, leases) {
-        (true, true, true) => (StatusCode::OK, "ready\n"),
-        (false, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "not serving\n"),
-        (true, false, _) => (StatusCode::SERVICE_UNAVAILABLE, "NATS not connected\n"),
-        (true, true, false) => (StatusCode::SERVICE_UNAVAILABLE, "lease table not readable\n"),
+impl Health {
+    /// The readiness answer, also kept in the `ready` gauge.
+    fn readiness(&self) -> (StatusCode, &'static str) {
+        let serving = self.serving.load(Ordering::SeqCst);
+        let connected = self.nats_connected();
+        let leases = self.leases().store_reachable;
+        let answer = match (serving, connected, leases) {
+            (true, true, true) => (StatusCode::OK, "ready\n"),
+            (false, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "not serving\n"),
+            (true, false, _) => (StatusCode::SERVICE_UNAVAILABLE, "NATS not connected\n"),
+            (true, true, false) => (StatusCode::SERVICE_UNAVAILABLE, "lease table not readable\n"),
+        };
+        self.metrics.ready.set(i64::from(answer.0 == StatusCode::OK));
+        answer
     }
 }
 
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    health.readiness()
+}
+
 async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    health.nats_connected();
+    health.readiness();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], health.metrics.encode())
 }
 
@@ -108,7 +120,7 @@ pub async fn serve(
     Ok(async move {
         let server = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
         if let Err(err) = server.await {
-            tracing::error!(%err, "http server failed");
+            tracing::error!(error = %err, "http server failed");
         }
     })
 }

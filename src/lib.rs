@@ -35,6 +35,11 @@ use publish::Publisher;
 use source::Services;
 use source::api::StreamsApi;
 
+/// Longest wait for one attempt of an AWS call; a hung call then counts as transient and is retried.
+const AWS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for an AWS call with the SDK's own retries (3 attempts by default).
+const AWS_OPERATION_TIMEOUT: Duration = Duration::from_secs(35);
+
 /// Exit code after a second signal cut the graceful shutdown short (128 + SIGINT).
 const EXIT_ABORTED: u8 = 130;
 
@@ -140,20 +145,24 @@ async fn start(
     Ok((services, Arc::new(coordination::NatsKvStore::new(bucket))))
 }
 
-/// Connects to NATS, retrying with backoff while the servers cannot be reached. Failures that a
-/// retry cannot fix (credentials, TLS, a malformed address) end start-up with their reason.
+/// Connects to NATS, retrying with backoff while no server can be reached. A refusal that a retry
+/// cannot fix (credentials, TLS, a malformed address) ends start-up (exit 1) with its reason and the
+/// settings to fix.
 async fn connect_nats(config: &Config) -> anyhow::Result<async_nats::Client> {
-    use async_nats::ConnectErrorKind as Kind;
     let mut delays = source::backoff();
     loop {
         match nats::connect(config).await {
             Ok(client) => {
-                tracing::info!(urls = ?config.nats_urls, "connected to NATS");
+                let urls: Vec<String> = config.nats_urls.iter().map(|url| config::redact_url(url)).collect();
+                tracing::info!(
+                    ?urls,
+                    auth = config.nats_auth.mode(),
+                    tls = config.nats_tls.required(),
+                    "connected to NATS"
+                );
                 return Ok(client);
             }
-            Err(nats::SetupError::Connect { source, urls })
-                if matches!(source.kind(), Kind::Io | Kind::TimedOut | Kind::Dns) =>
-            {
+            Err(nats::SetupError::Unreachable { source, urls }) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(5));
                 tracing::warn!(urls, error = %source, retry_in_ms = delay.as_millis() as u64, "NATS unreachable; retrying");
                 tokio::time::sleep(delay).await;
@@ -167,7 +176,13 @@ async fn connect_nats(config: &Config) -> anyhow::Result<async_nats::Client> {
 /// standard `AWS_ENDPOINT_URL*` variables, and, with `AWS_ASSUME_ROLE_ARN`, an assumed role.
 async fn aws_config(config: &Config) -> aws_config::SdkConfig {
     let region = aws_config::Region::new(config.aws_region.clone());
-    let base = aws_config::defaults(BehaviorVersion::latest()).region(region).load().await;
+    // Without these only the connect timeout applies, and a call that never answers would hang its
+    // shard forever. GetRecords answers within a second or two when healthy.
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .operation_attempt_timeout(AWS_ATTEMPT_TIMEOUT)
+        .operation_timeout(AWS_OPERATION_TIMEOUT)
+        .build();
+    let base = aws_config::defaults(BehaviorVersion::latest()).region(region).timeout_config(timeouts).load().await;
     let sdk = match &config.assume_role_arn {
         None => base,
         Some(arn) => {

@@ -1,10 +1,14 @@
 //! Per-shard progress for `GET /status`: the shards this replica reads, each with its checkpoint, the
 //! time of its last acknowledged publish and its lag. Shard readers report into it; nothing else reads
 //! it, so a poisoned lock only costs the report, never the pipeline.
+//!
+//! The field names are a stable contract (operators' scripts read them). Lag is computed when the
+//! report is made, from the creation time of the newest record read while behind, so it keeps growing
+//! while a shard's records wait, as `lag_seconds` in the metrics does.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -19,8 +23,12 @@ pub struct ShardStatus {
     pub checkpoint: Option<String>,
     /// When the last checkpointed batch was acknowledged (RFC 3339, UTC).
     pub last_publish: Option<String>,
-    /// Age of the last record read, in seconds, from `ApproximateCreationDateTime`; 0 when caught up.
+    /// Age of the newest record read, in seconds, from `ApproximateCreationDateTime`, while the shard
+    /// is behind; 0 once a read came back empty (caught up).
     pub lag_seconds: f64,
+    /// Creation time (Unix seconds) of the newest record read while behind; `None` when caught up.
+    #[serde(skip)]
+    behind_since: Option<f64>,
 }
 
 /// The shards being read, by table and shard id.
@@ -45,7 +53,11 @@ impl ShardStatuses {
 
     /// A read returned records this old (0: caught up).
     pub fn read(&self, table: &str, shard_id: &str, lag_seconds: f64) {
-        self.update(table, shard_id, |status| status.lag_seconds = lag_seconds.max(0.0));
+        let behind_since = (lag_seconds > 0.0).then_some(now_secs() - lag_seconds);
+        self.update(table, shard_id, |status| {
+            status.lag_seconds = lag_seconds.max(0.0);
+            status.behind_since = behind_since;
+        });
     }
 
     /// A checkpoint was written after a publish was acknowledged.
@@ -65,7 +77,37 @@ impl ShardStatuses {
         }
     }
 
+    /// Every shard being read, with its lag as of now.
     pub fn snapshot(&self) -> Vec<ShardStatus> {
-        self.0.lock().map(|shards| shards.values().cloned().collect()).unwrap_or_default()
+        let now = now_secs();
+        let mut shards: Vec<ShardStatus> =
+            self.0.lock().map(|shards| shards.values().cloned().collect()).unwrap_or_default();
+        for shard in &mut shards {
+            shard.lag_seconds = shard.behind_since.map_or(0.0, |since| (now - since).max(0.0));
+        }
+        shards
+    }
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_grows_while_behind_and_is_zero_when_caught_up() {
+        let statuses = ShardStatuses::default();
+        statuses.read("t", "s", 3600.0);
+        let lag = statuses.snapshot()[0].lag_seconds;
+        assert!((3600.0..3700.0).contains(&lag), "{lag}");
+        statuses.read("t", "s", 0.0);
+        assert_eq!(statuses.snapshot()[0].lag_seconds, 0.0);
+        let json = serde_json::to_value(&statuses.snapshot()[0]).unwrap();
+        let mut fields: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        fields.sort_unstable();
+        assert_eq!(fields, ["checkpoint", "lag_seconds", "last_publish", "shard_id", "table"]);
     }
 }

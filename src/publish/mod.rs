@@ -77,7 +77,7 @@ impl Publisher {
         let event = match Event::from_record(table, record) {
             Ok(event) => event,
             Err(err) => {
-                tracing::error!(table, shard_id, %err, ?record, "record cannot be published: skipped");
+                tracing::error!(table, shard_id, error = %err, ?record, "record cannot be published: skipped");
                 self.metrics.unrepresentable_records.with_label_values(&[table]).inc();
                 return None;
             }

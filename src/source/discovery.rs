@@ -9,7 +9,7 @@
 //! A table that cannot be read (missing, no stream, `KEYS_ONLY`) is logged and counted here and marked
 //! in the topology; a failed AWS or NATS call leaves the previous topology as it was, for the next try.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use super::Services;
 use super::api::{ShardInfo, TableError};
@@ -121,24 +121,33 @@ async fn start_at_latest(services: &Services, table: &str, topology: &mut Topolo
     Ok(())
 }
 
-/// Deletes finished checkpoints of shards that have left every stream followed.
+/// Deletes finished checkpoints of shards that have left every stream followed: those the topology
+/// knows as finished, and those finished after they stopped being listed (a shard that vanished while
+/// it was read ends with a finished checkpoint the topology never saw).
 async fn clean_up(services: &Services, table: &str, topology: &mut Topology) {
     let present: HashSet<String> = topology.present().into_iter().map(str::to_owned).collect();
     topology.start_latest.retain(|id| present.contains(id));
-    let gone: Vec<String> = topology.finished.iter().filter(|id| !present.contains(*id)).cloned().collect();
+    let mut gone: BTreeSet<String> = topology.finished.iter().filter(|id| !present.contains(*id)).cloned().collect();
+    match services.checkpoints.shards_of(table).await {
+        Ok(keys) => gone.extend(keys.into_iter().map(|(_, shard)| shard).filter(|shard| !present.contains(shard))),
+        Err(err) => tracing::warn!(table, error = %err, "cannot list checkpoints; clean-up retried later"),
+    }
     for shard_id in gone {
         let key = checkpoint::key(table, &shard_id);
         let result = async {
             let stored = services.checkpoints.load(&key).await?;
-            if matches!(stored.position, Some(Position::Finished { .. })) {
+            let finished = matches!(stored.position, Some(Position::Finished { .. }));
+            if finished {
                 services.checkpoints.delete(&key, stored.revision).await?;
             }
-            Ok::<(), CheckpointError>(())
+            Ok::<bool, CheckpointError>(finished)
         }
         .await;
         match result {
-            Ok(()) => {
-                tracing::info!(table, shard_id, "finished shard left the stream; checkpoint deleted");
+            Ok(deleted) => {
+                if deleted {
+                    tracing::info!(table, shard_id, "finished shard left the stream; checkpoint deleted");
+                }
                 topology.finished.remove(&shard_id);
             }
             Err(err) => {

@@ -36,8 +36,11 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest retry delay: long enough to relieve a throttled shard, short enough to recover quickly.
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// A sequence of retry delays.
+pub type Backoff = backon::ExponentialBackoff;
+
 /// Exponential delays with jitter, without end; start a new one after a success.
-pub fn backoff() -> impl Iterator<Item = Duration> {
+pub fn backoff() -> Backoff {
     ExponentialBuilder::default()
         .with_min_delay(BACKOFF_MIN)
         .with_max_delay(BACKOFF_MAX)

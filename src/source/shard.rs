@@ -13,9 +13,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coordination::LeaseGuard;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::Services;
-use super::api::StartAt;
+use super::api::{Page, StartAt};
 use super::error::ReadError;
 use crate::checkpoint::{self, AdvanceError, Position, ShardCheckpoint};
 use crate::config::MAX_RECORDS_PER_CALL;
@@ -63,6 +64,7 @@ impl ShardReader {
         let metrics = &self.services.metrics;
         let Some(mut checkpoint) = self.load_checkpoint().await else { return self.stopped() };
         self.services.shards.started(table, shard_id, checkpoint.position());
+        metrics.set_shard_lag(table, shard_id, Some(0.0));
         let mut start = match checkpoint.position() {
             Some(Position::Finished { .. }) => return Outcome::Finished,
             Some(Position::After(seq)) => StartAt::After(seq.to_string()),
@@ -70,88 +72,146 @@ impl ShardReader {
         };
         tracing::info!(table, shard_id, ?start, "shard reader started");
         let mut iterator: Option<String> = None;
+        // The next page, asked for while the current one is published (only after a full page, when
+        // the next call would be made at once anyway): reading and publishing overlap.
+        let mut prefetch: Option<(String, AbortOnDropHandle<Result<Page, ReadError>>)> = None;
         let mut delays = super::backoff();
         loop {
             if self.cancel.is_cancelled() || !self.guard.is_valid() {
                 return self.stopped();
             }
-            let current = match iterator.take() {
-                Some(it) => it,
-                None => match self.services.api.iterator(&self.stream_arn, shard_id, &start).await {
-                    Ok(it) => it,
-                    Err(err) => {
-                        metrics.get_records_errors.with_label_values(&[table, err.kind()]).inc();
-                        match err {
-                            ReadError::Trimmed(_) => start = self.trimmed(&start),
-                            ReadError::NotFound(_) => return self.finish(&mut checkpoint).await,
-                            other => {
-                                tracing::warn!(table, shard_id, error = %other, "cannot get a shard iterator; retrying");
-                                if !self.pause(delays.next()).await {
-                                    return self.stopped();
+            let result = match prefetch.take() {
+                Some((current, fetch)) => {
+                    iterator = Some(current);
+                    // A fetch that panicked is a failed call: the same iterator is asked again.
+                    fetch.await.unwrap_or_else(|err| Err(ReadError::Transient(err.to_string())))
+                }
+                None => {
+                    let current = match iterator.take() {
+                        Some(it) => it,
+                        None => match self.services.api.iterator(&self.stream_arn, shard_id, &start).await {
+                            Ok(it) => it,
+                            Err(err) => {
+                                metrics.get_records_errors.with_label_values(&[table, err.kind()]).inc();
+                                match err {
+                                    ReadError::Trimmed(_) => start = self.trimmed(&start),
+                                    ReadError::NotFound(_) => return self.finish(&mut checkpoint).await,
+                                    other => {
+                                        tracing::warn!(table, shard_id, error = %other, "cannot get a shard iterator; retrying");
+                                        if !self.pause(delays.next()).await {
+                                            return self.stopped();
+                                        }
+                                    }
                                 }
+                                continue;
                             }
-                        }
-                        continue;
-                    }
-                },
-            };
-            metrics.get_records_calls.with_label_values(&[table]).inc();
-            let page = match self.services.api.records(&current).await {
-                Ok(page) => page,
-                Err(err) => {
-                    metrics.get_records_errors.with_label_values(&[table, err.kind()]).inc();
-                    match err {
-                        ReadError::IteratorExpired => {
-                            tracing::info!(table, shard_id, "shard iterator expired; getting a new one");
-                        }
-                        ReadError::Trimmed(_) => start = self.trimmed(&start),
-                        ReadError::NotFound(_) => return self.finish(&mut checkpoint).await,
-                        other => {
-                            tracing::warn!(table, shard_id, error = %other, "GetRecords failed; retrying");
-                            iterator = Some(current);
-                            if !self.pause(delays.next()).await {
-                                return self.stopped();
-                            }
-                        }
-                    }
-                    continue;
+                        },
+                    };
+                    let result = self.services.api.records(&current).await;
+                    iterator = Some(current);
+                    result
                 }
             };
-            delays = super::backoff();
-            let count = page.records.len();
-            tracing::debug!(table, shard_id, records = count, ended = page.next_iterator.is_none(), "GetRecords");
-            metrics.records_per_get_records.with_label_values(&[table]).observe(count as f64);
-            let batch: Vec<Prepared> = page
-                .records
-                .iter()
-                .filter_map(|record| self.services.publisher.prepare(table, shard_id, record))
-                .collect();
-            let lag = match batch.last().and_then(|p| p.created_at) {
-                Some(created) if count > 0 => now_secs() - created,
-                _ => 0.0,
+            metrics.get_records_calls.with_label_values(&[table]).inc();
+            let page = match self.on_page(result, &mut iterator, &mut start, &mut checkpoint, &mut delays).await {
+                Ok(Some(page)) => page,
+                Ok(None) => continue,
+                Err(outcome) => return outcome,
             };
-            if !batch.is_empty()
-                && let Err(outcome) = self.publish(batch, &mut checkpoint, &mut start).await
-            {
+            if let Err(outcome) = self.handle(page, &mut iterator, &mut prefetch, &mut start, &mut checkpoint).await {
                 return outcome;
             }
-            metrics.set_shard_lag(table, shard_id, Some(lag));
-            self.services.shards.read(table, shard_id, lag);
-            let Some(next) = page.next_iterator else {
-                return self.finish(&mut checkpoint).await;
-            };
-            iterator = Some(next);
-            let wait = if count >= MAX_RECORDS_PER_CALL as usize {
-                Duration::ZERO
-            } else if count > 0 {
-                self.services.config.poll_gap
-            } else {
-                self.services.config.poll_interval
-            };
-            if !wait.is_zero() && !self.pause(Some(wait)).await {
-                return self.stopped();
+        }
+    }
+
+    /// Sorts out a GetRecords answer for the iterator in `iterator`: the page, or `None` after an
+    /// error that was dealt with (a new iterator is needed, or the call is retried after a pause).
+    async fn on_page(
+        &self,
+        result: Result<Page, ReadError>,
+        iterator: &mut Option<String>,
+        start: &mut StartAt,
+        checkpoint: &mut ShardCheckpoint,
+        delays: &mut super::Backoff,
+    ) -> Result<Option<Page>, Outcome> {
+        let (table, shard_id) = (self.table.as_str(), self.shard_id.as_str());
+        let err = match result {
+            Ok(page) => {
+                *delays = super::backoff();
+                return Ok(Some(page));
+            }
+            Err(err) => err,
+        };
+        self.services.metrics.get_records_errors.with_label_values(&[table, err.kind()]).inc();
+        match err {
+            ReadError::IteratorExpired => {
+                tracing::info!(table, shard_id, "shard iterator expired; getting a new one");
+                *iterator = None;
+            }
+            ReadError::Trimmed(_) => {
+                *start = self.trimmed(start);
+                *iterator = None;
+            }
+            ReadError::NotFound(_) => return Err(self.finish(checkpoint).await),
+            other => {
+                tracing::warn!(table, shard_id, error = %other, "GetRecords failed; retrying");
+                if !self.pause(delays.next()).await {
+                    return Err(self.stopped());
+                }
             }
         }
+        Ok(None)
+    }
+
+    /// Publishes a page and checkpoints it; sets up the next read (prefetched after a full page) and
+    /// waits as the polling rules say.
+    async fn handle(
+        &self,
+        page: Page,
+        iterator: &mut Option<String>,
+        prefetch: &mut Option<(String, AbortOnDropHandle<Result<Page, ReadError>>)>,
+        start: &mut StartAt,
+        checkpoint: &mut ShardCheckpoint,
+    ) -> Result<(), Outcome> {
+        let (table, shard_id) = (self.table.as_str(), self.shard_id.as_str());
+        let metrics = &self.services.metrics;
+        let count = page.records.len();
+        tracing::debug!(table, shard_id, records = count, ended = page.next_iterator.is_none(), "GetRecords");
+        metrics.records_per_get_records.with_label_values(&[table]).observe(count as f64);
+        let full = count >= MAX_RECORDS_PER_CALL as usize;
+        *iterator = page.next_iterator.clone();
+        if full && let Some(next) = &page.next_iterator {
+            let api = self.services.api.clone();
+            let next_iterator = next.clone();
+            let fetch = tokio::spawn(async move { api.records(&next_iterator).await });
+            *prefetch = Some((next.clone(), AbortOnDropHandle::new(fetch)));
+        }
+        let batch: Vec<Prepared> =
+            page.records.iter().filter_map(|record| self.services.publisher.prepare(table, shard_id, record)).collect();
+        let lag = match batch.last().and_then(|p| p.created_at) {
+            Some(created) if count > 0 => now_secs() - created,
+            _ => 0.0,
+        };
+        // Reported before publishing, so the lag keeps growing while these records wait.
+        metrics.set_shard_lag(table, shard_id, Some(lag));
+        self.services.shards.read(table, shard_id, lag);
+        if !batch.is_empty() {
+            self.publish(batch, checkpoint, start).await?;
+        }
+        if page.next_iterator.is_none() {
+            return Err(self.finish(checkpoint).await);
+        }
+        let wait = if full {
+            Duration::ZERO
+        } else if count > 0 {
+            self.services.config.poll_gap
+        } else {
+            self.services.config.poll_interval
+        };
+        if !wait.is_zero() && !self.pause(Some(wait)).await {
+            return Err(self.stopped());
+        }
+        Ok(())
     }
 
     /// How a reader that was told to stop (or lost its lease) ends.

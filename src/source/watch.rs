@@ -86,9 +86,14 @@ impl TopologyWatch {
                     if let Some(view) = self.tables.get_mut(&table) {
                         view.force = true;
                     }
-                    self.read().await;
                 }
-                _ = tick.tick() => self.read().await,
+                _ = tick.tick() => {}
+            }
+            // A slow AWS call must not hold up a shutdown: a refresh cut short is redone by whoever
+            // finds the topology stale next.
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.read() => {}
             }
         }
     }

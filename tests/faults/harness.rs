@@ -59,6 +59,8 @@ pub struct Rig {
     pub js: jetstream::Context,
     pub port: u16,
     service: Option<ServiceProcess>,
+    /// The log of the last service process stopped.
+    last_log: String,
     versions: BTreeMap<String, u64>,
     /// Every record written so far, in write order.
     pub written: Vec<Record>,
@@ -72,8 +74,7 @@ impl Rig {
     pub async fn with_nats(nats: NatsServer, window: Window) -> Rig {
         let streams = FaultyStreams::start().await;
         streams.create_table(TABLE, "pk", ViewType::NewAndOldImages);
-        let client = async_nats::ConnectOptions::new().max_reconnects(None).connect(nats.url()).await.unwrap();
-        let js = jetstream::new(client);
+        let js = jetstream::new(connect(&nats).await);
         if let Window::Tiny = window {
             js.create_stream(stream_config(Duration::from_millis(100))).await.unwrap();
         }
@@ -83,6 +84,7 @@ impl Rig {
             js,
             port: fixtures::http_port(),
             service: None,
+            last_log: String::new(),
             versions: BTreeMap::new(),
             written: Vec::new(),
         }
@@ -120,14 +122,15 @@ impl Rig {
         self.service = Some(ServiceProcess::start_ready(binary(), &env, self.port, DEADLINE).await);
     }
 
-    /// SIGTERM: the service must exit 0 without a panic. Returns its log.
-    pub async fn stop(&mut self) -> String {
+    /// SIGTERM: the service must exit 0 within 20 s, without a panic.
+    pub async fn stop(&mut self) {
         let service = self.service.take().expect("the service runs");
-        service.stop_gracefully(Duration::from_secs(20)).await
+        self.last_log = service.stop_gracefully(Duration::from_secs(20)).await;
     }
 
+    /// The running service's log, or the last stopped one's.
     pub fn log(&self) -> String {
-        self.service.as_ref().map(ServiceProcess::log).unwrap_or_default()
+        self.service.as_ref().map_or_else(|| self.last_log.clone(), ServiceProcess::log)
     }
 
     /// The log lines containing every one of `words`.
@@ -137,16 +140,19 @@ impl Rig {
 
     /// Writes the next version of item `pk`; `None` when the write made no record (dropped shard).
     pub fn write(&mut self, pk: &str) -> Option<Record> {
+        self.write_with(pk, json!({}))
+    }
+
+    /// Writes the next version of item `pk` with the attributes `extra` (DynamoDB JSON) beside `v`.
+    pub fn write_with(&mut self, pk: &str, extra: serde_json::Value) -> Option<Record> {
         let version = self.versions.entry(pk.to_owned()).or_default();
         *version += 1;
         let version = *version;
-        let written = self.streams.write(TABLE, pk, Some(json!({ "v": { "N": version.to_string() } })))?;
-        let record = Record {
-            pk: pk.to_owned(),
-            version,
-            shard_id: written.shard_id,
-            sequence_number: written.sequence_number,
-        };
+        let mut item = extra;
+        item["v"] = json!({ "N": version.to_string() });
+        let written = self.streams.write(TABLE, pk, Some(item))?;
+        let record =
+            Record { pk: pk.to_owned(), version, shard_id: written.shard_id, sequence_number: written.sequence_number };
         self.written.push(record.clone());
         Some(record)
     }
@@ -156,21 +162,9 @@ impl Rig {
         keys.iter().filter_map(|pk| self.write(pk)).collect()
     }
 
-    /// The sum of the samples of `dynamodb_stream_consumer_{name}` whose labels include `labels`
-    /// (`[("kind", "throttled")]`); 0 when there is none or the service does not answer.
+    /// The sum of the samples of `dynamodb_stream_consumer_{name}` whose labels include `labels`.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let Ok((200, body)) = http_get(self.port, "/metrics").await else { return 0.0 };
-        let name = format!("dynamodb_stream_consumer_{name}");
-        let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-        body.lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| {
-                let (series, value) = line.rsplit_once(' ')?;
-                let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
-                let matches = metric == name && wanted.iter().all(|label| labels.contains(label.as_str()));
-                matches.then(|| value.parse::<f64>().ok()).flatten()
-            })
-            .sum()
+        metric_at(self.port, name, labels).await
     }
 
     /// The status of `GET /readyz` (0 when the service does not answer).
@@ -179,18 +173,27 @@ impl Rig {
     }
 
     /// Polls `check` until it returns `Some`; fails the test after [`DEADLINE`] with the service's log.
-    pub async fn until<T, F, Fut>(&self, what: &str, mut check: F) -> T
+    pub async fn until<T, F, Fut>(&self, what: &str, check: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        let give_up = Instant::now() + DEADLINE;
+        self.until_within(DEADLINE, what, check).await
+    }
+
+    /// [`Rig::until`] with another deadline.
+    pub async fn until_within<T, F, Fut>(&self, deadline: Duration, what: &str, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let give_up = Instant::now() + deadline;
         loop {
             if let Some(value) = check().await {
                 return value;
             }
             if Instant::now() >= give_up {
-                panic!("timed out after {DEADLINE:?} waiting for {what}; service log (tail):\n{}", self.log_tail());
+                panic!("timed out after {deadline:?} waiting for {what}; service log (tail):\n{}", self.log_tail());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -251,7 +254,8 @@ impl Rig {
         }
         let by_seq: HashMap<&str, &Record> = expected.iter().map(|r| (r.sequence_number.as_str(), r)).collect();
         let got_seqs: BTreeSet<&str> = got.iter().map(|g| g.sequence_number.as_str()).collect();
-        let missing: Vec<&Record> = expected.iter().filter(|r| !got_seqs.contains(r.sequence_number.as_str())).collect();
+        let missing: Vec<&Record> =
+            expected.iter().filter(|r| !got_seqs.contains(r.sequence_number.as_str())).collect();
         assert!(missing.is_empty(), "{} records missing: {missing:#?}\n{}", missing.len(), context());
         let extra: Vec<&Got> = got.iter().filter(|g| !by_seq.contains_key(g.sequence_number.as_str())).collect();
         assert!(extra.is_empty(), "records that were not expected: {extra:#?}\n{}", context());
@@ -276,6 +280,39 @@ impl Rig {
             assert_eq!(have.get(pk), Some(order), "item {pk}: records out of write order\n{}", context());
         }
     }
+}
+
+/// A client of `nats`, reconnecting for ever. `NatsServer` is ready once `/jsz` answers, which can be a
+/// moment before the client port accepts connections (the monitoring port opens first): retried.
+async fn connect(nats: &NatsServer) -> async_nats::Client {
+    let give_up = Instant::now() + DEADLINE;
+    loop {
+        match async_nats::ConnectOptions::new().max_reconnects(None).connect(nats.url()).await {
+            Ok(client) => return client,
+            Err(err) if Instant::now() < give_up => {
+                eprintln!("connecting to nats-server at {}: {err}; retrying", nats.url());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("cannot connect to nats-server at {}: {err}", nats.url()),
+        }
+    }
+}
+
+/// The sum of the samples of `dynamodb_stream_consumer_{name}` at the service on `port` whose labels
+/// include `labels` (`[("kind", "throttled")]`); 0 when there is none or the service does not answer.
+pub async fn metric_at(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let Ok((200, body)) = http_get(port, "/metrics").await else { return 0.0 };
+    let name = format!("dynamodb_stream_consumer_{name}");
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+            let matches = metric == name && wanted.iter().all(|label| labels.contains(label.as_str()));
+            matches.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
 }
 
 /// A `jetstream::stream::Config` like the seed's stream, with `window` as its duplicate window.
@@ -323,20 +360,20 @@ impl Got {
     }
 }
 
-/// Every message of `shard_id` comes after every message of `parent` in the stream (lineage: a shard is
-/// read only once its parent is read to its end). Both must have messages.
-pub fn assert_read_after(messages: &[Stored], parent: &str, child: &str) {
+/// Every message of shard `then` comes after every message of shard `first` in the stream (lineage: a
+/// child is read only once its parent is read to its end; a new stream only once the old one is). Both
+/// must have messages.
+pub fn assert_read_after(messages: &[Stored], first: &str, then: &str) {
     let got: Vec<Got> = messages.iter().map(Got::of).collect();
-    let positions = |shard: &str| -> Vec<u64> {
-        got.iter().filter(|g| g.shard_id == shard).map(|g| g.stream_sequence).collect()
-    };
-    let (of_parent, of_child) = (positions(parent), positions(child));
-    assert!(!of_parent.is_empty() && !of_child.is_empty(), "{parent} and {child} both need records: {got:#?}");
-    let (last_parent, first_child) = (of_parent.iter().max().unwrap(), of_child.iter().min().unwrap());
+    let positions =
+        |shard: &str| -> Vec<u64> { got.iter().filter(|g| g.shard_id == shard).map(|g| g.stream_sequence).collect() };
+    let (of_first, of_then) = (positions(first), positions(then));
+    assert!(!of_first.is_empty() && !of_then.is_empty(), "{first} and {then} both need records: {got:#?}");
+    let (last_first, first_then) = (of_first.iter().max().unwrap(), of_then.iter().min().unwrap());
     assert!(
-        last_parent < first_child,
-        "child {child} was published from (stream seq {first_child}) before parent {parent} was done \
-         (stream seq {last_parent}): {got:#?}"
+        last_first < first_then,
+        "shard {then} was published from (stream seq {first_then}) before shard {first} was done \
+         (stream seq {last_first}): {got:#?}"
     );
 }
 

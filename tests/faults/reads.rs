@@ -1,9 +1,11 @@
-//! Faults of the Streams calls on one shard: expired iterators, data trimmed past the checkpoint,
-//! throttling and server errors.
+//! Faults of the Streams calls: expired iterators, data trimmed past the checkpoint, throttling and
+//! server errors, calls that never answer.
+
+use std::time::Duration;
 
 use test_support::streams_fault::{Op, Throttle};
 
-use super::harness::{Rig, Window, keys};
+use super::harness::{Rig, TABLE, Window, keys};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_iterators_resume_from_the_last_published_record() {
@@ -45,7 +47,7 @@ async fn data_trimmed_past_the_checkpoint_is_a_counted_gap_and_reading_goes_on_f
     // two records, as if the service had been down past the 24 h retention.
     let v2 = rig.write_all(&keys);
     rig.write_all(&keys);
-    rig.streams.trim_before(super::harness::TABLE, &v2[3].sequence_number);
+    rig.streams.trim_before(TABLE, &v2[3].sequence_number);
     let mut expected: Vec<_> = rig.written.iter().filter(|r| !v2[..3].contains(r)).cloned().collect();
     rig.start(&[]).await;
     rig.settle(&expected).await;
@@ -57,7 +59,7 @@ async fn data_trimmed_past_the_checkpoint_is_a_counted_gap_and_reading_goes_on_f
 
     // Again with only the newest two records of the shard left (`trim_all_but_last`).
     let v4 = rig.write_all(&keys);
-    rig.streams.trim_all_but_last(super::harness::TABLE, 2);
+    rig.streams.trim_all_but_last(TABLE, 2);
     expected.extend(v4[3..].iter().cloned());
     rig.start(&[]).await;
     rig.settle(&expected).await;
@@ -96,10 +98,47 @@ async fn throttling_and_server_errors_are_retried_with_backoff_and_nothing_is_lo
         assert!(rig.streams.calls(op) > count, "{op:?}: retried past {count} faults");
     }
     // Each operation met a run of throttles and a run of server errors.
-    let errors = |kind| rig.metric("get_records_errors_total", &[("kind", kind)]);
-    assert!(errors("throttled").await >= 3.0, "throttled: {}", errors("throttled").await);
-    assert!(errors("transient").await >= 3.0, "transient: {}", errors("transient").await);
+    let throttled = rig.metric("get_records_errors_total", &[("kind", "throttled")]).await;
+    let transient = rig.metric("get_records_errors_total", &[("kind", "transient")]).await;
+    assert!(throttled >= 3.0 && transient >= 3.0, "throttled {throttled}, transient {transient}");
     assert!(!rig.log_lines(&["GetRecords failed; retrying", "LimitExceededException"]).is_empty());
+    rig.stop().await;
+    rig.assert_exact(&rig.messages().await, &rig.written);
+}
+
+/// A `GetRecords` call that gets no answer (a stalled connection; here the endpoint holds its answer
+/// back for five minutes) must time out and be retried: the shard may not stall behind it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_get_records_call_that_hangs_times_out_and_the_shard_goes_on() {
+    let mut rig = Rig::new(Window::Tiny).await;
+    let keys = keys(5);
+    rig.start(&[]).await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+    let calls = rig.streams.calls(Op::GetRecords);
+    rig.streams.delay(Op::GetRecords, Duration::from_secs(300), 1);
+    rig.until("a GetRecords call to hang", || async { (rig.streams.calls(Op::GetRecords) > calls).then_some(()) })
+        .await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+    rig.stop().await;
+    rig.assert_exact(&rig.messages().await, &rig.written);
+}
+
+/// A `DescribeStream` call that gets no answer must not hold up a graceful stop: SIGTERM still ends the
+/// service with exit 0 within its shutdown timeout (10 s here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_describe_stream_call_that_hangs_does_not_hold_up_a_graceful_stop() {
+    let mut rig = Rig::new(Window::Tiny).await;
+    rig.start(&[]).await;
+    rig.write_all(&keys(5));
+    rig.settle(&rig.written).await;
+    let calls = rig.streams.calls(Op::DescribeStream);
+    rig.streams.delay(Op::DescribeStream, Duration::from_secs(300), 1);
+    rig.until("a DescribeStream call to hang", || async {
+        (rig.streams.calls(Op::DescribeStream) > calls).then_some(())
+    })
+    .await;
     rig.stop().await;
     rig.assert_exact(&rig.messages().await, &rig.written);
 }

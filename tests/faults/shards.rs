@@ -1,6 +1,8 @@
 //! Faults of the shard topology: splits and roll-overs (lineage), paged `DescribeStream`, a shard that
 //! disappears under its reader, a stream disabled and re-enabled under a new ARN.
 
+use std::time::Duration;
+
 use test_support::streams_fault::Op;
 
 use super::harness::{Rig, TABLE, Window, assert_read_after, keys, last_in};
@@ -27,7 +29,9 @@ async fn splits_and_roll_overs_keep_each_items_order_and_children_wait_for_their
     rig.start(&[]).await;
     rig.settle(&rig.written).await;
 
-    // While the service reads the children: a roll-over (v3 in the grandchildren), then a split (v4).
+    // While the service reads the children, and v3 may still wait in them: a roll-over (v4 in the
+    // grandchildren), then a split of one grandchild (v5).
+    rig.write_all(&keys);
     let rolled = rig.streams.roll_over(TABLE);
     assert_eq!(rolled.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), [c1.clone(), c2.clone()]);
     let (d1, d2) = (rolled[0].1.clone(), rolled[1].1.clone());
@@ -106,8 +110,10 @@ async fn a_shard_dropped_under_its_reader_ends_and_the_others_go_on() {
     assert!(!v3.is_empty() && v3.len() < keys.len() && v3.iter().all(|r| r.shard_id == c2), "{v3:?}");
     rig.settle(&rig.written).await;
     // The finished parent's checkpoint is deleted once it has left the stream.
-    rig.until("the parent's checkpoint to be deleted", || async { rig.checkpoint(&parent).await.is_none().then_some(()) })
-        .await;
+    rig.until("the parent's checkpoint to be deleted", || async {
+        rig.checkpoint(&parent).await.is_none().then_some(())
+    })
+    .await;
     let c1_checkpoint = rig.checkpoint(&c1).await;
     assert!(
         c1_checkpoint.as_deref().is_none_or(|value| value.starts_with("SHARD_END")),
@@ -117,6 +123,10 @@ async fn a_shard_dropped_under_its_reader_ends_and_the_others_go_on() {
     rig.assert_exact(&rig.messages().await, &rig.written);
 }
 
+/// How long the old stream's reader is held up in one call, so that discovery finds the new stream while
+/// the old one still has records to publish (discovery runs every second).
+const HOLD: Duration = Duration::from_secs(4);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_re_enabled_stream_is_read_after_the_old_stream_is_read_to_its_end() {
     let mut rig = Rig::new(Window::Tiny).await;
@@ -125,30 +135,69 @@ async fn a_re_enabled_stream_is_read_after_the_old_stream_is_read_to_its_end() {
     rig.write_all(&keys);
     rig.settle(&rig.written).await;
 
-    // v2 waits in the old stream while the table's stream is re-enabled and v3 goes to the new one.
+    // The old stream's reader is held in a GetRecords call while v2 is written to the old stream, the
+    // stream is re-enabled and v3 goes to the new one: the new stream must wait for v2.
     let old = rig.streams.open_shards(TABLE).remove(0);
+    let calls = rig.streams.calls(Op::GetRecords);
+    rig.streams.delay(Op::GetRecords, HOLD, 1);
+    rig.until("the old stream's reader to be held", || async {
+        (rig.streams.calls(Op::GetRecords) > calls).then_some(())
+    })
+    .await;
     rig.write_all(&keys);
     rig.streams.reenable_stream(TABLE);
     let new = rig.streams.open_shards(TABLE).remove(0);
     rig.write_all(&keys);
     rig.settle(&rig.written).await;
+    assert!(!rig.log_lines(&["stream ARN changed"]).is_empty(), "{}", rig.log_tail());
+    let messages = rig.messages().await;
+    rig.assert_exact(&messages, &rig.written);
+    assert_read_after(&messages, &old, &new);
     // Once the old stream is done with, its finished checkpoint is deleted.
-    rig.until("the old stream's checkpoint to be deleted", || async { rig.checkpoint(&old).await.is_none().then_some(()) })
-        .await;
+    rig.until("the old stream's checkpoint to be deleted", || async {
+        rig.checkpoint(&old).await.is_none().then_some(())
+    })
+    .await;
 
     // The same while the service is stopped: the fleet's topology in the bucket remembers the stream it
-    // was reading, so v4 (in that stream) is published before v5 (in the newest one).
+    // was reading, so v4 (in that stream) is published before v5 (in the newest one), even though the
+    // old stream's reader is held up past the first discovery of the newest stream.
     rig.stop().await;
     rig.write_all(&keys);
     rig.streams.reenable_stream(TABLE);
     let newest = rig.streams.open_shards(TABLE).remove(0);
     rig.write_all(&keys);
+    rig.streams.delay(Op::GetShardIterator, HOLD, 1);
     rig.start(&[]).await;
     rig.settle(&rig.written).await;
+    assert_eq!(rig.streams.pending_faults(Op::GetShardIterator), 0);
     rig.stop().await;
 
     let messages = rig.messages().await;
     rig.assert_exact(&messages, &rig.written);
     assert_read_after(&messages, &old, &new);
     assert_read_after(&messages, &new, &newest);
+}
+
+/// SPEC §5: finished checkpoints of shards that have left the stream are deleted, so the bucket does
+/// not grow without bound. A shard that vanishes while it is read gets its finished checkpoint from its
+/// reader (`ResourceNotFoundException` → ended), and that key must go too.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_finished_checkpoint_of_a_shard_that_vanished_while_read_is_deleted() {
+    let mut rig = Rig::new(Window::Tiny).await;
+    let shard = rig.streams.open_shards(TABLE).remove(0);
+    rig.start(&[]).await;
+    rig.write_all(&keys(3));
+    rig.settle(&rig.written).await;
+    rig.streams.drop_shard(TABLE, &shard);
+    rig.until("the vanished shard's reader to end", || async {
+        (!rig.log_lines(&["shard read to its end", &shard]).is_empty()).then_some(())
+    })
+    .await;
+    // Ten discoveries (SHARD_REFRESH_INTERVAL_SEC=1) are plenty.
+    rig.until_within(Duration::from_secs(10), "the vanished shard's finished checkpoint to be deleted", || async {
+        rig.checkpoint(&shard).await.is_none().then_some(())
+    })
+    .await;
+    rig.stop().await;
 }

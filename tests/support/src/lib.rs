@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub mod cluster;
 pub mod process;
 pub mod streams_fault;
 
@@ -173,6 +174,12 @@ impl NatsServer {
                 Ok((200, body)) if body.contains("\"config\"") => Some(()),
                 _ => None,
             }
+        })
+        .await;
+        // The monitoring port can answer before the client port accepts connections.
+        let port = self.port;
+        wait_for("nats-server's client port", READY_DEADLINE, || async move {
+            TcpStream::connect(("127.0.0.1", port)).await.ok().map(drop)
         })
         .await;
     }
