@@ -85,6 +85,9 @@ pub struct Args {
     /// Most publishes awaiting their JetStream ack per shard
     #[arg(long, env = "MAX_IN_FLIGHT", default_value = "1000")]
     pub max_in_flight: String,
+    /// Most publishes awaiting their JetStream ack across all shards of this process
+    #[arg(long, env = "MAX_ACKS_IN_FLIGHT", default_value = "16384")]
+    pub max_acks_in_flight: String,
     /// Milliseconds to wait for a JetStream publish ack before retrying
     #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value = "5000")]
     pub publish_timeout_ms: String,
@@ -145,6 +148,7 @@ pub struct Config {
     pub poll_gap: Duration,
     pub shard_refresh_interval: Duration,
     pub max_in_flight: usize,
+    pub max_acks_in_flight: usize,
     pub publish_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub replica_id: String,
@@ -478,6 +482,7 @@ impl Args {
         let shard_refresh_interval =
             check.secs("SHARD_REFRESH_INTERVAL_SEC", &self.shard_refresh_interval_sec, 1, 86_400);
         let max_in_flight = check.number("MAX_IN_FLIGHT", &self.max_in_flight, 1, 100_000) as usize;
+        let max_acks_in_flight = check.number("MAX_ACKS_IN_FLIGHT", &self.max_acks_in_flight, 1, 1_000_000) as usize;
         let publish_timeout = check.millis("PUBLISH_TIMEOUT_MS", &self.publish_timeout_ms, 10, 600_000);
         let shutdown_timeout = check.secs("SHUTDOWN_TIMEOUT_SEC", &self.shutdown_timeout_sec, 1, 3_600);
 
@@ -530,6 +535,7 @@ impl Args {
             poll_gap,
             shard_refresh_interval,
             max_in_flight,
+            max_acks_in_flight,
             publish_timeout,
             shutdown_timeout,
             replica_id,

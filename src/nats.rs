@@ -238,7 +238,15 @@ fn on_connection_event(event: &async_nats::Event, connected_before: &AtomicBool)
 
 /// The JetStream context publishes go through, with the configured ack timeout.
 pub fn jetstream(client: async_nats::Client, config: &Config) -> jetstream::Context {
-    jetstream::ContextBuilder::new().timeout(config.publish_timeout).build(client)
+    jetstream::ContextBuilder::new()
+        .timeout(config.publish_timeout)
+        // `MAX_ACKS_IN_FLIGHT` bounds the memory of a busy replica (each shard's own window is
+        // `MAX_IN_FLIGHT`). No waiting for a permit inside a publish: a shard that finds every permit
+        // taken awaits its own oldest ack instead (see `Publisher::publish_in_order`). Waiting while
+        // holding unawaited acks deadlocks once the shards' windows together exceed the cap.
+        .max_ack_inflight(config.max_acks_in_flight)
+        .backpressure_on_inflight(false)
+        .build(client)
 }
 
 /// True when the subject filter `filter` (with `*` and `>` wildcards) matches the literal `subject`.

@@ -25,6 +25,10 @@ pub const HEADER_EVENT_NAME: &str = "Dynamodb-Event-Name";
 pub const HEADER_SEQUENCE_NUMBER: &str = "Dynamodb-Sequence-Number";
 pub const HEADER_SHARD_ID: &str = "Dynamodb-Shard-Id";
 
+/// How long a shard holding no unacknowledged publish waits when every ack permit of the process is
+/// taken by other shards (their acks arrive within about a round trip to NATS).
+const SATURATED_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// A record ready to publish.
 pub struct Prepared {
     pub sequence_number: SequenceNumber,
@@ -134,8 +138,12 @@ impl Publisher {
         let mut pending: VecDeque<(usize, Instant, jetstream::context::PublishAckFuture)> = VecDeque::new();
         let mut acked = 0;
         let mut next = 0;
+        // Set when every process-wide ack permit is taken: await an own ack before sending more.
+        let mut saturated = false;
         while acked < batch.len() {
-            if next < batch.len() && pending.len() < window {
+            let may_send = !saturated || pending.is_empty();
+            if next < batch.len() && pending.len() < window && may_send {
+                saturated = false;
                 let record = &mut batch[next];
                 let message = async_nats::jetstream::message::PublishMessage::build()
                     .headers(record.headers.clone())
@@ -148,6 +156,14 @@ impl Publisher {
                     Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded && !record.reduced => {
                         // Our estimate of the headers' size was short; reduce and send again.
                         self.reduce(table, shard_id, record);
+                    }
+                    // Other shards hold every permit (`MAX_ACKS_IN_FLIGHT`): free one of ours
+                    // by awaiting our oldest ack, or, holding none, give the others a moment.
+                    Err(err) if err.kind() == PublishErrorKind::MaxAckPending => {
+                        saturated = true;
+                        if pending.is_empty() {
+                            tokio::time::sleep(SATURATED_PAUSE).await;
+                        }
                     }
                     Err(err) => return Err(self.failure(table, acked, &err)),
                 }
@@ -164,6 +180,7 @@ impl Publisher {
                         self.metrics.records_published.with_label_values(&[table, &record.event_name]).inc();
                     }
                     acked = index + 1;
+                    saturated = false;
                 }
                 Err(err) => return Err(self.failure(table, acked, &err)),
             }

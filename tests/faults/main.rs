@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod backpressure;
 mod harness;
 mod nats;
 mod reads;

@@ -91,7 +91,9 @@ fn message(shard: usize, i: usize, size: usize) -> (async_nats::HeaderMap, Bytes
 async fn ceiling(scenario: Scenario) -> Measured {
     let nats = NatsServer::start().await;
     let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = jetstream::new(client);
+    // Room for every shard's window: async-nats' default cap (5000 unawaited acks, waited for inside
+    // a publish) would deadlock pipelines that together hold more.
+    let js = jetstream::ContextBuilder::new().max_ack_inflight(scenario.shards * WINDOW).build(client);
     js.create_stream(seed_stream()).await.unwrap();
     let per_shard = scenario.records / scenario.shards;
     let messages: Vec<Vec<(async_nats::HeaderMap, Bytes)>> =
