@@ -1,5 +1,5 @@
-//! Faults of NATS: the server down for a while, the stream deleted under the service, publishes that time
-//! out, and a record larger than the server's max payload.
+//! Faults of NATS: the server down for a while, the stream deleted under the service, a full stream,
+//! publishes that time out, and a record larger than the server's max payload.
 
 use std::process::Command;
 use std::time::Duration;
@@ -152,4 +152,31 @@ async fn an_oversize_record_is_published_without_images_and_the_shard_goes_on() 
             assert_eq!(event["new_image"]["v"], json!(record.version));
         }
     }
+}
+
+/// A JetStream that refuses because its storage is full (a message limit with `discard: new`): the
+/// publishes fail and wait with backoff, nothing is skipped, and once room is made every record
+/// arrives in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_stream_holds_publishes_back_until_there_is_room() {
+    let mut rig = Rig::new(Window::Seed).await;
+    let mut config = stream_config(Duration::from_millis(100));
+    config.max_messages = 5;
+    config.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+    rig.js.create_stream(config.clone()).await.unwrap();
+    let keys = keys(5);
+    rig.start(&[]).await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+
+    write_until(&mut rig, &keys, "publishes to be refused by the full stream", |port| async move {
+        metric_at(port, "publish_errors_total", &[]).await >= 2.0
+    })
+    .await;
+    config.max_messages = -1;
+    rig.js.update_stream(config).await.unwrap();
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+    rig.stop().await;
+    rig.assert_exact(&rig.messages().await, &rig.written);
 }

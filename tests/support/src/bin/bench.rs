@@ -8,8 +8,10 @@
 //!   DynamoDB Streams endpoint (pre-filled, over the real AWS JSON protocol, so the SDK path is what
 //!   gets measured) and publishing them to a fresh `nats-server`.
 //!
-//! It prints one Markdown table: records/s of each, their ratio, the service's CPU time per 1000
-//! records and its peak RSS. A benchmark reports; it asserts nothing. `BENCH_RECORDS` scales the
+//! The service is started first, with a reader on every shard, and the records appear at once after:
+//! the figures are throughput, not start-up. It prints one Markdown table: records/s of each, their
+//! ratio, the service's CPU time per 1000 records and its peak RSS. A benchmark reports; it asserts
+//! nothing. `BENCH_PERF=<file>` records a `perf` profile of the service while it drains. `BENCH_RECORDS` scales the
 //! record counts (default 1.0); `BENCH_SHARDS` (e.g. `8`) and `BENCH_SIZES` (e.g. `200`) narrow the grid.
 
 #![allow(clippy::unwrap_used)]
@@ -22,7 +24,7 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use serde_json::json;
 use test_support::streams_fault::{EventName, FaultyStreams, NewRecord, ViewType};
-use test_support::{NatsServer, ServiceProcess, free_port};
+use test_support::{NatsServer, ServiceProcess, free_port, http_get, wait_for};
 use tokio::time::Instant;
 
 const STREAM: &str = "dynamodb_streams";
@@ -164,21 +166,7 @@ async fn service(scenario: Scenario, binary: &Path) -> Measured {
     let source = FaultyStreams::start().await;
     let per_shard = scenario.records / scenario.shards;
     for shard in 0..scenario.shards {
-        let name = table(shard);
-        source.create_table(&name, "pk", ViewType::NewAndOldImages);
-        for i in 0..per_shard {
-            let key = json!({"pk": {"S": format!("k{i}")}}).as_object().unwrap().clone();
-            let mut image = key.clone();
-            image.insert("payload".into(), json!({"S": filler(scenario.size)}));
-            let record = NewRecord {
-                keys: key,
-                new_image: Some(image),
-                old_image: None,
-                event_name: EventName::Insert,
-                user_identity: None,
-            };
-            source.put(&name, record).unwrap();
-        }
+        source.create_table(&table(shard), "pk", ViewType::NewAndOldImages);
     }
     let total = (per_shard * scenario.shards) as u64;
     let port = free_port();
@@ -193,6 +181,9 @@ async fn service(scenario: Scenario, binary: &Path) -> Measured {
         ("PORT", port.to_string()),
         ("BIND", "127.0.0.1".into()),
         ("RUST_LOG", "warn".into()),
+        // Idle shards poll every 100 ms, so all of them start draining within a tenth of a second of
+        // the records appearing (the default 1 s would stagger the start of the measurement).
+        ("POLL_INTERVAL_MS", "100".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -201,6 +192,37 @@ async fn service(scenario: Scenario, binary: &Path) -> Measured {
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client);
     let pid = process.pid();
+    // Every shard has a reader before the records appear: the figure is throughput, not start-up.
+    wait_for("a reader on every shard", Duration::from_secs(120), || async {
+        let (_, body) = http_get(port, "/status").await.ok()?;
+        let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (status["shards"].as_array()?.len() == scenario.shards).then_some(())
+    })
+    .await;
+    for shard in 0..scenario.shards {
+        let name = table(shard);
+        for i in 0..per_shard {
+            let key = json!({"pk": {"S": format!("k{i}")}}).as_object().unwrap().clone();
+            let mut image = key.clone();
+            image.insert("payload".into(), json!({"S": filler(scenario.size)}));
+            let record = NewRecord {
+                keys: key,
+                new_image: Some(image),
+                old_image: None,
+                event_name: EventName::Insert,
+                user_identity: None,
+            };
+            source.put(&name, record).unwrap();
+        }
+    }
+    let profiler = std::env::var("BENCH_PERF").ok().map(|out| {
+        std::process::Command::new("perf")
+            .args(["record", "-F", "499", "-g", "-o", &out, "-p", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run perf")
+    });
 
     // The clock starts at the first message in the stream (start-up is not throughput).
     let mut first = None;
@@ -220,12 +242,16 @@ async fn service(scenario: Scenario, binary: &Path) -> Measured {
     let end = Instant::now();
     let cpu_end = cpu_time(pid);
     let rss = peak_rss_mb(pid);
+    if let Some(mut perf) = profiler {
+        let _ = std::process::Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
+        let _ = perf.wait();
+    }
     let (start, count_at_start, cpu_start) = first.unwrap();
     process.stop_gracefully(Duration::from_secs(30)).await;
     let measured = (total - count_at_start) as f64;
     Measured {
         records_per_sec: measured / (end - start).as_secs_f64(),
-        cpu_ms_per_1000: Some((cpu_end - cpu_start).as_secs_f64() * 1000.0 / (total as f64 / 1000.0)),
+        cpu_ms_per_1000: Some((cpu_end - cpu_start).as_secs_f64() * 1000.0 / (measured / 1000.0)),
         peak_rss_mb: rss,
     }
 }
