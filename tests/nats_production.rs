@@ -4,8 +4,8 @@
 //! made here. In each, records flow end to end; a wrong secret or an untrusted certificate stops
 //! start-up with exit 1 and a message naming the cause and the settings, never a retry loop; and no
 //! secret reaches the log. Last, a 3-node JetStream cluster with an R3 stream and bucket loses the
-//! stream leader while two replicas publish: nothing is lost, nothing stored twice, and no shard is
-//! ever held by both replicas.
+//! bucket's leader node while two replicas publish: nothing is lost, nothing stored twice, and no shard
+//! is ever held by both replicas.
 
 #![allow(clippy::unwrap_used)]
 
@@ -23,6 +23,8 @@ use test_support::cluster::Cluster;
 use test_support::{Moto, NatsServer, ServiceProcess, fixtures, free_port, http_get, wait_for};
 
 const STREAM: &str = "dynamodb_streams";
+/// The stream behind the checkpoint bucket (where the leases live).
+const KV_STREAM: &str = "KV_dynamodb-stream-checkpoints";
 const DEADLINE: Duration = Duration::from_secs(60);
 
 fn binary() -> &'static Path {
@@ -404,16 +406,16 @@ fn watch_overlaps(ports: [u16; 2], stop: Arc<AtomicBool>) -> tokio::task::JoinHa
     })
 }
 
-/// The stream's leader and whether every replica is current.
-async fn stream_cluster(js: &async_nats::jetstream::Context) -> Option<(String, bool)> {
-    let info = js.get_stream(STREAM).await.ok()?.info().await.ok()?.clone();
+/// The leader of stream `name` and whether every replica is current.
+async fn stream_cluster(js: &async_nats::jetstream::Context, name: &str) -> Option<(String, bool)> {
+    let info = js.get_stream(name).await.ok()?.info().await.ok()?.clone();
     let cluster = info.cluster?;
     let all_current = cluster.replicas.len() == 2 && cluster.replicas.iter().all(|peer| peer.current && !peer.offline);
     Some((cluster.leader?, all_current))
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_three_node_cluster_losing_the_stream_leader_loses_nothing_stores_nothing_twice_and_never_doubles_a_lease() {
+async fn a_three_node_cluster_losing_the_bucket_leader_loses_nothing_stores_nothing_twice_and_never_doubles_a_lease() {
     let mut cluster = Cluster::start(3).await;
     let urls = cluster.urls().join(",");
     let moto = Moto::start().await;
@@ -451,22 +453,23 @@ async fn a_three_node_cluster_losing_the_stream_leader_loses_nothing_stores_noth
 
     // The service created both with three replicas.
     let stream = js.get_stream(STREAM).await.unwrap().info().await.unwrap().config.num_replicas;
-    let bucket =
-        js.get_stream("KV_dynamodb-stream-checkpoints").await.unwrap().info().await.unwrap().config.num_replicas;
+    let bucket = js.get_stream(KV_STREAM).await.unwrap().info().await.unwrap().config.num_replicas;
     assert_eq!((stream, bucket), (3, 3), "stream and bucket replicas");
 
-    // Records flow, then the stream leader is killed; they flow on through the other two nodes.
+    // Records flow, then a node is killed; they flow on through the other two.
     wait_for("40 records in the stream", DEADLINE, || async {
         (fixtures::message_count(&js, STREAM).await >= 40).then_some(())
     })
     .await;
-    let (leader, _) = wait_for("the stream's leader", DEADLINE, || stream_cluster(&js)).await;
+    // The node killed is the leader of the checkpoint bucket (where the leases live), so the bucket's
+    // leadership moves while both replicas renew; the event stream moves too when it led there.
+    let (leader, _) = wait_for("the bucket's leader", DEADLINE, || stream_cluster(&js, KV_STREAM)).await;
     let victim = cluster.index_of(&leader).unwrap();
     let before = fixtures::message_count(&js, STREAM).await;
     let killed = tokio::time::Instant::now();
     cluster.kill(victim);
-    let (new_leader, _) = wait_for("a new stream leader", DEADLINE, || async {
-        stream_cluster(&js).await.filter(|(new, _)| *new != leader)
+    let (new_leader, _) = wait_for("a new bucket leader", DEADLINE, || async {
+        stream_cluster(&js, KV_STREAM).await.filter(|(new, _)| *new != leader)
     })
     .await;
     wait_for("40 more records with a node down", DEADLINE, || async {
@@ -478,7 +481,7 @@ async fn a_three_node_cluster_losing_the_stream_leader_loses_nothing_stores_noth
     // The node comes back and catches up; records go on.
     cluster.restart(victim).await;
     wait_for("every stream replica current again", DEADLINE, || async {
-        stream_cluster(&js).await.filter(|(_, current)| *current)
+        stream_cluster(&js, STREAM).await.filter(|(_, current)| *current)
     })
     .await;
     let before = fixtures::message_count(&js, STREAM).await;
@@ -518,7 +521,7 @@ async fn a_three_node_cluster_losing_the_stream_leader_loses_nothing_stores_noth
     }
     assert_eq!(stored.iter().collect::<BTreeSet<_>>(), written.iter().collect::<BTreeSet<_>>());
     println!(
-        "cluster: {} records through a 3-node cluster; stream leader {leader} killed, new leader {new_leader}, \
+        "cluster: {} records through a 3-node cluster; bucket leader {leader} killed, new leader {new_leader}, \
          40 more records stored {recovered:?} after the kill; {publish_errors} publish errors retried; \
          {samples} lease samples, no overlap",
         written.len()
