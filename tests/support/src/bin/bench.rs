@@ -11,7 +11,12 @@
 //! The service is started first, with a reader on every shard, and the records appear at once after:
 //! the figures are throughput, not start-up. It prints one Markdown table: records/s of each, their
 //! ratio, the service's CPU time per 1000 records and its peak RSS. A benchmark reports; it asserts
-//! nothing. `BENCH_PERF=<file>` records a `perf` profile of the service while it drains. `BENCH_RECORDS` scales the
+//! nothing. `BENCH_PERF=<file>` records a `perf` profile of the service while it drains.
+//!
+//! A second table is write-to-arrival latency at a steady 200 records/s over 8 shards, polling at the
+//! default 1 s and at 50 ms (`POLL_GAP_MS` too): each record carries its exact creation time (DynamoDB's own
+//! `ApproximateCreationDateTime` is rounded down to the second), and a NATS subscriber takes the time
+//! of arrival on the same host. `BENCH_RECORDS` scales the
 //! record counts (default 1.0); `BENCH_SHARDS` (e.g. `8`) and `BENCH_SIZES` (e.g. `200`) narrow the grid.
 
 #![allow(clippy::unwrap_used)]
@@ -22,6 +27,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
+use futures::StreamExt;
 use serde_json::json;
 use test_support::streams_fault::{EventName, FaultyStreams, NewRecord, ViewType};
 use test_support::{NatsServer, ServiceProcess, free_port, http_get, wait_for};
@@ -160,17 +166,24 @@ async fn stream_messages(js: &jetstream::Context) -> u64 {
     }
 }
 
-/// The real service draining the scenario's records from the synthetic source.
-async fn service(scenario: Scenario, binary: &Path) -> Measured {
+/// The servers and the service of one scenario.
+struct Running {
+    nats: NatsServer,
+    source: FaultyStreams,
+    process: ServiceProcess,
+}
+
+/// Starts a fresh `nats-server`, the synthetic source with `shards` empty one-shard tables, and the
+/// service polling idle shards every `poll_interval_ms` (and, after a partial page, waiting the same or
+/// the default 250 ms, whichever is shorter); returns once every shard has a reader.
+async fn start_service(binary: &Path, shards: usize, poll_interval_ms: u64) -> Running {
     let nats = NatsServer::start().await;
     let source = FaultyStreams::start().await;
-    let per_shard = scenario.records / scenario.shards;
-    for shard in 0..scenario.shards {
+    for shard in 0..shards {
         source.create_table(&table(shard), "pk", ViewType::NewAndOldImages);
     }
-    let total = (per_shard * scenario.shards) as u64;
     let port = free_port();
-    let tables: Vec<String> = (0..scenario.shards).map(table).collect();
+    let tables: Vec<String> = (0..shards).map(table).collect();
     let env: Vec<(String, String)> = [
         ("DYNAMODB_TABLES", tables.join(",")),
         ("NATS_URL", nats.url()),
@@ -181,24 +194,33 @@ async fn service(scenario: Scenario, binary: &Path) -> Measured {
         ("PORT", port.to_string()),
         ("BIND", "127.0.0.1".into()),
         ("RUST_LOG", "warn".into()),
-        // Idle shards poll every 100 ms, so all of them start draining within a tenth of a second of
-        // the records appearing (the default 1 s would stagger the start of the measurement).
-        ("POLL_INTERVAL_MS", "100".into()),
+        ("POLL_INTERVAL_MS", poll_interval_ms.to_string()),
+        ("POLL_GAP_MS", poll_interval_ms.min(250).to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let process = ServiceProcess::start_ready(binary, &env, port, Duration::from_secs(60)).await;
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = jetstream::new(client);
-    let pid = process.pid();
-    // Every shard has a reader before the records appear: the figure is throughput, not start-up.
     wait_for("a reader on every shard", Duration::from_secs(120), || async {
         let (_, body) = http_get(port, "/status").await.ok()?;
         let status: serde_json::Value = serde_json::from_str(&body).ok()?;
-        (status["shards"].as_array()?.len() == scenario.shards).then_some(())
+        (status["shards"].as_array()?.len() == shards).then_some(())
     })
     .await;
+    Running { nats, source, process }
+}
+
+/// The real service draining the scenario's records from the synthetic source.
+async fn service(scenario: Scenario, binary: &Path) -> Measured {
+    let per_shard = scenario.records / scenario.shards;
+    let total = (per_shard * scenario.shards) as u64;
+    // Idle shards poll every 100 ms, so all of them start draining within a tenth of a second of the
+    // records appearing (the default 1 s would stagger the start of the measurement). Every shard has
+    // a reader before the records appear: the figure is throughput, not start-up.
+    let Running { nats, source, process } = start_service(binary, scenario.shards, 100).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let pid = process.pid();
     for shard in 0..scenario.shards {
         let name = table(shard);
         for i in 0..per_shard {
@@ -256,6 +278,62 @@ async fn service(scenario: Scenario, binary: &Path) -> Measured {
     }
 }
 
+/// Nanoseconds since the epoch on this host's clock (writer and subscriber share it).
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+/// Writes at a steady `rate` (records/s) over `shards` for `seconds`, each record stamped with its
+/// exact creation time, and returns the write-to-arrival latencies (ms) seen by a NATS subscriber:
+/// DynamoDB's own `ApproximateCreationDateTime` is rounded down to the second, so it cannot be used.
+async fn latency(binary: &Path, shards: usize, poll_interval_ms: u64, rate: u64, seconds: u64) -> Vec<f64> {
+    let Running { nats, source, process } = start_service(binary, shards, poll_interval_ms).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let mut messages = client.subscribe(format!("{STREAM}.>")).await.unwrap();
+    client.flush().await.unwrap();
+    let total = rate * seconds;
+    let writer = {
+        let source = source.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+            for i in 0..total {
+                tick.tick().await;
+                let key = json!({"pk": {"S": format!("k{i}")}}).as_object().unwrap().clone();
+                let mut image = key.clone();
+                image.insert("t".into(), json!({"N": now_nanos().to_string()}));
+                let record = NewRecord {
+                    keys: key,
+                    new_image: Some(image),
+                    old_image: None,
+                    event_name: EventName::Insert,
+                    user_identity: None,
+                };
+                source.put(&table(i as usize % shards), record).unwrap();
+            }
+        })
+    };
+    let mut latencies = Vec::with_capacity(total as usize);
+    let give_up = Instant::now() + Duration::from_secs(seconds + 60);
+    while (latencies.len() as u64) < total && Instant::now() < give_up {
+        let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await else { break };
+        let arrived = now_nanos();
+        let event: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        let written: u128 = event["new_image"]["t"].to_string().parse().unwrap_or(arrived);
+        latencies.push(arrived.saturating_sub(written) as f64 / 1e6);
+    }
+    writer.await.unwrap();
+    process.stop_gracefully(Duration::from_secs(30)).await;
+    latencies.sort_by(f64::total_cmp);
+    latencies
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
 fn grid(name: &str, default: &[usize]) -> Vec<usize> {
     std::env::var(name)
         .ok()
@@ -292,5 +370,21 @@ async fn main() {
                 ours.peak_rss_mb.map_or("–".into(), |v| format!("{v:.1}")),
             );
         }
+    }
+
+    // Steady writes: 200 records/s over 8 shards for 10 s, polling at the default 1 s and at 50 ms (the
+    // gap after a partial page shortened with it: at 25 records/s per shard most reads are partial).
+    println!();
+    println!("| poll interval | records | latency p50 ms | latency p99 ms | max ms |");
+    println!("|---:|---:|---:|---:|---:|");
+    for poll in [1000, 50] {
+        let latencies = latency(&binary, 8, poll, 200, 10).await;
+        println!(
+            "| {poll} ms | {} | {:.1} | {:.1} | {:.1} |",
+            latencies.len(),
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+            latencies.last().copied().unwrap_or(f64::NAN),
+        );
     }
 }
