@@ -95,6 +95,14 @@ fn message(shard: usize, i: usize, size: usize) -> (async_nats::HeaderMap, Bytes
     (headers, Bytes::from(serde_json::to_vec(&event).unwrap()))
 }
 
+/// The `INSERT` of item `k{i}` whose new image carries `attribute` besides the key.
+fn insert(i: u64, attribute: &str, value: serde_json::Value) -> NewRecord {
+    let key = json!({"pk": {"S": format!("k{i}")}}).as_object().unwrap().clone();
+    let mut image = key.clone();
+    image.insert(attribute.into(), value);
+    NewRecord { keys: key, new_image: Some(image), old_image: None, event_name: EventName::Insert, user_identity: None }
+}
+
 /// A plain async-nats program publishing the scenario's messages: one pipeline per shard.
 async fn ceiling(scenario: Scenario) -> Measured {
     let nats = NatsServer::start().await;
@@ -224,17 +232,7 @@ async fn service(scenario: Scenario, binary: &Path) -> Measured {
     for shard in 0..scenario.shards {
         let name = table(shard);
         for i in 0..per_shard {
-            let key = json!({"pk": {"S": format!("k{i}")}}).as_object().unwrap().clone();
-            let mut image = key.clone();
-            image.insert("payload".into(), json!({"S": filler(scenario.size)}));
-            let record = NewRecord {
-                keys: key,
-                new_image: Some(image),
-                old_image: None,
-                event_name: EventName::Insert,
-                user_identity: None,
-            };
-            source.put(&name, record).unwrap();
+            source.put(&name, insert(i as u64, "payload", json!({"S": filler(scenario.size)}))).unwrap();
         }
     }
     let profiler = std::env::var("BENCH_PERF").ok().map(|out| {
@@ -298,16 +296,7 @@ async fn latency(binary: &Path, shards: usize, poll_interval_ms: u64, rate: u64,
             let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
             for i in 0..total {
                 tick.tick().await;
-                let key = json!({"pk": {"S": format!("k{i}")}}).as_object().unwrap().clone();
-                let mut image = key.clone();
-                image.insert("t".into(), json!({"N": now_nanos().to_string()}));
-                let record = NewRecord {
-                    keys: key,
-                    new_image: Some(image),
-                    old_image: None,
-                    event_name: EventName::Insert,
-                    user_identity: None,
-                };
+                let record = insert(i, "t", json!({"N": now_nanos().to_string()}));
                 source.put(&table(i as usize % shards), record).unwrap();
             }
         })
