@@ -5,6 +5,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use dynamodb_stream_consumer::config::Args;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for invalid settings (the convention of `EX_USAGE`-style usage errors).
 const EXIT_BAD_CONFIG: u8 = 2;
 
