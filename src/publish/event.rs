@@ -1,57 +1,20 @@
 //! One stream record → one event: the JSON wire contract of SPEC §2 and the NATS headers beside it.
 //!
 //! Invariants kept here: numbers carry exactly the digits DynamoDB sent (they never pass through a
-//! float; they are written as raw JSON text after a grammar check), `keys` is never empty, and the
-//! message id is the same every time the same record is read again, and unique across tables and
-//! shards. A value that cannot be represented is never dropped: it is written as a string and reported
-//! in [`Event::lossy`] so the caller can log and count it.
+//! float; they are written as raw JSON text after a grammar check), object keys are written sorted
+//! (as the seed's Go encoder wrote them), and the message id is the same every time the same record
+//! is read again, and unique across tables and shards. A value that cannot be represented is never
+//! dropped: it is written as a string (or `null`) and reported in [`Encoded::lossy`] so the caller can
+//! log and count it.
+//!
+//! The JSON is written straight from the SDK's attributes into the payload buffer: no intermediate
+//! tree, no copy of any string (this is the hot path: one call per record).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use aws_sdk_dynamodbstreams::types::{AttributeValue, Record};
 use base64::Engine as _;
 use bytes::Bytes;
-use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
-use serde_json::value::RawValue;
-
-/// A JSON value built from DynamoDB attributes; numbers stay as DynamoDB's exact text.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Json {
-    Null,
-    Bool(bool),
-    String(String),
-    /// A JSON number, already checked by [`is_json_number`].
-    Number(String),
-    Array(Vec<Json>),
-    Object(BTreeMap<String, Json>),
-}
-
-impl Serialize for Json {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Json::Null => serializer.serialize_unit(),
-            Json::Bool(value) => serializer.serialize_bool(*value),
-            Json::String(value) => serializer.serialize_str(value),
-            Json::Number(digits) => {
-                RawValue::from_string(digits.clone()).map_err(serde::ser::Error::custom)?.serialize(serializer)
-            }
-            Json::Array(items) => {
-                let mut seq = serializer.serialize_seq(Some(items.len()))?;
-                for item in items {
-                    seq.serialize_element(item)?;
-                }
-                seq.end()
-            }
-            Json::Object(fields) => {
-                let mut map = serializer.serialize_map(Some(fields.len()))?;
-                for (key, value) in fields {
-                    map.serialize_entry(key, value)?;
-                }
-                map.end()
-            }
-        }
-    }
-}
 
 /// The JSON number grammar (RFC 8259 §6): `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
 pub fn is_json_number(text: &str) -> bool {
@@ -92,48 +55,103 @@ pub fn is_json_number(text: &str) -> bool {
     i == bytes.len()
 }
 
-/// Converts attributes to JSON, noting each value that had to be written in a lossy form.
-#[derive(Default)]
-struct Converter {
+/// Writes JSON into a buffer, noting each value that had to be written in a lossy form.
+struct JsonWriter {
+    out: Vec<u8>,
     lossy: Vec<String>,
 }
 
-impl Converter {
-    fn number(&mut self, text: &str) -> Json {
-        if is_json_number(text) {
-            return Json::Number(text.to_owned());
-        }
-        // DynamoDB never sends these; if it does, keep the text rather than guess at a value.
-        self.lossy.push(format!("number {text:?} is not JSON number syntax; kept as a string"));
-        Json::String(text.to_owned())
+impl JsonWriter {
+    fn raw(&mut self, text: &str) {
+        self.out.extend_from_slice(text.as_bytes());
     }
 
-    fn value(&mut self, value: &AttributeValue) -> Json {
-        let b64 = |blob: &aws_smithy_types::Blob| base64::engine::general_purpose::STANDARD.encode(blob.as_ref());
+    /// A JSON string, escaped.
+    fn string(&mut self, text: &str) {
+        // Writing a `str` into a `Vec` cannot fail: neither the value nor the writer has an error.
+        if serde_json::to_writer(&mut self.out, text).is_err() {
+            unreachable!("serialising a str into a Vec<u8> failed");
+        }
+    }
+
+    /// A JSON string of base64 text (whose alphabet needs no escaping).
+    fn base64(&mut self, blob: &aws_smithy_types::Blob) {
+        let mut text = String::with_capacity(blob.as_ref().len().div_ceil(3) * 4);
+        base64::engine::general_purpose::STANDARD.encode_string(blob.as_ref(), &mut text);
+        self.out.push(b'"');
+        self.raw(&text);
+        self.out.push(b'"');
+    }
+
+    fn number(&mut self, text: &str) {
+        if is_json_number(text) {
+            self.raw(text);
+        } else {
+            // DynamoDB never sends these; if it does, keep the text rather than guess at a value.
+            self.lossy.push(format!("number {text:?} is not JSON number syntax; kept as a string"));
+            self.string(text);
+        }
+    }
+
+    /// `[a,b,…]` of `items`, each written by `item`.
+    fn array<T>(&mut self, items: &[T], mut item: impl FnMut(&mut Self, &T)) {
+        self.out.push(b'[');
+        for (i, value) in items.iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            item(self, value);
+        }
+        self.out.push(b']');
+    }
+
+    fn value(&mut self, value: &AttributeValue) {
         match value {
-            AttributeValue::S(text) => Json::String(text.clone()),
+            AttributeValue::S(text) => self.string(text),
             AttributeValue::N(text) => self.number(text),
-            AttributeValue::Bool(flag) => Json::Bool(*flag),
-            AttributeValue::Null(_) => Json::Null,
+            AttributeValue::Bool(flag) => self.raw(if *flag { "true" } else { "false" }),
+            AttributeValue::Null(_) => self.raw("null"),
             AttributeValue::M(map) => self.map(map),
-            AttributeValue::L(items) => Json::Array(items.iter().map(|item| self.value(item)).collect()),
-            AttributeValue::Ss(items) => Json::Array(items.iter().cloned().map(Json::String).collect()),
-            AttributeValue::Ns(items) => Json::Array(items.iter().map(|n| self.number(n)).collect()),
-            AttributeValue::B(blob) => Json::String(b64(blob)),
-            AttributeValue::Bs(blobs) => Json::Array(blobs.iter().map(|b| Json::String(b64(b))).collect()),
+            AttributeValue::L(items) => self.array(items, |w, item| w.value(item)),
+            AttributeValue::Ss(items) => self.array(items, |w, item| w.string(item)),
+            AttributeValue::Ns(items) => self.array(items, |w, item| w.number(item)),
+            AttributeValue::B(blob) => self.base64(blob),
+            AttributeValue::Bs(blobs) => self.array(blobs, |w, blob| w.base64(blob)),
             other => {
                 self.lossy.push(format!("attribute type unknown to this version: {other:?}; written as null"));
-                Json::Null
+                self.raw("null");
             }
         }
     }
 
-    fn map(&mut self, map: &HashMap<String, AttributeValue>) -> Json {
-        Json::Object(map.iter().map(|(key, value)| (key.clone(), self.value(value))).collect())
+    /// An object with its keys sorted, as the seed wrote them (Go sorts map keys).
+    fn map(&mut self, map: &HashMap<String, AttributeValue>) {
+        let mut fields: Vec<(&String, &AttributeValue)> = map.iter().collect();
+        fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        self.out.push(b'{');
+        for (i, (key, value)) in fields.into_iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            self.string(key);
+            self.out.push(b':');
+            self.value(value);
+        }
+        self.out.push(b'}');
     }
 
-    fn image(&mut self, map: Option<&HashMap<String, AttributeValue>>) -> Option<Json> {
-        map.map(|m| self.map(m))
+    /// `,"name":` before the field `name`.
+    fn field(&mut self, name: &str) {
+        self.out.push(b',');
+        self.string(name);
+        self.out.push(b':');
+    }
+
+    fn image(&mut self, image: Option<&HashMap<String, AttributeValue>>) {
+        match image {
+            Some(map) => self.map(map),
+            None => self.raw("null"),
+        }
     }
 }
 
@@ -147,87 +165,114 @@ pub enum EventError {
 }
 
 /// `userIdentity` of a record (TTL deletions are made by `dynamodb.amazonaws.com`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct UserIdentity {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub principal_id: String,
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UserIdentity<'r> {
+    pub kind: &'r str,
+    pub principal_id: &'r str,
 }
 
-/// The event JSON of SPEC §2. Field order is the seed's.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Event {
-    pub event_id: String,
-    pub event_name: String,
-    pub table_name: String,
-    pub sequence_number: String,
+/// The event of SPEC §2 for one record, borrowing the record's parts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event<'r> {
+    pub event_id: &'r str,
+    pub event_name: &'r str,
+    pub table_name: &'r str,
+    pub sequence_number: &'r str,
     pub approximate_creation_time: String,
-    pub keys: Json,
-    pub new_image: Option<Json>,
-    pub old_image: Option<Json>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub user_identity: Option<UserIdentity>,
+    pub keys: Option<&'r HashMap<String, AttributeValue>>,
+    pub new_image: Option<&'r HashMap<String, AttributeValue>>,
+    pub old_image: Option<&'r HashMap<String, AttributeValue>>,
+    pub user_identity: Option<UserIdentity<'r>>,
     /// Set on a reduced event: the images were dropped because the full event exceeds the server's
     /// max payload.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub images_omitted: bool,
-    /// Values that could not be represented exactly (not part of the JSON).
-    #[serde(skip)]
+    /// What the record itself lacks (keys, creation time): written as empty values and reported.
+    problems: Vec<String>,
+}
+
+/// An event's JSON, and what in it could not be represented exactly.
+#[derive(Debug)]
+pub struct Encoded {
+    pub payload: Bytes,
     pub lossy: Vec<String>,
 }
 
-impl Event {
-    /// Converts one stream record of `table`.
-    pub fn from_record(table: &str, record: &Record) -> Result<Event, EventError> {
+impl<'r> Event<'r> {
+    /// The event of one stream record of `table`.
+    pub fn from_record(table: &'r str, record: &'r Record) -> Result<Event<'r>, EventError> {
         let stream = record.dynamodb().ok_or(EventError::NoStreamRecord)?;
-        let sequence_number = stream.sequence_number().ok_or(EventError::NoSequenceNumber)?.to_owned();
-        let mut convert = Converter::default();
-        let new_image = convert.image(stream.new_image.as_ref());
-        let old_image = convert.image(stream.old_image.as_ref());
-        let keys = match stream.keys.as_ref().filter(|keys| !keys.is_empty()) {
-            Some(keys) => convert.map(keys),
-            None => {
-                convert.lossy.push("record has no Keys; keys left empty".to_owned());
-                Json::Object(BTreeMap::new())
-            }
-        };
+        let sequence_number = stream.sequence_number().ok_or(EventError::NoSequenceNumber)?;
+        let mut problems = Vec::new();
+        let keys = stream.keys.as_ref().filter(|keys| !keys.is_empty());
+        if keys.is_none() {
+            problems.push("record has no Keys; keys left empty".to_owned());
+        }
         let approximate_creation_time = match stream.approximate_creation_date_time() {
             Some(time) => rfc3339(time),
             None => {
-                convert.lossy.push("record has no ApproximateCreationDateTime".to_owned());
+                problems.push("record has no ApproximateCreationDateTime".to_owned());
                 String::new()
             }
         };
-        let user_identity = record.user_identity().map(|identity| UserIdentity {
-            kind: identity.r#type().unwrap_or_default().to_owned(),
-            principal_id: identity.principal_id().unwrap_or_default().to_owned(),
-        });
         Ok(Event {
-            event_id: record.event_id().unwrap_or_default().to_owned(),
-            event_name: record.event_name().map(|name| name.as_str().to_owned()).unwrap_or_default(),
-            table_name: table.to_owned(),
+            event_id: record.event_id().unwrap_or_default(),
+            event_name: record.event_name().map(|name| name.as_str()).unwrap_or_default(),
+            table_name: table,
             sequence_number,
             approximate_creation_time,
             keys,
-            new_image,
-            old_image,
-            user_identity,
+            new_image: stream.new_image.as_ref(),
+            old_image: stream.old_image.as_ref(),
+            user_identity: record.user_identity().map(|identity| UserIdentity {
+                kind: identity.r#type().unwrap_or_default(),
+                principal_id: identity.principal_id().unwrap_or_default(),
+            }),
             images_omitted: false,
-            lossy: convert.lossy,
+            problems,
         })
     }
 
-    /// The JSON payload.
-    pub fn to_json(&self) -> Bytes {
-        // Serialising our own tree of strings, numbers checked for syntax and maps cannot fail.
-        Bytes::from(
-            serde_json::to_vec(self)
-                .unwrap_or_else(|err| format!("{{\"serialisation_error\":{:?}}}", err.to_string()).into_bytes()),
-        )
+    /// The JSON payload, fields in the seed's order.
+    pub fn encode(&self) -> Encoded {
+        let images = self.new_image.map_or(0, HashMap::len) + self.old_image.map_or(0, HashMap::len);
+        let mut w = JsonWriter { out: Vec::with_capacity(256 + 64 * images), lossy: self.problems.clone() };
+        w.raw("{\"event_id\":");
+        w.string(self.event_id);
+        w.field("event_name");
+        w.string(self.event_name);
+        w.field("table_name");
+        w.string(self.table_name);
+        w.field("sequence_number");
+        w.string(self.sequence_number);
+        w.field("approximate_creation_time");
+        w.string(&self.approximate_creation_time);
+        w.field("keys");
+        match self.keys {
+            Some(keys) => w.map(keys),
+            None => w.raw("{}"),
+        }
+        w.field("new_image");
+        w.image(self.new_image);
+        w.field("old_image");
+        w.image(self.old_image);
+        if let Some(identity) = self.user_identity {
+            w.field("user_identity");
+            w.raw("{\"type\":");
+            w.string(identity.kind);
+            w.raw(",\"principal_id\":");
+            w.string(identity.principal_id);
+            w.raw("}");
+        }
+        if self.images_omitted {
+            w.field("images_omitted");
+            w.raw("true");
+        }
+        w.raw("}");
+        Encoded { payload: Bytes::from(w.out), lossy: w.lossy }
     }
 
     /// The same event without images, for a record whose full JSON exceeds the max payload.
-    pub fn reduced(&self) -> Event {
+    pub fn reduced(&self) -> Event<'r> {
         Event { new_image: None, old_image: None, images_omitted: true, ..self.clone() }
     }
 }
@@ -266,6 +311,19 @@ mod tests {
     use super::*;
     use aws_sdk_dynamodbstreams::types::{Identity, OperationType, StreamRecord};
     use proptest::prelude::*;
+    use serde_json::value::RawValue;
+    use std::collections::BTreeMap;
+
+    /// JSON parsed back with every number's text kept.
+    #[derive(Debug, PartialEq)]
+    enum Json {
+        Null,
+        Bool(bool),
+        String(String),
+        Number(String),
+        Array(Vec<Json>),
+        Object(BTreeMap<String, Json>),
+    }
 
     fn key(pk: &str) -> HashMap<String, AttributeValue> {
         HashMap::from([("pk".to_owned(), AttributeValue::S(pk.to_owned()))])
@@ -292,20 +350,22 @@ mod tests {
             ("pk".to_owned(), AttributeValue::S("a".to_owned())),
             ("n".to_owned(), AttributeValue::N("12345678901234567890123456789012345678".to_owned())),
         ]);
-        let event = Event::from_record("my.table", &record(OperationType::Insert, Some(image))).expect("event");
-        let json = String::from_utf8(event.to_json().to_vec()).expect("utf8");
+        let record = record(OperationType::Insert, Some(image));
+        let encoded = Event::from_record("my.table", &record).expect("event").encode();
+        let json = String::from_utf8(encoded.payload.to_vec()).expect("utf8");
         assert_eq!(
             json,
             r#"{"event_id":"e1","event_name":"INSERT","table_name":"my.table","sequence_number":"000000000000000000001","approximate_creation_time":"2026-01-01T00:00:00Z","keys":{"pk":"a"},"new_image":{"n":12345678901234567890123456789012345678,"pk":"a"},"old_image":null}"#
         );
-        assert!(event.lossy.is_empty());
+        assert!(encoded.lossy.is_empty());
     }
 
     #[test]
     fn ttl_deletion_carries_user_identity() {
         let mut rec = record(OperationType::Remove, None);
         rec.user_identity = Some(Identity::builder().r#type("Service").principal_id("dynamodb.amazonaws.com").build());
-        let json = String::from_utf8(Event::from_record("t", &rec).expect("event").to_json().to_vec()).expect("utf8");
+        let json =
+            String::from_utf8(Event::from_record("t", &rec).expect("event").encode().payload.to_vec()).expect("utf8");
         assert!(
             json.ends_with(r#""user_identity":{"type":"Service","principal_id":"dynamodb.amazonaws.com"}}"#),
             "{json}"
@@ -314,8 +374,9 @@ mod tests {
 
     #[test]
     fn reduced_event_drops_images_and_says_so() {
-        let event = Event::from_record("t", &record(OperationType::Insert, Some(key("a")))).expect("event");
-        let json: serde_json::Value = serde_json::from_slice(&event.reduced().to_json()).expect("json");
+        let record = record(OperationType::Insert, Some(key("a")));
+        let event = Event::from_record("t", &record).expect("event");
+        let json: serde_json::Value = serde_json::from_slice(&event.reduced().encode().payload).expect("json");
         assert_eq!(json["new_image"], serde_json::Value::Null);
         assert_eq!(json["images_omitted"], true);
         assert_eq!(json["keys"]["pk"], "a");
@@ -343,10 +404,43 @@ mod tests {
     #[test]
     fn unrepresentable_number_is_kept_as_text_and_reported() {
         let image = HashMap::from([("n".to_owned(), AttributeValue::N("+1".to_owned()))]);
-        let event = Event::from_record("t", &record(OperationType::Insert, Some(image))).expect("event");
-        assert_eq!(event.lossy.len(), 1);
-        let json: serde_json::Value = serde_json::from_slice(&event.to_json()).expect("json");
+        let record = record(OperationType::Insert, Some(image));
+        let encoded = Event::from_record("t", &record).expect("event").encode();
+        assert_eq!(encoded.lossy.len(), 1);
+        let json: serde_json::Value = serde_json::from_slice(&encoded.payload).expect("json");
         assert_eq!(json["new_image"]["n"], "+1");
+    }
+
+    #[test]
+    fn object_keys_are_written_sorted_at_every_depth() {
+        let inner = HashMap::from([
+            ("z".to_owned(), AttributeValue::Bool(true)),
+            ("a".to_owned(), AttributeValue::Null(true)),
+            ("m".to_owned(), AttributeValue::Ns(vec!["1".to_owned(), "-2.5E+3".to_owned()])),
+        ]);
+        let image = HashMap::from([
+            ("pk".to_owned(), AttributeValue::S("a\"b".to_owned())),
+            ("b".to_owned(), AttributeValue::M(inner)),
+            ("bin".to_owned(), AttributeValue::B(aws_smithy_types::Blob::new(b"hi".to_vec()))),
+            ("L".to_owned(), AttributeValue::L(vec![AttributeValue::Ss(vec!["x".to_owned()])])),
+        ]);
+        let mut writer = JsonWriter { out: Vec::new(), lossy: Vec::new() };
+        writer.map(&image);
+        assert_eq!(
+            String::from_utf8(writer.out).expect("utf8"),
+            r#"{"L":[["x"]],"b":{"a":null,"m":[1,-2.5E+3],"z":true},"bin":"aGk=","pk":"a\"b"}"#
+        );
+    }
+
+    #[test]
+    fn record_without_keys_or_time_is_written_with_empty_values_and_reported() {
+        let mut record = record(OperationType::Modify, None);
+        record.dynamodb = Some(StreamRecord::builder().sequence_number("5").build());
+        let encoded = Event::from_record("t", &record).expect("event").encode();
+        let json: serde_json::Value = serde_json::from_slice(&encoded.payload).expect("json");
+        assert_eq!(json["keys"], serde_json::json!({}));
+        assert_eq!(json["approximate_creation_time"], "");
+        assert_eq!(encoded.lossy.len(), 2, "{:?}", encoded.lossy);
     }
 
     #[test]
@@ -436,10 +530,10 @@ mod tests {
         /// number's digits exactly as DynamoDB sent them.
         #[test]
         fn conversion_round_trips(image in proptest::collection::hash_map("[a-z]{1,8}", attribute(), 1..8)) {
-            let mut convert = Converter::default();
-            let json = convert.map(&image);
-            prop_assert!(convert.lossy.is_empty());
-            let text = serde_json::to_string(&json).expect("serialise");
+            let mut writer = JsonWriter { out: Vec::new(), lossy: Vec::new() };
+            writer.map(&image);
+            prop_assert!(writer.lossy.is_empty());
+            let text = String::from_utf8(writer.out).expect("utf8");
             let raw: Box<RawValue> = serde_json::from_str(&text).expect("valid JSON");
             prop_assert!(matches(&AttributeValue::M(image), &parse_exact(&raw)), "{}", text);
         }

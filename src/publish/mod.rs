@@ -29,17 +29,32 @@ pub const HEADER_SHARD_ID: &str = "Dynamodb-Shard-Id";
 /// taken by other shards (their acks arrive within about a round trip to NATS).
 const SATURATED_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// A record ready to publish.
-pub struct Prepared {
+/// A record ready to publish, borrowing from the page it came from.
+pub struct Prepared<'r> {
     pub sequence_number: SequenceNumber,
-    pub event_name: String,
     /// Seconds since the epoch of the record's `ApproximateCreationDateTime`.
     pub created_at: Option<f64>,
-    headers: HeaderMap,
+    /// Built with the payload (its size counts against the max payload) and moved into the first
+    /// publish; rebuilt only if the record has to be sent again.
+    headers: Option<HeaderMap>,
+    message_id: String,
     payload: Bytes,
     /// Kept until published, in case the full event turns out to exceed the max payload.
-    event: Event,
+    event: Event<'r>,
     reduced: bool,
+}
+
+impl Prepared<'_> {
+    /// The headers of SPEC §3: the message id for JetStream's de-duplication, and routing fields.
+    fn build_headers(&self, shard_id: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", self.message_id.as_str());
+        headers.insert(HEADER_TABLE, self.event.table_name);
+        headers.insert(HEADER_EVENT_NAME, self.event.event_name);
+        headers.insert(HEADER_SEQUENCE_NUMBER, self.event.sequence_number);
+        headers.insert(HEADER_SHARD_ID, shard_id);
+        headers
+    }
 }
 
 /// Why a batch stopped: how many records from its start were acknowledged, and the failure.
@@ -77,7 +92,7 @@ impl Publisher {
 
     /// Converts a record. A record without a sequence number cannot be published or checkpointed;
     /// it is logged and counted and `None` is returned (DynamoDB always sends one).
-    pub fn prepare(&self, table: &str, shard_id: &str, record: &Record) -> Option<Prepared> {
+    pub fn prepare<'r>(&self, table: &'r str, shard_id: &str, record: &'r Record) -> Option<Prepared<'r>> {
         let event = match Event::from_record(table, record) {
             Ok(event) => event,
             Err(err) => {
@@ -86,40 +101,37 @@ impl Publisher {
                 return None;
             }
         };
-        if !event.lossy.is_empty() {
-            tracing::warn!(table, shard_id, sequence_number = %event.sequence_number, problems = ?event.lossy, "record converted with substitutions");
+        let encoded = event.encode();
+        if !encoded.lossy.is_empty() {
+            tracing::warn!(table, shard_id, sequence_number = %event.sequence_number, problems = ?encoded.lossy, "record converted with substitutions");
             self.metrics.unrepresentable_records.with_label_values(&[table]).inc();
         }
-        let sequence_number = SequenceNumber::parse(&event.sequence_number).unwrap_or_else(|| {
+        let sequence_number = SequenceNumber::parse(event.sequence_number).unwrap_or_else(|| {
             tracing::warn!(table, shard_id, sequence_number = %event.sequence_number, "sequence number is not decimal");
             SequenceNumber::parse("0").unwrap_or_else(|| unreachable!("\"0\" is decimal"))
         });
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", message_id(table, shard_id, &event.sequence_number).as_str());
-        headers.insert(HEADER_TABLE, table);
-        headers.insert(HEADER_EVENT_NAME, event.event_name.as_str());
-        headers.insert(HEADER_SEQUENCE_NUMBER, event.sequence_number.as_str());
-        headers.insert(HEADER_SHARD_ID, shard_id);
         let created_at = record.dynamodb().and_then(|d| d.approximate_creation_date_time()).map(|t| t.as_secs_f64());
         let mut prepared = Prepared {
             sequence_number,
-            event_name: event.event_name.clone(),
             created_at,
-            payload: event.to_json(),
-            headers,
+            headers: None,
+            message_id: message_id(table, shard_id, event.sequence_number),
+            payload: encoded.payload,
             event,
             reduced: false,
         };
-        if prepared.payload.len() + header_wire_len(&prepared.headers) > self.client.max_payload() {
+        let headers = prepared.build_headers(shard_id);
+        if prepared.payload.len() + header_wire_len(&headers) > self.client.max_payload() {
             self.reduce(table, shard_id, &mut prepared);
         }
+        prepared.headers = Some(headers);
         Some(prepared)
     }
 
     /// Swaps in the reduced event (keys and metadata, images dropped), counted and logged.
-    fn reduce(&self, table: &str, shard_id: &str, prepared: &mut Prepared) {
+    fn reduce(&self, table: &str, shard_id: &str, prepared: &mut Prepared<'_>) {
         let full = prepared.payload.len();
-        prepared.payload = prepared.event.reduced().to_json();
+        prepared.payload = prepared.event.reduced().encode().payload;
         prepared.reduced = true;
         self.metrics.oversize_events.with_label_values(&[table]).inc();
         tracing::warn!(table, shard_id, sequence_number = %prepared.sequence_number, bytes = full,
@@ -132,9 +144,10 @@ impl Publisher {
         subject: &str,
         table: &str,
         shard_id: &str,
-        batch: &mut [Prepared],
+        batch: &mut [Prepared<'_>],
         window: usize,
     ) -> Result<(), PublishFailure> {
+        let ack_seconds = self.metrics.publish_ack_seconds.with_label_values(&[table]);
         let mut pending: VecDeque<(usize, Instant, jetstream::context::PublishAckFuture)> = VecDeque::new();
         let mut acked = 0;
         let mut next = 0;
@@ -145,8 +158,9 @@ impl Publisher {
             if next < batch.len() && pending.len() < window && may_send {
                 saturated = false;
                 let record = &mut batch[next];
+                let headers = record.headers.take().unwrap_or_else(|| record.build_headers(shard_id));
                 let message = async_nats::jetstream::message::PublishMessage::build()
-                    .headers(record.headers.clone())
+                    .headers(headers)
                     .payload(record.payload.clone());
                 match self.js.send_publish(subject.to_owned(), message).await {
                     Ok(ack) => {
@@ -173,11 +187,11 @@ impl Publisher {
             match ack.await {
                 Ok(ack) => {
                     let record = &batch[index];
-                    self.metrics.publish_ack_seconds.with_label_values(&[table]).observe(sent.elapsed().as_secs_f64());
+                    ack_seconds.observe(sent.elapsed().as_secs_f64());
                     if ack.duplicate {
                         self.metrics.duplicate_publishes.with_label_values(&[table]).inc();
                     } else {
-                        self.metrics.records_published.with_label_values(&[table, &record.event_name]).inc();
+                        self.metrics.records_published.with_label_values(&[table, record.event.event_name]).inc();
                     }
                     acked = index + 1;
                     saturated = false;

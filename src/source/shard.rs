@@ -186,7 +186,7 @@ impl ShardReader {
             let fetch = tokio::spawn(async move { api.records(&next_iterator).await });
             *prefetch = Some((next.clone(), AbortOnDropHandle::new(fetch)));
         }
-        let batch: Vec<Prepared> =
+        let batch: Vec<Prepared<'_>> =
             page.records.iter().filter_map(|record| self.services.publisher.prepare(table, shard_id, record)).collect();
         let lag = match batch.last().and_then(|p| p.created_at) {
             Some(created) if count > 0 => now_secs() - created,
@@ -257,7 +257,7 @@ impl ShardReader {
     /// the records in hand are published before the reader ends.
     async fn publish(
         &self,
-        mut batch: Vec<Prepared>,
+        mut batch: Vec<Prepared<'_>>,
         checkpoint: &mut ShardCheckpoint,
         start: &mut StartAt,
     ) -> Result<(), Outcome> {

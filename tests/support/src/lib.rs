@@ -28,8 +28,16 @@ pub const INSTALL_HINT: &str = "install the test servers with `python3 -m venv .
 const READY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The workspace root (this crate lives in `tests/support`).
+///
+/// Found from the package directory cargo names at run time (`cargo test` and `cargo run` set it):
+/// the one compiled in can name another checkout, because cargo's fingerprints are relative to the
+/// workspace and a shared target directory reuses a build made elsewhere.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let compiled = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let start = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| compiled.to_path_buf(), PathBuf::from);
+    let is_root =
+        |dir: &Path| std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|text| text.contains("[workspace]"));
+    start.ancestors().find(|dir| is_root(dir)).map_or_else(|| compiled.join("../.."), Path::to_path_buf)
 }
 
 /// Finds a server binary: the override variable, then the repository's `.venv/bin`, then `PATH`.
