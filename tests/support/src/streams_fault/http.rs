@@ -16,7 +16,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -57,7 +57,7 @@ async fn handle(State(endpoint): State<Endpoint>, headers: HeaderMap, body: Byte
     respond(request_id, result)
 }
 
-async fn answer(endpoint: &Endpoint, headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+async fn answer(endpoint: &Endpoint, headers: &HeaderMap, body: &[u8]) -> Result<String, ApiError> {
     let target = headers.get("x-amz-target").and_then(|value| value.to_str().ok()).unwrap_or_default();
     let op = Op::from_target(target).ok_or_else(|| {
         ApiError::new(400, "UnknownOperationException", format!("Unknown operation: X-Amz-Target {target:?}"))
@@ -78,16 +78,16 @@ async fn answer(endpoint: &Endpoint, headers: &HeaderMap, body: &[u8]) -> Result
     ops::dispatch(&lock(&endpoint.model), op, body)
 }
 
-fn respond(request_id: u64, result: Result<Value, ApiError>) -> Response {
+fn respond(request_id: u64, result: Result<String, ApiError>) -> Response {
     let (status, body, error_code) = match result {
         Ok(output) => (StatusCode::OK, output, None),
         Err(err) => {
             let status = StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let body = json!({ "__type": format!("{ERROR_NAMESPACE}{}", err.code), "message": err.message });
-            (status, body, Some(err.code))
+            (status, body.to_string(), Some(err.code))
         }
     };
-    let mut response = (status, [(CONTENT_TYPE, HeaderValue::from_static(JSON_1_0))], body.to_string()).into_response();
+    let mut response = (status, [(CONTENT_TYPE, HeaderValue::from_static(JSON_1_0))], body).into_response();
     let headers = response.headers_mut();
     if let Ok(id) = HeaderValue::from_str(&format!("FAULTYSTREAMS{request_id:020}")) {
         headers.insert(HeaderName::from_static("x-amzn-requestid"), id);

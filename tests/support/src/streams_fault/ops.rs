@@ -41,15 +41,16 @@ impl ApiError {
     }
 }
 
-/// Runs `op` on `body` against the model.
-pub(crate) fn dispatch(model: &Model, op: Op, body: &[u8]) -> Result<Value, ApiError> {
-    match op {
+/// Runs `op` on `body` against the model; the JSON text of the answer.
+pub(crate) fn dispatch(model: &Model, op: Op, body: &[u8]) -> Result<String, ApiError> {
+    let output = match op {
         Op::DescribeTable => describe_table(model, parse(body)?),
         Op::DescribeStream => describe_stream(model, parse(body)?),
         Op::GetShardIterator => get_shard_iterator(model, parse(body)?),
-        Op::GetRecords => get_records(model, parse(body)?),
+        Op::GetRecords => return get_records(model, parse(body)?),
         Op::ListStreams => list_streams(model, parse(body)?),
-    }
+    };
+    output.map(|value| value.to_string())
 }
 
 #[derive(Deserialize)]
@@ -151,14 +152,15 @@ fn get_shard_iterator(model: &Model, input: GetShardIteratorInput) -> Result<Val
     Ok(json!({ "ShardIterator": token.encode() }))
 }
 
-fn get_records(model: &Model, input: GetRecordsInput) -> Result<Value, ApiError> {
+/// Answered as text: the page is the records' JSON written when they were appended, concatenated.
+fn get_records(model: &Model, input: GetRecordsInput) -> Result<String, ApiError> {
     let token = IteratorToken::decode(&input.shard_iterator)
         .ok_or_else(|| ApiError::validation("Invalid ShardIterator: not issued by this server"))?;
     let limit = limit("limit", input.limit, MAX_RECORDS_PER_CALL)?;
     if token.generation != model.generation {
         return Err(ApiError::new(400, "ExpiredIteratorException", "Iterator expired"));
     }
-    let (stream, shard) = find_shard(model, &token.stream_arn, &token.shard_id)?;
+    let (_, shard) = find_shard(model, &token.stream_arn, &token.shard_id)?;
     let position = token.position();
     if shard.is_trimmed(position) {
         let message = format!("The iterator of shard {} points at trimmed records", shard.id);
@@ -166,14 +168,23 @@ fn get_records(model: &Model, input: GetRecordsInput) -> Result<Value, ApiError>
     }
     let available = shard.records_from(position);
     let page = &available[..available.len().min(limit)];
-    let records: Vec<Value> = page.iter().map(|stored| shapes::record(stored, stream)).collect();
-    let mut output = json!({ "Records": records });
+    let mut output = String::with_capacity(64 + page.iter().map(|stored| stored.json.len() + 1).sum::<usize>());
+    output.push_str("{\"Records\":[");
+    for (i, stored) in page.iter().enumerate() {
+        if i > 0 {
+            output.push(',');
+        }
+        output.push_str(&stored.json);
+    }
+    output.push(']');
     // A closed shard read to its end has no next iterator, even on the page with its last records.
     let exhausted = !shard.is_open() && page.len() == available.len();
     if !exhausted {
         let next = page.last().map_or(position, |stored| stored.sequence_number + 1);
-        output["NextShardIterator"] = json!(token.at(next).encode());
+        output.push_str(",\"NextShardIterator\":");
+        output.push_str(&json!(token.at(next).encode()).to_string());
     }
+    output.push('}');
     Ok(output)
 }
 

@@ -6,8 +6,9 @@
 
 use serde_json::{Map, Value, json};
 
-use super::model::{Shard, StoredRecord, Stream, Table};
+use super::model::{Shard, Stream, Table};
 use super::names;
+use super::types::{NewRecord, ViewType};
 
 /// `DescribeTable`'s `Table`.
 pub(crate) fn table(table: &Table, stream_label: &str) -> Value {
@@ -66,15 +67,14 @@ fn shard(shard: &Shard) -> Value {
 }
 
 /// One entry of `GetRecords`' `Records`, with the images the stream's view type carries.
-pub(crate) fn record(stored: &StoredRecord, stream: &Stream) -> Value {
-    let record = &stored.record;
+pub(crate) fn record(sequence_number: u128, created_seconds: u64, record: &NewRecord, view: ViewType) -> Value {
     let mut dynamodb = Map::new();
-    dynamodb.insert("ApproximateCreationDateTime".into(), json!(stored.created_seconds));
+    dynamodb.insert("ApproximateCreationDateTime".into(), json!(created_seconds));
     dynamodb.insert("Keys".into(), Value::Object(record.keys.clone()));
-    if let Some(image) = record.new_image.as_ref().filter(|_| stream.view.has_new_image()) {
+    if let Some(image) = record.new_image.as_ref().filter(|_| view.has_new_image()) {
         dynamodb.insert("NewImage".into(), Value::Object(image.clone()));
     }
-    if let Some(image) = record.old_image.as_ref().filter(|_| stream.view.has_old_image()) {
+    if let Some(image) = record.old_image.as_ref().filter(|_| view.has_old_image()) {
         dynamodb.insert("OldImage".into(), Value::Object(image.clone()));
     }
     // An estimate of the record's size: the JSON length of its keys and images.
@@ -83,11 +83,11 @@ pub(crate) fn record(stored: &StoredRecord, stream: &Stream) -> Value {
         .filter_map(|name| dynamodb.get(name))
         .map(|value| value.to_string().len())
         .sum();
-    dynamodb.insert("SequenceNumber".into(), json!(stored.sequence_number.to_string()));
+    dynamodb.insert("SequenceNumber".into(), json!(sequence_number.to_string()));
     dynamodb.insert("SizeBytes".into(), json!(size));
-    dynamodb.insert("StreamViewType".into(), json!(stream.view.as_str()));
+    dynamodb.insert("StreamViewType".into(), json!(view.as_str()));
     let mut value = json!({
-        "eventID": names::event_id(stored.sequence_number),
+        "eventID": names::event_id(sequence_number),
         "eventName": record.event_name.as_str(),
         "eventVersion": "1.1",
         "eventSource": "aws:dynamodb",
