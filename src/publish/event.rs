@@ -66,12 +66,20 @@ impl JsonWriter {
         self.out.extend_from_slice(text.as_bytes());
     }
 
-    /// A JSON string, escaped.
+    /// A JSON string, escaped as `serde_json` escapes it: `"`, `\\` and control characters only.
     fn string(&mut self, text: &str) {
-        // Writing a `str` into a `Vec` cannot fail: neither the value nor the writer has an error.
-        if serde_json::to_writer(&mut self.out, text).is_err() {
-            unreachable!("serialising a str into a Vec<u8> failed");
+        let bytes = text.as_bytes();
+        self.out.reserve(bytes.len() + 2);
+        self.out.push(b'"');
+        let mut start = 0;
+        while let Some(offset) = first_to_escape(&bytes[start..]) {
+            let at = start + offset;
+            self.out.extend_from_slice(&bytes[start..at]);
+            escape(&mut self.out, bytes[at]);
+            start = at + 1;
         }
+        self.out.extend_from_slice(&bytes[start..]);
+        self.out.push(b'"');
     }
 
     /// A JSON string of base64 text (whose alphabet needs no escaping).
@@ -153,6 +161,56 @@ impl JsonWriter {
             None => self.raw("null"),
         }
     }
+}
+
+fn needs_escape(byte: u8) -> bool {
+    byte < 0x20 || byte == b'"' || byte == b'\\'
+}
+
+/// The index of the first byte of `bytes` a JSON string must escape. Eight bytes at a time: string
+/// attributes are most of an event, and they rarely hold anything to escape.
+fn first_to_escape(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+    // Whether some byte of `word` is below `n` (exact for n <= 128); a zero byte is one below 1.
+    let any_below = |word: u64, n: u64| word.wrapping_sub(ONES * n) & !word & HIGH_BITS != 0;
+    let mut chunks = bytes.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        let suspect = any_below(word, 0x20)
+            || any_below(word ^ (ONES * u64::from(b'"')), 1)
+            || any_below(word ^ (ONES * u64::from(b'\\')), 1);
+        if suspect && let Some(i) = chunk.iter().position(|&byte| needs_escape(byte)) {
+            return Some(offset + i);
+        }
+        offset += 8;
+    }
+    chunks.remainder().iter().position(|&byte| needs_escape(byte)).map(|i| offset + i)
+}
+
+/// Writes the escape of one byte [`needs_escape`] chose (lower-case hex, as `serde_json` writes).
+fn escape(out: &mut Vec<u8>, byte: u8) {
+    let short = match byte {
+        b'"' => b'"',
+        b'\\' => b'\\',
+        0x08 => b'b',
+        0x0c => b'f',
+        b'\n' => b'n',
+        b'\r' => b'r',
+        b'\t' => b't',
+        _ => {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(byte >> 4)]);
+            out.push(HEX[usize::from(byte & 0xf)]);
+            return;
+        }
+    };
+    out.push(b'\\');
+    out.push(short);
 }
 
 /// Why a stream record could not become an event at all (it lacks what the contract requires).
@@ -526,6 +584,17 @@ mod tests {
     }
 
     proptest! {
+        /// Strings are escaped byte for byte as `serde_json` escapes them, wherever the characters
+        /// to escape fall relative to the eight-byte steps.
+        #[test]
+        fn strings_are_escaped_as_serde_json_escapes_them(
+            text in proptest::string::string_regex("(\\PC|[\\x00-\\x1f\"\\\\\\x7f]|[a-z]{7,20}){0,40}").expect("regex")
+        ) {
+            let mut writer = JsonWriter { out: Vec::new(), lossy: Vec::new() };
+            writer.string(&text);
+            prop_assert_eq!(String::from_utf8(writer.out).expect("utf8"), serde_json::to_string(&text).expect("json"));
+        }
+
         /// Every attribute converts to valid JSON that parses back to the same values, with every
         /// number's digits exactly as DynamoDB sent them.
         #[test]
