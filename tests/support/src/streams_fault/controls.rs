@@ -17,7 +17,13 @@ impl FaultyStreams {
     /// Creates a table keyed by the string attribute `key`, with an enabled stream of `view` type and
     /// one open shard. Returns the stream ARN.
     pub fn create_table(&self, name: &str, key: &str, view: ViewType) -> String {
-        self.model().create_table(name, key, view)
+        self.model().create_table(name, key, view, 1)
+    }
+
+    /// Like [`Self::create_table`], with `shards` open shards at once, each owning an equal slice of the
+    /// key-hash space (a table of many partitions: the idle-fleet benchmark's thousand shards).
+    pub fn create_table_with_shards(&self, name: &str, key: &str, view: ViewType, shards: usize) -> String {
+        self.model().create_table(name, key, view, shards)
     }
 
     /// The ARN of the table's latest stream.

@@ -173,9 +173,12 @@ impl Model {
         self.next_sequence
     }
 
-    pub fn create_table(&mut self, name: &str, key: &str, view: ViewType) -> String {
+    /// Creates a table whose stream starts with `shards` open shards, each owning an equal slice of
+    /// the key-hash space (like a busy DynamoDB table's stream after its partitions have split).
+    pub fn create_table(&mut self, name: &str, key: &str, view: ViewType, shards: usize) -> String {
         assert!(!self.tables.contains_key(name), "table {name} exists already");
-        let arn = self.open_stream(name, key, view);
+        assert!(shards > 0, "a stream has at least one open shard");
+        let arn = self.open_stream(name, key, view, shards);
         let table = Table {
             name: name.to_owned(),
             key: key.to_owned(),
@@ -280,7 +283,7 @@ impl Model {
             let current = self.table_mut(table);
             (current.key.clone(), current.view)
         };
-        let arn = self.open_stream(table, &key, view);
+        let arn = self.open_stream(table, &key, view, 1);
         let current = self.table_mut(table);
         current.stream_arn = arn.clone();
         current.stream_enabled = true;
@@ -322,7 +325,8 @@ impl Model {
         shards.iter().filter(|shard| shard.is_open()).map(|shard| shard.id.clone()).collect()
     }
 
-    fn open_stream(&mut self, table: &str, key: &str, view: ViewType) -> String {
+    /// Opens a stream with `shards` open shards that split the key-hash space into contiguous slices.
+    fn open_stream(&mut self, table: &str, key: &str, view: ViewType, shards: usize) -> String {
         let millis = now_millis().max(self.last_label_millis + 1);
         self.last_label_millis = millis;
         let label = names::stream_label(millis);
@@ -338,7 +342,9 @@ impl Model {
             shards: Vec::new(),
         };
         self.streams.insert(arn.clone(), stream);
-        self.add_shard(&arn, None, (0, u64::MAX));
+        for hashes in hash_slices(shards) {
+            self.add_shard(&arn, None, hashes);
+        }
         arn
     }
 
@@ -376,6 +382,12 @@ impl Model {
     }
 }
 
+/// `n` contiguous inclusive ranges that cover the whole key-hash space, the last one taking the rest.
+fn hash_slices(n: usize) -> Vec<(u64, u64)> {
+    let width = u64::MAX / n as u64;
+    (0..n as u64).map(|i| (i * width, if i + 1 == n as u64 { u64::MAX } else { (i + 1) * width - 1 })).collect()
+}
+
 /// Wall-clock milliseconds since the Unix epoch (record times and stream labels are wall-clock in AWS).
 fn now_millis() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
@@ -392,7 +404,7 @@ mod tests {
     #[test]
     fn writes_derive_event_names_from_the_item_state() {
         let mut model = Model::default();
-        model.create_table("t", "pk", ViewType::NewAndOldImages);
+        model.create_table("t", "pk", ViewType::NewAndOldImages, 1);
         let event = |written: Option<Written>| written.map(|w| w.event_name);
         assert_eq!(event(model.write("t", "a", None)), None);
         assert_eq!(event(model.write("t", "a", item("1"))), Some(EventName::Insert));
@@ -404,7 +416,7 @@ mod tests {
     #[test]
     fn a_split_sends_each_key_to_one_child_for_good() {
         let mut model = Model::default();
-        model.create_table("t", "pk", ViewType::NewImage);
+        model.create_table("t", "pk", ViewType::NewImage, 1);
         let parent = model.open_shards("t").remove(0);
         let last = model.write("t", "k0", item("x")).map(|w| w.sequence_number);
         let (first, second) = model.split("t", &parent);
@@ -423,5 +435,25 @@ mod tests {
             }
         }
         assert_eq!(children.len(), 2, "40 keys should land in both children");
+    }
+
+    #[test]
+    fn a_table_created_with_many_shards_sends_each_key_to_one_of_them() {
+        assert_eq!(hash_slices(1), vec![(0, u64::MAX)]);
+        let slices = hash_slices(7);
+        assert_eq!((slices[0].0, slices[6].1), (0, u64::MAX));
+        assert!(slices.windows(2).all(|pair| pair[0].1 + 1 == pair[1].0), "{slices:?}");
+        let mut model = Model::default();
+        model.create_table("t", "pk", ViewType::NewImage, 4);
+        let open = model.open_shards("t");
+        assert_eq!(open.len(), 4);
+        let mut used = std::collections::BTreeSet::new();
+        for key in 0..100 {
+            let first = model.write("t", &format!("k{key}"), item("1")).map(|w| w.shard_id);
+            let again = model.write("t", &format!("k{key}"), item("2")).map(|w| w.shard_id);
+            assert_eq!(first, again, "k{key} moved between shards");
+            used.insert(first.unwrap_or_default());
+        }
+        assert_eq!(used.into_iter().collect::<Vec<_>>(), open, "100 keys should land in all four shards");
     }
 }

@@ -1,0 +1,293 @@
+//! The idle fleet: what a shard costs while nothing is written to it.
+//!
+//! One replica, every setting at its default (`POLL_INTERVAL_MS` 1 s, `LEASE_TTL_SEC` 10, renewal every
+//! TTL/3), is measured in three runs, each on fresh servers:
+//! - **1 shard**: the base, for memory;
+//! - **1000 idle shards** (4 tables of 250 shards): CPU, `GetRecords` calls per idle shard, writes to
+//!   the checkpoint bucket by kind, JetStream API requests, and RSS, so that an idle shard's memory is
+//!   `(RSS₁₀₀₀ − RSS₁) / 999`;
+//! - **1000 idle + 8 busy shards**: 8 one-shard tables kept full so the replica publishes at full
+//!   speed, while lease renewal of all 1008 must go on without a lease lost or expired.
+//!
+//! Every run counts lease changes (`lease_changes_total{change="lost"|"expired"}`) and samples
+//! `leases_held` through its window: the targets are zero and a constant count.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use test_support::streams_fault::{FaultyStreams, Op, ViewType};
+use test_support::{NatsServer, ServiceProcess, free_port, wait_for};
+use tokio::time::Instant;
+
+use crate::kv_traffic::{KvTraffic, Traffic};
+use crate::procfs::{cpu_time, rss_kib};
+use crate::records::insert;
+use crate::service::{self, START_DEADLINE, scrape, sum, wait_for_readers};
+
+/// 4 tables × 250 shards: the issue's thousand idle shards, in tables of a realistic size (and more
+/// than one `DescribeStream` page of 100 each).
+const IDLE_TABLES: usize = 4;
+const SHARDS_PER_TABLE: usize = 250;
+const BUSY_TABLES: usize = 8;
+/// The base run: long enough for the replica's start-up allocations to be behind it.
+const BASE_WINDOW: Duration = Duration::from_secs(10);
+/// 30 polls of every idle shard and 9 renewals of every lease.
+const IDLE_WINDOW: Duration = Duration::from_secs(30);
+/// Two lease TTLs of publishing at full speed.
+const BUSY_WINDOW: Duration = Duration::from_secs(20);
+/// Records kept unread ahead of each busy shard's reader: ten `GetRecords` pages of 1000, so a reader
+/// never finds its shard drained between two top-ups (every 50 ms).
+const BACKLOG: u64 = 10_000;
+/// A busy record's payload: with the key and metadata, an event of about 200 bytes.
+const PAYLOAD_BYTES: usize = 60;
+
+/// The three runs, in the order they run and print.
+const RUNS: [&str; 3] = ["1 shard", "1000 idle shards", "1000 idle + 8 busy shards"];
+
+/// The servers and the replica of one run.
+struct Fleet {
+    _nats: NatsServer,
+    source: FaultyStreams,
+    process: ServiceProcess,
+    port: u16,
+    kv: KvTraffic,
+    shards: usize,
+    busy: Vec<String>,
+    startup: Duration,
+}
+
+/// Starts fresh servers, `tables` idle tables of `shards_per_table` shards and `busy` empty one-shard
+/// tables, and one replica with default settings; returns once it holds and reads every shard.
+async fn start(binary: &Path, tables: usize, shards_per_table: usize, busy: usize) -> Fleet {
+    let nats = NatsServer::start().await;
+    let source = FaultyStreams::start().await;
+    let idle: Vec<String> = (0..tables).map(|t| format!("idle-{t}")).collect();
+    for name in &idle {
+        source.create_table_with_shards(name, "pk", ViewType::NewAndOldImages, shards_per_table);
+    }
+    let busy: Vec<String> = (0..busy).map(|b| format!("busy-{b}")).collect();
+    for name in &busy {
+        source.create_table(name, "pk", ViewType::NewAndOldImages);
+    }
+    let kv = KvTraffic::watch(&nats).await;
+    let port = free_port();
+    let all: Vec<String> = idle.iter().chain(&busy).cloned().collect();
+    let env = service::env(&nats, &source, &all, port, &[]);
+    let started = Instant::now();
+    let process = ServiceProcess::start_ready(binary, &env, port, START_DEADLINE).await;
+    let shards = tables * shards_per_table + busy.len();
+    wait_for_readers(port, shards).await;
+    Fleet { _nats: nats, source, process, port, kv, shards, busy, startup: started.elapsed() }
+}
+
+/// The counters a window is measured between.
+struct Sample {
+    at: Instant,
+    cpu: Duration,
+    source_get_records: usize,
+    kv: Traffic,
+    metrics: String,
+}
+
+async fn sample(fleet: &Fleet) -> Sample {
+    Sample {
+        at: Instant::now(),
+        cpu: cpu_time(fleet.process.pid()),
+        source_get_records: fleet.source.calls(Op::GetRecords),
+        kv: fleet.kv.snapshot(),
+        metrics: scrape(fleet.port).await,
+    }
+}
+
+/// What one run measured over its window.
+struct Figures {
+    shards: usize,
+    idle_shards: usize,
+    startup: Duration,
+    seconds: f64,
+    /// CPU time over wall time: 1.0 is one core.
+    cores: f64,
+    /// `GetRecords` calls on the idle tables (the service's own count), per idle shard per second.
+    idle_get_records: f64,
+    /// `GetRecords` calls the source answered, per shard per second (busy shards included).
+    source_get_records: f64,
+    kv: Traffic,
+    published: f64,
+    lost: f64,
+    expired: f64,
+    held: (f64, f64),
+    rss_kib: f64,
+    /// The service's `WARN` and `ERROR` log lines over the whole run.
+    warnings: Vec<String>,
+}
+
+/// Measures `fleet` over `window`, sampling `leases_held` twice a second meanwhile.
+async fn measure(fleet: &Fleet, window: Duration) -> Figures {
+    let start = sample(fleet).await;
+    let mut held = (f64::INFINITY, f64::NEG_INFINITY);
+    while start.at.elapsed() < window {
+        let now = service::metric(fleet.port, "leases_held", "").await;
+        held = (held.0.min(now), held.1.max(now));
+        tokio::time::sleep(Duration::from_millis(500).min(window.saturating_sub(start.at.elapsed()))).await;
+    }
+    let end = sample(fleet).await;
+    let seconds = (end.at - start.at).as_secs_f64();
+    let delta = |name: &str, labels: &str| sum(&end.metrics, name, labels) - sum(&start.metrics, name, labels);
+    let idle_shards = fleet.shards - fleet.busy.len();
+    let published: f64 = fleet
+        .busy
+        .iter()
+        .map(|table| delta("records_published_total", &format!("{{event_name=\"INSERT\",table=\"{table}\"}}")))
+        .sum();
+    Figures {
+        shards: fleet.shards,
+        idle_shards,
+        startup: fleet.startup,
+        seconds,
+        cores: (end.cpu - start.cpu).as_secs_f64() / seconds,
+        idle_get_records: delta("get_records_calls_total", "{table=\"idle-") / idle_shards as f64 / seconds,
+        source_get_records: (end.source_get_records - start.source_get_records) as f64 / fleet.shards as f64 / seconds,
+        kv: end.kv.since(&start.kv),
+        published: published / seconds,
+        lost: delta("lease_changes_total", "{change=\"lost\"}"),
+        expired: delta("lease_changes_total", "{change=\"expired\"}"),
+        held,
+        rss_kib: rss_kib(fleet.process.pid()).unwrap_or(f64::NAN),
+        warnings: Vec::new(),
+    }
+}
+
+/// Keeps every busy table `BACKLOG` records ahead of what the service has published from it, and trims
+/// what it has published, so the source's memory stays bounded over a run of a million records.
+async fn feed(source: FaultyStreams, port: u16, tables: Vec<String>) {
+    let payload = json!({"S": "x".repeat(PAYLOAD_BYTES)});
+    let mut written = vec![0u64; tables.len()];
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    for round in 0u64.. {
+        tick.tick().await;
+        let metrics = scrape(port).await;
+        for (table, written) in tables.iter().zip(&mut written) {
+            let labels = format!("{{event_name=\"INSERT\",table=\"{table}\"}}");
+            let published = sum(&metrics, "records_published_total", &labels) as u64;
+            while *written < published + BACKLOG {
+                source.put(table, insert(*written, "payload", payload.clone())).unwrap();
+                *written += 1;
+            }
+            // At most `BACKLOG` records were unread at the top-up: older ones were read already.
+            if round % 20 == 0 {
+                source.trim_all_but_last(table, 2 * BACKLOG as usize);
+            }
+        }
+    }
+}
+
+/// Stops the replica gracefully and adds what it warned about to its figures.
+async fn stop(fleet: Fleet, mut figures: Figures) -> Figures {
+    let log = fleet.process.stop_gracefully(Duration::from_secs(30)).await;
+    figures.warnings =
+        log.lines().filter(|line| line.contains("WARN") || line.contains("ERROR")).map(str::to_owned).collect();
+    figures
+}
+
+/// Runs the three scenarios and prints one table.
+pub async fn run(binary: &Path) {
+    let base = {
+        let fleet = start(binary, 1, 1, 0).await;
+        let figures = measure(&fleet, BASE_WINDOW).await;
+        stop(fleet, figures).await
+    };
+    let idle = {
+        let fleet = start(binary, IDLE_TABLES, SHARDS_PER_TABLE, 0).await;
+        let figures = measure(&fleet, IDLE_WINDOW).await;
+        stop(fleet, figures).await
+    };
+    let busy = {
+        let fleet = start(binary, IDLE_TABLES, SHARDS_PER_TABLE, BUSY_TABLES).await;
+        let feeder = tokio::spawn(feed(fleet.source.clone(), fleet.port, fleet.busy.clone()));
+        // The window opens once every busy shard publishes.
+        wait_for("every busy shard publishing", START_DEADLINE, || async {
+            let metrics = scrape(fleet.port).await;
+            fleet
+                .busy
+                .iter()
+                .all(|table| {
+                    let labels = format!("{{event_name=\"INSERT\",table=\"{table}\"}}");
+                    sum(&metrics, "records_published_total", &labels) > 0.0
+                })
+                .then_some(())
+        })
+        .await;
+        let figures = measure(&fleet, BUSY_WINDOW).await;
+        feeder.abort();
+        stop(fleet, figures).await
+    };
+    print(&[base, idle, busy]);
+}
+
+fn print(runs: &[Figures; 3]) {
+    let [base, idle, _] = runs;
+    let per_idle_shard_kib = (idle.rss_kib - base.rss_kib) / (idle.shards - base.shards) as f64;
+    let row = |figure: &str, value: &dyn Fn(&Figures) -> String, target: &str| {
+        let values: Vec<String> = runs.iter().map(value).collect();
+        println!("| {figure} | {} | {target} |", values.join(" | "));
+    };
+    let rate = |count: u64, figures: &Figures| format!("{:.1}", count as f64 / figures.seconds);
+    println!("| figure | {} | target |", RUNS.join(" | "));
+    println!("|---|---:|---:|---:|---|");
+    row("shards held", &|f| f.shards.to_string(), "");
+    row("start-up until every shard has a reader, s", &|f| format!("{:.1}", f.startup.as_secs_f64()), "");
+    row("measured window, s", &|f| format!("{:.0}", f.seconds), "");
+    row(
+        "records published / s",
+        &|f| if f.shards > f.idle_shards { format!("{:.0}", f.published) } else { "–".into() },
+        "full speed on the busy shards",
+    );
+    row("CPU, % of one core", &|f| format!("{:.2}", f.cores * 100.0), "");
+    row(
+        "CPU per idle shard, % of one core",
+        &|f| if f.idle_shards == f.shards { format!("{:.4}", f.cores * 100.0 / f.shards as f64) } else { "–".into() },
+        "negligible",
+    );
+    row(
+        "GetRecords / idle shard / s (service count)",
+        &|f| format!("{:.3}", f.idle_get_records),
+        "≤ 1.0 (one per 1 s poll)",
+    );
+    row("GetRecords / shard / s (at the source)", &|f| format!("{:.3}", f.source_get_records), "");
+    row("lease writes / s (`lease/shard.*`)", &|f| rate(f.kv.leases, f), "≈ shards / 3.33 s renew interval");
+    row("replica heartbeats / s (`lease/replica.*`)", &|f| rate(f.kv.heartbeats, f), "");
+    row("topology writes / s", &|f| rate(f.kv.topology, f), "");
+    row("checkpoint writes / s", &|f| rate(f.kv.checkpoints, f), "");
+    row("JetStream API requests / s", &|f| rate(f.kv.api_requests, f), "");
+    row("leases lost / expired in the window", &|f| format!("{} / {}", f.lost, f.expired), "0 / 0");
+    row("`leases_held` min – max in the window", &|f| format!("{} – {}", f.held.0, f.held.1), "= shards held");
+    row("RSS at the end, MiB", &|f| format!("{:.1}", f.rss_kib / 1024.0), "base < 30 MB");
+    let per_shard = |f: &Figures| {
+        if std::ptr::eq(f, idle) { format!("{per_idle_shard_kib:.1}") } else { "–".into() }
+    };
+    row("RSS per idle shard, KiB ((RSS₁₀₀₀ − RSS₁) / 999)", &per_shard, "< 64 KiB");
+    println!();
+    for (name, figures) in RUNS.into_iter().zip(runs) {
+        let kinds: Vec<String> = figures
+            .kv
+            .api_kinds
+            .iter()
+            .map(|(kind, count)| format!("{kind} {:.1}", *count as f64 / figures.seconds))
+            .collect();
+        println!("JetStream API requests / s, {name}: {}", kinds.join(", "));
+    }
+    for (name, figures) in RUNS.into_iter().zip(runs) {
+        // The same message with other fields counts once: the line without its timestamp, shortened.
+        let mut distinct: BTreeMap<String, usize> = BTreeMap::new();
+        for line in &figures.warnings {
+            let text = line.split_once(' ').map_or(line.as_str(), |(_, rest)| rest);
+            *distinct.entry(text.chars().take(140).collect()).or_default() += 1;
+        }
+        println!("service warnings and errors, {name}: {}", figures.warnings.len());
+        for (text, count) in distinct {
+            println!("  {count} × {text}");
+        }
+    }
+}

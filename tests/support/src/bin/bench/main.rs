@@ -1,0 +1,73 @@
+//! The benchmark: `cargo run --release -p test-support --bin bench`. It reports; it asserts nothing.
+//!
+//! Four parts, each on fresh servers, each printing a Markdown table (`BENCH_ONLY=throughput,latency,
+//! idle,failover` runs a subset; the default is all four):
+//! - **throughput** (`throughput.rs`): for each shard count (1, 8, 64) and record size (about 200 B and
+//!   2 KB), the real release binary reading pre-filled records from the project's own DynamoDB Streams
+//!   endpoint (the real AWS JSON protocol, so the SDK path is measured) against the **ceiling**, a plain
+//!   async-nats program publishing the same messages with the same headers to a stream with the seed's
+//!   settings; with the service's CPU per 1000 records and peak RSS. `BENCH_RECORDS` scales the record
+//!   counts (default 1.0), `BENCH_SHARDS` (e.g. `8`) and `BENCH_SIZES` (e.g. `200`) narrow the grid,
+//!   `BENCH_PERF=<file>` records a `perf` profile of the service while it drains. The rows are also
+//!   drawn as an SVG plot of records/s against shard count (`plot.rs`), written to `BENCH_PLOT`
+//!   (default `target/bench-throughput.svg`).
+//! - **latency** (`latency.rs`): write-to-arrival latency at a steady 200 records/s over 8 shards,
+//!   polling at the default 1 s and at 50 ms; each record carries its exact creation time.
+//! - **idle** (`idle.rs`): one replica with default settings holding 1 shard, 1000 idle shards, and
+//!   1000 idle + 8 shards publishing at full speed: CPU, `GetRecords` per idle shard, writes to the
+//!   checkpoint bucket by kind, RSS per idle shard, and whether any lease was lost meanwhile.
+//! - **failover** (`failover.rs`): three replicas at the default lease settings under a steady writer;
+//!   the silence of a replica's shards after SIGKILL and after SIGTERM, and that nothing was lost.
+
+#![allow(clippy::unwrap_used)]
+
+mod failover;
+mod idle;
+mod kv_traffic;
+mod latency;
+mod plot;
+mod procfs;
+mod records;
+mod service;
+mod throughput;
+
+/// The parts `BENCH_ONLY` can name, in the order they run.
+const PARTS: [&str; 4] = ["throughput", "latency", "idle", "failover"];
+
+/// The parts to run: those `BENCH_ONLY` names (comma-separated), or all of them.
+fn selected() -> Vec<&'static str> {
+    let Ok(only) = std::env::var("BENCH_ONLY") else { return PARTS.to_vec() };
+    let named: Vec<&str> = only.split(',').map(str::trim).filter(|part| !part.is_empty()).collect();
+    if let Some(unknown) = named.iter().find(|part| !PARTS.contains(part)) {
+        panic!("BENCH_ONLY names {unknown:?}; the parts are {}", PARTS.join(","));
+    }
+    PARTS.into_iter().filter(|part| named.contains(part)).collect()
+}
+
+#[tokio::main]
+async fn main() {
+    let parts = selected();
+    let binary = test_support::process::build_service();
+    assert!(
+        binary.parent().is_some_and(|dir| dir.ends_with("release")),
+        "run the benchmark with --release: `cargo run --release -p test-support --bin bench`"
+    );
+    for (index, part) in parts.iter().enumerate() {
+        if index > 0 {
+            println!();
+        }
+        match *part {
+            "throughput" => {
+                let rows = throughput::run(&binary).await;
+                let path = plot::path();
+                plot::write(&rows, &path).unwrap_or_else(|err| panic!("write the plot {}: {err}", path.display()));
+                println!();
+                println!("plot: {}", path.display());
+            }
+            "latency" => latency::run(&binary).await,
+            "idle" => idle::run(&binary).await,
+            "failover" => failover::run(&binary).await,
+            other => unreachable!("{other} is not in PARTS"),
+        }
+    }
+}

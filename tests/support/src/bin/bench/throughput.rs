@@ -1,0 +1,230 @@
+//! Throughput against a ceiling: for each shard count and record size, a plain async-nats program
+//! (the ceiling) and the real service publish the same number of records of the same size, and the
+//! table compares their rates. The service's CPU and peak RSS come from `/proc`.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::procfs::{cpu_time, peak_rss_mb};
+use crate::records::insert;
+use crate::service::{Running, STREAM, start_one_shard_tables, table};
+
+/// The service's default in-flight window per shard (`MAX_IN_FLIGHT`), used by the ceiling too.
+const WINDOW: usize = 1000;
+
+#[derive(Clone, Copy, Debug)]
+struct Scenario {
+    shards: usize,
+    size: usize,
+    records: usize,
+}
+
+struct Measured {
+    records_per_sec: f64,
+    cpu_ms_per_1000: Option<f64>,
+    peak_rss_mb: Option<f64>,
+}
+
+/// One row of the table, kept for the plot.
+#[derive(Clone, Copy, Debug)]
+pub struct Row {
+    pub shards: usize,
+    pub size: usize,
+    pub ceiling: f64,
+    pub service: f64,
+}
+
+/// The seed's stream: limits, 14 days, file storage, S2, 2 minute duplicate window.
+fn seed_stream() -> stream::Config {
+    stream::Config {
+        name: STREAM.into(),
+        subjects: vec![format!("{STREAM}.>")],
+        max_age: Duration::from_secs(14 * 24 * 3600),
+        storage: stream::StorageType::File,
+        compression: Some(stream::Compression::S2),
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+/// A payload attribute that makes the event JSON about `size` bytes.
+fn filler(size: usize) -> String {
+    "x".repeat(size.saturating_sub(260).max(8))
+}
+
+/// An event like the service publishes for record `i` of `shard`, with the same headers.
+fn message(shard: usize, i: usize, size: usize) -> (async_nats::HeaderMap, Bytes) {
+    let table = table(shard);
+    let sequence = format!("{:021}", 100_000_000_000_000_000u128 + i as u128);
+    let event = json!({
+        "event_id": format!("{:032x}", i),
+        "event_name": "INSERT",
+        "table_name": table,
+        "sequence_number": sequence,
+        "approximate_creation_time": "2026-11-25T12:00:00.5Z",
+        "keys": {"pk": format!("k{i}")},
+        "new_image": {"pk": format!("k{i}"), "payload": filler(size)},
+        "old_image": null,
+    });
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("{table}:shardId-00000001700000000000-{shard:08x}:{sequence}").as_str());
+    headers.insert("Dynamodb-Table", table.as_str());
+    headers.insert("Dynamodb-Event-Name", "INSERT");
+    headers.insert("Dynamodb-Sequence-Number", sequence.as_str());
+    headers.insert("Dynamodb-Shard-Id", format!("shardId-00000001700000000000-{shard:08x}").as_str());
+    (headers, Bytes::from(serde_json::to_vec(&event).unwrap()))
+}
+
+/// A plain async-nats program publishing the scenario's messages: one pipeline per shard.
+async fn ceiling(scenario: Scenario) -> Measured {
+    let nats = test_support::NatsServer::start().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    // Room for every shard's window: async-nats' default cap (5000 unawaited acks, waited for inside
+    // a publish) would deadlock pipelines that together hold more.
+    let js = jetstream::ContextBuilder::new().max_ack_inflight(scenario.shards * WINDOW).build(client);
+    js.create_stream(seed_stream()).await.unwrap();
+    let per_shard = scenario.records / scenario.shards;
+    let messages: Vec<Vec<(async_nats::HeaderMap, Bytes)>> =
+        (0..scenario.shards).map(|shard| (0..per_shard).map(|i| message(shard, i, scenario.size)).collect()).collect();
+    let started = Instant::now();
+    let tasks: Vec<_> = messages
+        .into_iter()
+        .enumerate()
+        .map(|(shard, messages)| {
+            let js = js.clone();
+            tokio::spawn(async move {
+                let subject = format!("{STREAM}.{}", table(shard));
+                let mut pending = VecDeque::new();
+                for (headers, payload) in messages {
+                    if pending.len() >= WINDOW {
+                        let ack: jetstream::context::PublishAckFuture = pending.pop_front().unwrap();
+                        ack.await.unwrap();
+                    }
+                    let message = jetstream::message::PublishMessage::build().headers(headers).payload(payload);
+                    pending.push_back(js.send_publish(subject.clone(), message).await.unwrap());
+                }
+                for ack in pending {
+                    ack.await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    Measured {
+        records_per_sec: (per_shard * scenario.shards) as f64 / elapsed.as_secs_f64(),
+        cpu_ms_per_1000: None,
+        peak_rss_mb: None,
+    }
+}
+
+async fn stream_messages(js: &jetstream::Context) -> u64 {
+    match js.get_stream(STREAM).await {
+        Ok(mut stream) => stream.info().await.map(|info| info.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// The real service draining the scenario's records from the synthetic source.
+async fn service(scenario: Scenario, binary: &Path) -> Measured {
+    let per_shard = scenario.records / scenario.shards;
+    let total = (per_shard * scenario.shards) as u64;
+    // Idle shards poll every 100 ms, so all of them start draining within a tenth of a second of the
+    // records appearing (the default 1 s would stagger the start of the measurement). Every shard has
+    // a reader before the records appear: the figure is throughput, not start-up.
+    let Running { nats, source, process } = start_one_shard_tables(binary, scenario.shards, 100).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let pid = process.pid();
+    for shard in 0..scenario.shards {
+        let name = table(shard);
+        for i in 0..per_shard {
+            source.put(&name, insert(i as u64, "payload", json!({"S": filler(scenario.size)}))).unwrap();
+        }
+    }
+    let profiler = std::env::var("BENCH_PERF").ok().map(|out| {
+        std::process::Command::new("perf")
+            .args(["record", "-F", "499", "-g", "-o", &out, "-p", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run perf")
+    });
+
+    // The clock starts at the first message in the stream (start-up is not throughput).
+    let mut first = None;
+    let give_up = Instant::now() + Duration::from_secs(600);
+    loop {
+        let count = stream_messages(&js).await;
+        let now = Instant::now();
+        if count > 0 && first.is_none() {
+            first = Some((now, count, cpu_time(pid)));
+        }
+        if count >= total {
+            break;
+        }
+        assert!(now < give_up, "the service published {count} of {total} records in 10 minutes:\n{}", process.log());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let end = Instant::now();
+    let cpu_end = cpu_time(pid);
+    let rss = peak_rss_mb(pid);
+    if let Some(mut perf) = profiler {
+        let _ = std::process::Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
+        let _ = perf.wait();
+    }
+    let (start, count_at_start, cpu_start) = first.unwrap();
+    process.stop_gracefully(Duration::from_secs(30)).await;
+    let measured = (total - count_at_start) as f64;
+    Measured {
+        records_per_sec: measured / (end - start).as_secs_f64(),
+        cpu_ms_per_1000: Some((cpu_end - cpu_start).as_secs_f64() * 1000.0 / (measured / 1000.0)),
+        peak_rss_mb: rss,
+    }
+}
+
+fn grid(name: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(name)
+        .ok()
+        .map(|text| text.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .filter(|values: &Vec<usize>| !values.is_empty())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+/// Prints the throughput table (`BENCH_RECORDS` scales the counts, `BENCH_SHARDS` and `BENCH_SIZES`
+/// narrow the grid) and returns its rows.
+pub async fn run(binary: &Path) -> Vec<Row> {
+    let scale: f64 = std::env::var("BENCH_RECORDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    println!(
+        "| shards | record size | records | ceiling rec/s | service rec/s | ratio | service CPU ms / 1000 rec | service peak RSS MiB |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for size in grid("BENCH_SIZES", &[200, 2048]) {
+        for shards in grid("BENCH_SHARDS", &[1, 8, 64]) {
+            let base = if size <= 512 { 128_000.0 } else { 32_000.0 };
+            let records = ((base * scale) as usize / shards).max(1) * shards;
+            let scenario = Scenario { shards, size, records };
+            let top = ceiling(scenario).await;
+            let ours = service(scenario, binary).await;
+            println!(
+                "| {shards} | {size} B | {records} | {:.0} | {:.0} | {:.2} | {} | {} |",
+                top.records_per_sec,
+                ours.records_per_sec,
+                ours.records_per_sec / top.records_per_sec,
+                ours.cpu_ms_per_1000.map_or("–".into(), |v| format!("{v:.1}")),
+                ours.peak_rss_mb.map_or("–".into(), |v| format!("{v:.1}")),
+            );
+            rows.push(Row { shards, size, ceiling: top.records_per_sec, service: ours.records_per_sec });
+        }
+    }
+    rows
+}
