@@ -173,7 +173,7 @@ impl Driver {
             self.heartbeat().await;
         }
         self.fence(Instant::now());
-        let read = bounded(self.config.op_timeout, self.store.scan(keys::NAMESPACE)).await;
+        let read = bounded(self.config.op_timeout, self.store.scan(&keys::PREFIXES)).await;
         let now = Instant::now();
         self.next_poll = now + self.config.poll_interval;
         match read {

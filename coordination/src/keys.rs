@@ -17,6 +17,9 @@ pub const SHARD_PREFIX: &str = "lease/shard.";
 pub const REPLICA_PREFIX: &str = "lease/replica.";
 /// Prefix of election keys: `lease/leader.{election name}`.
 pub const LEADER_PREFIX: &str = "lease/leader.";
+/// Every key under [`NAMESPACE`] starts with one of these; each ends at a `.`, so a NATS subject
+/// filter (`{prefix}>`) can select it.
+pub const PREFIXES: [&str; 3] = [SHARD_PREFIX, REPLICA_PREFIX, LEADER_PREFIX];
 
 /// A key that is not acceptable as (part of) a NATS KV key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

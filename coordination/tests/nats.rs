@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use coordination::{Config, Coordinator, Event, LeaseGuard, NatsKvStore, ShardKey};
+use coordination::{Config, Coordinator, Event, LeaseGuard, NatsKvStore, Revision, ShardKey, Versioned};
 use test_support::{NatsServer, wait_for};
 use tokio::time::Instant;
 
@@ -142,4 +142,34 @@ async fn two_replicas_split_a_graceful_stop_hands_over_at_once_and_a_crash_after
     assert!(takeover >= TTL - renew, "an unreleased lease was taken before it could expire ({takeover:?})");
 
     a.shutdown().await;
+}
+
+/// The one-pass read of the lease table: every live key under the prefixes with its value and
+/// revision, nothing deleted, nothing outside them (checkpoints share the bucket), and an answer for
+/// an empty table rather than a wait for messages that never come.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lease_table_is_read_in_one_pass_without_deleted_or_foreign_keys() {
+    use coordination::LeaseStore;
+    use coordination::keys::PREFIXES;
+
+    let nats = NatsServer::start().await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let config = async_nats::jetstream::kv::Config { bucket: "scan".into(), history: 1, ..Default::default() };
+    let store = NatsKvStore::new(js.create_key_value(config).await.unwrap());
+    let read = || async { tokio::time::timeout(DEADLINE, store.scan(&PREFIXES)).await.unwrap().unwrap() };
+    assert!(read().await.is_empty(), "a fresh bucket has no leases");
+
+    store.create("orders.shardId-1", "checkpoint".into()).await.unwrap();
+    assert!(read().await.is_empty(), "a checkpoint is not part of the lease table");
+
+    let kept = store.create("lease/shard.a", "1".into()).await.unwrap();
+    let kept = store.update("lease/shard.a", "2".into(), kept).await.unwrap();
+    let gone = store.create("lease/shard.b", "1".into()).await.unwrap();
+    store.delete("lease/shard.b", gone).await.unwrap();
+    let replica = store.create("lease/replica.r1", "here".into()).await.unwrap();
+    let got: Vec<(String, Versioned)> = read().await;
+    let got: Vec<(&str, &[u8], Revision)> =
+        got.iter().map(|(key, entry)| (key.as_str(), entry.value.as_ref(), entry.revision)).collect();
+    assert_eq!(got, vec![("lease/replica.r1", &b"here"[..], replica), ("lease/shard.a", &b"2"[..], kept)]);
 }

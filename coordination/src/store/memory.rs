@@ -180,14 +180,14 @@ impl LeaseStore for MemoryStore {
         .await
     }
 
-    /// One consistent read of every key under `prefix` (one operation for the fault plan).
-    async fn scan(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
-        let owned = prefix.to_owned();
-        self.run(Op::Keys, prefix, move |state| {
+    /// One consistent read of every key under `prefixes` (one operation for the fault plan).
+    async fn scan(&self, prefixes: &[&str]) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let owned: Vec<String> = prefixes.iter().map(|prefix| (*prefix).to_owned()).collect();
+        self.run(Op::Keys, prefixes.first().copied().unwrap_or_default(), move |state| {
             Ok(state
                 .entries
                 .iter()
-                .filter(|(key, _)| key.starts_with(&owned))
+                .filter(|(key, _)| owned.iter().any(|prefix| key.starts_with(prefix.as_str())))
                 .map(|(key, entry)| (key.clone(), entry.clone()))
                 .collect())
         })

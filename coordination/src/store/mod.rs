@@ -69,12 +69,15 @@ pub trait LeaseStore: Send + Sync {
     async fn delete(&self, key: &str, expected: Revision) -> Result<(), StoreError>;
     /// The keys (not deleted) that start with `prefix`, in no particular order.
     async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
-    /// The keys under `prefix` with their values. The default reads each key listed by `keys`.
-    async fn scan(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+    /// The keys (not deleted) under any of `prefixes` with their values. The default reads each key
+    /// listed by `keys`.
+    async fn scan(&self, prefixes: &[&str]) -> Result<Vec<(String, Versioned)>, StoreError> {
         let mut out = Vec::new();
-        for key in self.keys(prefix).await? {
-            if let Some(entry) = self.get(&key).await? {
-                out.push((key, entry));
+        for prefix in prefixes {
+            for key in self.keys(prefix).await? {
+                if let Some(entry) = self.get(&key).await? {
+                    out.push((key, entry));
+                }
             }
         }
         Ok(out)

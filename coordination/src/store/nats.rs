@@ -4,10 +4,13 @@
 //! already-exists answer is a `Conflict`; everything else is `Unavailable` (a write may have landed).
 //! Deleted and purged keys read as absent, as `create` succeeds over them.
 
+use std::collections::BTreeMap;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, pull};
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use super::{LeaseStore, Revision, StoreError, Versioned};
 
@@ -67,6 +70,63 @@ impl LeaseStore for NatsKvStore {
         let keys: Vec<String> = keys.try_collect().await.map_err(unavailable)?;
         Ok(keys.into_iter().filter(|key| key.starts_with(prefix)).collect())
     }
+
+    /// One pass over the bucket's stream: an ordered consumer delivers the last value of each key
+    /// under `prefixes`. (Reading key by key costs a request per key; on a connection busy with
+    /// publishes, a thousand of them outlast the operation time-out.)
+    async fn scan(&self, prefixes: &[&str]) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let consumer = self
+            .kv
+            .stream
+            .create_consumer(pull::OrderedConfig {
+                description: Some("lease table read".to_owned()),
+                filter_subjects: filter_subjects(&self.kv.prefix, prefixes),
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                replay_policy: ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let mut entries: BTreeMap<String, Versioned> = BTreeMap::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(Vec::new());
+        }
+        let mut messages = consumer.messages().await.map_err(unavailable)?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(unavailable)?;
+            let info = message.info().map_err(unavailable)?;
+            let (revision, pending) = (Revision::new(info.stream_sequence), info.pending);
+            let key = message.subject.strip_prefix(self.kv.prefix.as_str()).unwrap_or_default();
+            if prefixes.iter().any(|prefix| key.starts_with(prefix)) {
+                // Later messages (written during the read) replace earlier ones of the same key.
+                if is_removal(message.headers.as_ref()) {
+                    entries.remove(key);
+                } else {
+                    entries.insert(key.to_owned(), Versioned { value: message.payload.clone(), revision });
+                }
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(entries.into_iter().collect())
+    }
+}
+
+/// The subject filters selecting `prefixes` of the bucket whose subjects start with `subject_prefix`
+/// (`$KV.{bucket}.`): `{prefix}>` for a prefix ending at a `.`, the whole bucket otherwise (the
+/// entries are filtered by prefix after).
+fn filter_subjects(subject_prefix: &str, prefixes: &[&str]) -> Vec<String> {
+    if prefixes.iter().all(|prefix| prefix.ends_with('.')) {
+        prefixes.iter().map(|prefix| format!("{subject_prefix}{prefix}>")).collect()
+    } else {
+        vec![format!("{subject_prefix}>")]
+    }
+}
+
+/// Whether a KV message is a delete or purge marker (`KV-Operation: DEL` or `PURGE`).
+fn is_removal(headers: Option<&async_nats::HeaderMap>) -> bool {
+    headers.and_then(|headers| headers.get("KV-Operation")).is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))
 }
 
 fn update_error(key: &str, err: kv::UpdateError) -> StoreError {
