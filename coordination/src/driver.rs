@@ -1,6 +1,8 @@
 //! The thin driver: performs the core's decisions against the store, renews, heartbeats and fences.
 //!
-//! Owns one replica's task: one `select!` loop over caller commands, shard-set changes and a timer.
+//! Owns one replica's task: one `select!` loop over caller commands, shard-set changes, a timer and
+//! (where the store can watch) the store's changes, which only bring the next read forward: a lease
+//! released or a replica gone is seen within [`EARLY_READ_GAP`] instead of a poll interval.
 //! Invariants kept: a guard's deadline only ever comes from the *start* time of a successful
 //! compare-and-swap write plus TTL minus the safety margin; a held lease whose deadline passes is
 //! revoked (the guard itself is already invalid by then); a lease is released only after its guard
@@ -11,7 +13,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::future::join_all;
+use futures::stream::BoxStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
@@ -22,7 +26,11 @@ use crate::guard::GuardHandle;
 use crate::keys::{self, ShardKey};
 use crate::lease::{self, LeaseValue, Owner, PresenceValue, Term};
 use crate::plan::{self, Action, Holder, LeaseSeen, ReplicaSeen, View};
-use crate::store::{LeaseStore, Revision, StoreError, Versioned};
+use crate::store::{Change, LeaseStore, Revision, StoreError, Versioned};
+
+/// The shortest time between two reads of the lease table that the store's changes bring forward,
+/// however many leases come free at once.
+pub const EARLY_READ_GAP: Duration = Duration::from_millis(100);
 
 /// A lease this replica holds.
 #[derive(Debug)]
@@ -52,10 +60,57 @@ pub(crate) struct Driver {
     presence: Option<Revision>,
     beat: u64,
     next_poll: Instant,
+    /// When the last read of the lease table started.
+    last_read: Instant,
+    /// A message whenever a write to the lease table frees a lease (from a task watching the store);
+    /// `None` until started (after a read) or if the store cannot watch.
+    freed: Option<mpsc::Receiver<()>>,
     next_heartbeat: Instant,
     wake_at: Option<Instant>,
     live_replicas: usize,
     store_reachable: bool,
+}
+
+/// Whether a write to the lease table frees a lease: a release, a finished (deleted) lease, or a
+/// replica's presence gone.
+fn frees_a_lease(change: &Change) -> bool {
+    if change.key.starts_with(keys::SHARD_PREFIX) {
+        change.value.as_deref().and_then(lease::decode::<LeaseValue>).is_none_or(|lease| lease.owner.is_none())
+    } else {
+        change.key.starts_with(keys::REPLICA_PREFIX) && change.value.is_none()
+    }
+}
+
+/// A task following `changes`, sending a message (coalesced: at most one waits) for each that frees
+/// a lease; it ends with the watch or when the receiver is dropped.
+fn watch_freed(mut changes: BoxStream<'static, Change>) -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            let change = tokio::select! {
+                () = tx.closed() => return,
+                change = changes.next() => change,
+            };
+            match change {
+                None => return,
+                Some(change) if frees_a_lease(&change) => {
+                    if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+                        return;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    });
+    rx
+}
+
+/// The next "a lease came free"; never ready without a watch. `None` when the watch ended.
+async fn next_freed(freed: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
+    match freed {
+        Some(freed) => freed.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs `op` with the configured timeout; a timeout is an `Unavailable` (the write may still land).
@@ -91,6 +146,8 @@ impl Driver {
             presence: None,
             beat: 0,
             next_poll: now,
+            last_read: now,
+            freed: None,
             next_heartbeat: now,
             wake_at: None,
             live_replicas: 1,
@@ -129,8 +186,20 @@ impl Driver {
                     self.next_poll = Instant::now();
                 }
                 () = sleep_until(wake) => self.tick().await,
+                freed = next_freed(&mut self.freed) => self.on_freed(freed),
             }
         }
+    }
+
+    /// Brings the next read forward when a lease came free.
+    fn on_freed(&mut self, freed: Option<()>) {
+        if freed.is_none() {
+            // The watch ended (a disconnection): another is started after the next read.
+            self.freed = None;
+            return;
+        }
+        let soon = (self.last_read + EARLY_READ_GAP).max(Instant::now());
+        self.next_poll = self.next_poll.min(soon);
     }
 
     fn next_wake(&self) -> Instant {
@@ -173,6 +242,12 @@ impl Driver {
             self.heartbeat().await;
         }
         self.fence(Instant::now());
+        self.last_read = Instant::now();
+        if self.freed.is_none()
+            && let Ok(Some(changes)) = timeout(self.config.op_timeout, self.store.watch(&keys::PREFIXES)).await
+        {
+            self.freed = Some(watch_freed(changes));
+        }
         let read = bounded(self.config.op_timeout, self.store.scan(&keys::PREFIXES)).await;
         let now = Instant::now();
         self.next_poll = now + self.config.poll_interval;

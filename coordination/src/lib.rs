@@ -13,4 +13,4 @@ pub use coordinator::{Coordinator, Event, Events, RevokeReason, Status};
 pub use guard::{LeaseGuard, LeaseLost};
 pub use keys::ShardKey;
 pub use lease::{Owner, Term};
-pub use store::{LeaseStore, MemoryStore, NatsKvStore, Revision, StoreError, Versioned};
+pub use store::{Change, LeaseStore, MemoryStore, NatsKvStore, Revision, StoreError, Versioned};

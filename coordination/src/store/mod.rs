@@ -11,6 +11,7 @@ mod nats;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::BoxStream;
 
 pub use memory::{Fault, FaultPlan, MemoryStore, Op};
 pub use nats::NatsKvStore;
@@ -56,6 +57,13 @@ pub enum StoreError {
     Unavailable { reason: String },
 }
 
+/// A write seen by a watch: the key and its new value, `None` when deleted or purged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub key: String,
+    pub value: Option<Bytes>,
+}
+
 /// A key-value store with compare-and-swap writes: NATS KV in production, [`MemoryStore`] in tests.
 #[async_trait]
 pub trait LeaseStore: Send + Sync {
@@ -81,5 +89,11 @@ pub trait LeaseStore: Send + Sync {
             }
         }
         Ok(out)
+    }
+    /// Writes to keys under `prefixes` from now on, as they happen. A hint for reading early, never
+    /// the source of truth: it may end or miss writes. `None` (the default) when the store cannot
+    /// watch; readers then poll alone.
+    async fn watch(&self, _prefixes: &[&str]) -> Option<BoxStream<'static, Change>> {
+        None
     }
 }

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
-use super::{LeaseStore, Revision, StoreError, Versioned};
+use super::{Change, LeaseStore, Revision, StoreError, Versioned};
 
 /// A NATS KV bucket used as a lease store.
 #[derive(Clone)]
@@ -110,6 +110,19 @@ impl LeaseStore for NatsKvStore {
             }
         }
         Ok(entries.into_iter().collect())
+    }
+
+    async fn watch(&self, prefixes: &[&str]) -> Option<futures::stream::BoxStream<'static, Change>> {
+        let filters: Vec<String> = prefixes.iter().map(|prefix| format!("{prefix}>")).collect();
+        let watch = self.kv.watch_many(filters).await.ok()?;
+        // The first error ends the stream: the watch is a hint, and the caller starts another.
+        let changes = watch.take_while(|entry| std::future::ready(entry.is_ok())).filter_map(|entry| {
+            std::future::ready(entry.ok().map(|entry| Change {
+                value: matches!(entry.operation, Operation::Put).then_some(entry.value),
+                key: entry.key,
+            }))
+        });
+        Some(changes.boxed())
     }
 }
 
