@@ -202,6 +202,10 @@ async fn stop_one(replicas: &mut Vec<Replica>, signal: &str, writer: &Writer, ar
     }
     let (index, moved) = loads.into_iter().enumerate().max_by_key(|(_, tables)| tables.len()).unwrap();
     let stopped = replicas.remove(index);
+    // A lead of steady writing first, so the records that count towards this event were not held up
+    // by the one before (its catch-up would show as this event's latency).
+    let settled = writer.count() + RATE * LEAD.as_secs();
+    wait_for("a lead of steady writes", LEAD * 4, || async { (writer.count() >= settled).then_some(()) }).await;
     let from = now_nanos() - LEAD.as_nanos();
     let signalled = Instant::now();
     let target = if signal == "KILL" {
