@@ -82,13 +82,15 @@ pub async fn refresh(services: &Services, table: &str, previous: Option<&Topolog
     Ok(next)
 }
 
-/// Adds the listed shards whose checkpoint says finished.
+/// Adds the listed closed shards whose checkpoint says finished. Open shards are not read: only a
+/// closed shard has children waiting on it, and a thousand idle open shards would cost a thousand
+/// reads per refresh.
 async fn learn_finished(services: &Services, table: &str, topology: &mut Topology) -> Result<(), CheckpointError> {
     let unfinished: Vec<String> = topology
         .streams
         .iter()
         .flat_map(|s| &s.shards)
-        .filter(|s| !topology.finished.contains(&s.shard_id))
+        .filter(|s| s.closed && !topology.finished.contains(&s.shard_id))
         .map(|s| s.shard_id.clone())
         .collect();
     for shard_id in unfinished {

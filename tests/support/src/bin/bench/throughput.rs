@@ -199,6 +199,9 @@ fn grid(name: &str, default: &[usize]) -> Vec<usize> {
         .unwrap_or_else(|| default.to_vec())
 }
 
+/// Full `GetRecords` pages each shard reads at least (at `BENCH_RECORDS=1`).
+const PAGES_PER_SHARD: usize = 4;
+
 /// Prints the throughput table (`BENCH_RECORDS` scales the counts, `BENCH_SHARDS` and `BENCH_SIZES`
 /// narrow the grid) and returns its rows.
 pub async fn run(binary: &Path) -> Vec<Row> {
@@ -210,7 +213,10 @@ pub async fn run(binary: &Path) -> Vec<Row> {
     let mut rows = Vec::new();
     for size in grid("BENCH_SIZES", &[200, 2048]) {
         for shards in grid("BENCH_SHARDS", &[1, 8, 64]) {
-            let base = if size <= 512 { 128_000.0 } else { 32_000.0 };
+            // Enough that every shard reads several full pages (1000 records each): with fewer, a
+            // shard's one partial page and the polls after it are all that is measured.
+            let base: f64 = if size <= 512 { 128_000.0 } else { 64_000.0 };
+            let base = base.max((shards * PAGES_PER_SHARD * 1000) as f64);
             let records = ((base * scale) as usize / shards).max(1) * shards;
             let scenario = Scenario { shards, size, records };
             let top = ceiling(scenario).await;
