@@ -142,3 +142,21 @@ async fn a_describe_stream_call_that_hangs_does_not_hold_up_a_graceful_stop() {
     rig.stop().await;
     rig.assert_exact(&rig.messages().await, &rig.written);
 }
+
+/// `GetRecords` answers with at most 1 MB: a page of large records cut by that limit is not the end of
+/// the shard, so the next page is read at once. Were it taken for a caught-up shard, the reader would
+/// wait `POLL_GAP_MS` (ten minutes here) after the first page and the records would not arrive.
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_cut_at_one_megabyte_are_followed_at_once() {
+    let mut rig = Rig::new(Window::Tiny).await;
+    let blob = serde_json::json!({ "blob": { "S": "x".repeat(3000) } });
+    for key in keys(1200) {
+        rig.write_with(&key, blob.clone());
+    }
+    rig.start(&[("POLL_GAP_MS", "600000"), ("POLL_INTERVAL_MS", "600000")]).await;
+    rig.settle(&rig.written).await;
+    let pages = rig.streams.calls(Op::GetRecords);
+    assert!(pages >= 4, "1200 records of 3 KB come in pages of under 1 MB: {pages} GetRecords calls");
+    rig.stop().await;
+    rig.assert_exact(&rig.messages().await, &rig.written);
+}

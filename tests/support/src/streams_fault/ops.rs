@@ -15,6 +15,8 @@ use super::shapes;
 
 /// `GetRecords` returns at most 1000 records per call (the maximum and default of its `Limit`).
 const MAX_RECORDS_PER_CALL: usize = 1000;
+/// `GetRecords` answers with at most 1 MB of records (here: of their JSON), but at least one.
+const MAX_BYTES_PER_CALL: usize = 1 << 20;
 
 /// `ListStreams` returns at most 100 streams per call (the maximum and default of its `Limit`).
 const MAX_STREAMS_PER_PAGE: usize = 100;
@@ -167,7 +169,15 @@ fn get_records(model: &Model, input: GetRecordsInput) -> Result<String, ApiError
         return Err(ApiError::new(400, "TrimmedDataAccessException", message));
     }
     let available = shard.records_from(position);
-    let page = &available[..available.len().min(limit)];
+    let mut bytes = 0;
+    let fits = available[..available.len().min(limit)]
+        .iter()
+        .take_while(|stored| {
+            bytes += stored.json.len();
+            bytes <= MAX_BYTES_PER_CALL
+        })
+        .count();
+    let page = &available[..fits.max(available.len().min(1))];
     let mut output = String::with_capacity(64 + page.iter().map(|stored| stored.json.len() + 1).sum::<usize>());
     output.push_str("{\"Records\":[");
     for (i, stored) in page.iter().enumerate() {
