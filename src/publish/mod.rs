@@ -29,8 +29,9 @@ pub const HEADER_SHARD_ID: &str = "Dynamodb-Shard-Id";
 /// taken by other shards (their acks arrive within about a round trip to NATS).
 const SATURATED_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// A record ready to publish, borrowing from the page it came from.
-pub struct Prepared<'r> {
+/// A record ready to publish. It owns its record, so records can be prepared on another task (the
+/// prefetch of the next page) while the current page is published.
+pub struct Prepared {
     pub sequence_number: SequenceNumber,
     /// Seconds since the epoch of the record's `ApproximateCreationDateTime`.
     pub created_at: Option<f64>,
@@ -40,18 +41,23 @@ pub struct Prepared<'r> {
     message_id: String,
     payload: Bytes,
     /// Kept until published, in case the full event turns out to exceed the max payload.
-    event: Event<'r>,
+    record: Record,
     reduced: bool,
 }
 
-impl Prepared<'_> {
+impl Prepared {
+    fn event_name(&self) -> &str {
+        self.record.event_name().map(|name| name.as_str()).unwrap_or_default()
+    }
+
     /// The headers of SPEC §3: the message id for JetStream's de-duplication, and routing fields.
-    fn build_headers(&self, shard_id: &str) -> HeaderMap {
+    fn build_headers(&self, table: &str, shard_id: &str) -> HeaderMap {
+        let sequence_number = self.record.dynamodb().and_then(|d| d.sequence_number()).unwrap_or_default();
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", self.message_id.as_str());
-        headers.insert(HEADER_TABLE, self.event.table_name);
-        headers.insert(HEADER_EVENT_NAME, self.event.event_name);
-        headers.insert(HEADER_SEQUENCE_NUMBER, self.event.sequence_number);
+        headers.insert(HEADER_TABLE, table);
+        headers.insert(HEADER_EVENT_NAME, self.event_name());
+        headers.insert(HEADER_SEQUENCE_NUMBER, sequence_number);
         headers.insert(HEADER_SHARD_ID, shard_id);
         headers
     }
@@ -92,8 +98,8 @@ impl Publisher {
 
     /// Converts a record. A record without a sequence number cannot be published or checkpointed;
     /// it is logged and counted and `None` is returned (DynamoDB always sends one).
-    pub fn prepare<'r>(&self, table: &'r str, shard_id: &str, record: &'r Record) -> Option<Prepared<'r>> {
-        let event = match Event::from_record(table, record) {
+    pub fn prepare(&self, table: &str, shard_id: &str, record: Record) -> Option<Prepared> {
+        let event = match Event::from_record(table, &record) {
             Ok(event) => event,
             Err(err) => {
                 tracing::error!(table, shard_id, error = %err, ?record, "record cannot be published: skipped");
@@ -111,16 +117,17 @@ impl Publisher {
             SequenceNumber::parse("0").unwrap_or_else(|| unreachable!("\"0\" is decimal"))
         });
         let created_at = record.dynamodb().and_then(|d| d.approximate_creation_date_time()).map(|t| t.as_secs_f64());
+        let message_id = message_id(table, shard_id, event.sequence_number);
         let mut prepared = Prepared {
             sequence_number,
             created_at,
             headers: None,
-            message_id: message_id(table, shard_id, event.sequence_number),
+            message_id,
             payload: encoded.payload,
-            event,
+            record,
             reduced: false,
         };
-        let headers = prepared.build_headers(shard_id);
+        let headers = prepared.build_headers(table, shard_id);
         if prepared.payload.len() + header_wire_len(&headers) > self.client.max_payload() {
             self.reduce(table, shard_id, &mut prepared);
         }
@@ -129,9 +136,12 @@ impl Publisher {
     }
 
     /// Swaps in the reduced event (keys and metadata, images dropped), counted and logged.
-    fn reduce(&self, table: &str, shard_id: &str, prepared: &mut Prepared<'_>) {
+    fn reduce(&self, table: &str, shard_id: &str, prepared: &mut Prepared) {
         let full = prepared.payload.len();
-        prepared.payload = prepared.event.reduced().encode().payload;
+        // The record made an event in `prepare`, so it makes one again.
+        if let Ok(event) = Event::from_record(table, &prepared.record) {
+            prepared.payload = event.reduced().encode().payload;
+        }
         prepared.reduced = true;
         self.metrics.oversize_events.with_label_values(&[table]).inc();
         tracing::warn!(table, shard_id, sequence_number = %prepared.sequence_number, bytes = full,
@@ -144,7 +154,7 @@ impl Publisher {
         subject: &str,
         table: &str,
         shard_id: &str,
-        batch: &mut [Prepared<'_>],
+        batch: &mut [Prepared],
         window: usize,
     ) -> Result<(), PublishFailure> {
         let ack_seconds = self.metrics.publish_ack_seconds.with_label_values(&[table]);
@@ -158,7 +168,7 @@ impl Publisher {
             if next < batch.len() && pending.len() < window && may_send {
                 saturated = false;
                 let record = &mut batch[next];
-                let headers = record.headers.take().unwrap_or_else(|| record.build_headers(shard_id));
+                let headers = record.headers.take().unwrap_or_else(|| record.build_headers(table, shard_id));
                 let message = async_nats::jetstream::message::PublishMessage::build()
                     .headers(headers)
                     .payload(record.payload.clone());
@@ -191,7 +201,7 @@ impl Publisher {
                     if ack.duplicate {
                         self.metrics.duplicate_publishes.with_label_values(&[table]).inc();
                     } else {
-                        self.metrics.records_published.with_label_values(&[table, record.event.event_name]).inc();
+                        self.metrics.records_published.with_label_values(&[table, record.event_name()]).inc();
                     }
                     acked = index + 1;
                     saturated = false;

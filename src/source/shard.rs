@@ -17,6 +17,19 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::Services;
 use super::api::{Page, StartAt};
+
+/// A `GetRecords` page made ready to publish: its records converted, the page itself dropped.
+struct Fetched {
+    /// Records the page held (some may have been skipped as unpublishable).
+    count: usize,
+    /// The sum of the records' `SizeBytes`.
+    bytes: i64,
+    next_iterator: Option<String>,
+    batch: Vec<Prepared>,
+}
+
+/// A prefetch in flight: the iterator it reads, and the task reading and converting that page.
+type Prefetch = (String, AbortOnDropHandle<Result<Fetched, ReadError>>);
 use super::error::ReadError;
 use crate::checkpoint::{self, AdvanceError, Position, ShardCheckpoint};
 use crate::config::MAX_RECORDS_PER_CALL;
@@ -72,9 +85,9 @@ impl ShardReader {
         };
         tracing::info!(table, shard_id, ?start, "shard reader started");
         let mut iterator: Option<String> = None;
-        // The next page, asked for while the current one is published (only after a full page, when
-        // the next call would be made at once anyway): reading and publishing overlap.
-        let mut prefetch: Option<(String, AbortOnDropHandle<Result<Page, ReadError>>)> = None;
+        // The next page, asked for and converted while the current one is published (only after a
+        // full page, when the next call would be made at once anyway): reading and publishing overlap.
+        let mut prefetch: Option<Prefetch> = None;
         let mut delays = super::backoff();
         loop {
             if self.cancel.is_cancelled() || !self.guard.is_valid() {
@@ -107,7 +120,7 @@ impl ShardReader {
                             }
                         },
                     };
-                    let result = self.services.api.records(&current).await;
+                    let result = fetch(&self.services, table, shard_id, &current).await;
                     iterator = Some(current);
                     result
                 }
@@ -128,12 +141,12 @@ impl ShardReader {
     /// error that was dealt with (a new iterator is needed, or the call is retried after a pause).
     async fn on_page(
         &self,
-        result: Result<Page, ReadError>,
+        result: Result<Fetched, ReadError>,
         iterator: &mut Option<String>,
         start: &mut StartAt,
         checkpoint: &mut ShardCheckpoint,
         delays: &mut super::Backoff,
-    ) -> Result<Option<Page>, Outcome> {
+    ) -> Result<Option<Fetched>, Outcome> {
         let (table, shard_id) = (self.table.as_str(), self.shard_id.as_str());
         let err = match result {
             Ok(page) => {
@@ -167,27 +180,26 @@ impl ShardReader {
     /// waits as the polling rules say.
     async fn handle(
         &self,
-        page: Page,
+        page: Fetched,
         iterator: &mut Option<String>,
-        prefetch: &mut Option<(String, AbortOnDropHandle<Result<Page, ReadError>>)>,
+        prefetch: &mut Option<Prefetch>,
         start: &mut StartAt,
         checkpoint: &mut ShardCheckpoint,
     ) -> Result<(), Outcome> {
         let (table, shard_id) = (self.table.as_str(), self.shard_id.as_str());
         let metrics = &self.services.metrics;
-        let count = page.records.len();
+        let count = page.count;
         tracing::debug!(table, shard_id, records = count, ended = page.next_iterator.is_none(), "GetRecords");
         metrics.records_per_get_records.with_label_values(&[table]).observe(count as f64);
-        let full = count >= MAX_RECORDS_PER_CALL as usize || page_bytes(&page) >= FULL_PAGE_BYTES;
+        let full = count >= MAX_RECORDS_PER_CALL as usize || page.bytes >= FULL_PAGE_BYTES;
         *iterator = page.next_iterator.clone();
         if full && let Some(next) = &page.next_iterator {
-            let api = self.services.api.clone();
-            let next_iterator = next.clone();
-            let fetch = tokio::spawn(async move { api.records(&next_iterator).await });
-            *prefetch = Some((next.clone(), AbortOnDropHandle::new(fetch)));
+            let (services, table, shard_id, next_iterator) =
+                (self.services.clone(), self.table.clone(), self.shard_id.clone(), next.clone());
+            let task = tokio::spawn(async move { fetch(&services, &table, &shard_id, &next_iterator).await });
+            *prefetch = Some((next.clone(), AbortOnDropHandle::new(task)));
         }
-        let batch: Vec<Prepared<'_>> =
-            page.records.iter().filter_map(|record| self.services.publisher.prepare(table, shard_id, record)).collect();
+        let batch = page.batch;
         let lag = match batch.last().and_then(|p| p.created_at) {
             Some(created) if count > 0 => now_secs() - created,
             _ => 0.0,
@@ -257,7 +269,7 @@ impl ShardReader {
     /// the records in hand are published before the reader ends.
     async fn publish(
         &self,
-        mut batch: Vec<Prepared<'_>>,
+        mut batch: Vec<Prepared>,
         checkpoint: &mut ShardCheckpoint,
         start: &mut StartAt,
     ) -> Result<(), Outcome> {
@@ -360,8 +372,13 @@ impl ShardReader {
 /// is read on at once instead of after `POLL_GAP_MS`; a wrong guess costs one empty call.
 const FULL_PAGE_BYTES: i64 = 512 * 1024;
 
-fn page_bytes(page: &Page) -> i64 {
-    page.records.iter().filter_map(|record| record.dynamodb().and_then(|d| d.size_bytes())).sum()
+/// Reads the page at `iterator` and converts its records.
+async fn fetch(services: &Services, table: &str, shard_id: &str, iterator: &str) -> Result<Fetched, ReadError> {
+    let Page { records, next_iterator } = services.api.records(iterator).await?;
+    let count = records.len();
+    let bytes = records.iter().filter_map(|record| record.dynamodb().and_then(|d| d.size_bytes())).sum();
+    let batch = records.into_iter().filter_map(|record| services.publisher.prepare(table, shard_id, record)).collect();
+    Ok(Fetched { count, bytes, next_iterator, batch })
 }
 
 fn now_secs() -> f64 {
