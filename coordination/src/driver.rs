@@ -31,6 +31,8 @@ use crate::store::{Change, LeaseStore, Revision, StoreError, Versioned};
 /// The shortest time between two reads of the lease table that the store's changes bring forward,
 /// however many leases come free at once.
 pub const EARLY_READ_GAP: Duration = Duration::from_millis(100);
+/// How long starting a watch may take; a slower start is tried again after the next read.
+const WATCH_START_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A lease this replica holds.
 #[derive(Debug)]
@@ -243,11 +245,6 @@ impl Driver {
         }
         self.fence(Instant::now());
         self.last_read = Instant::now();
-        if self.freed.is_none()
-            && let Ok(Some(changes)) = timeout(self.config.op_timeout, self.store.watch(&keys::PREFIXES)).await
-        {
-            self.freed = Some(watch_freed(changes));
-        }
         let read = bounded(self.config.op_timeout, self.store.scan(&keys::PREFIXES)).await;
         let now = Instant::now();
         self.next_poll = now + self.config.poll_interval;
@@ -284,6 +281,13 @@ impl Driver {
         self.live_replicas = plan.live_replicas;
         self.apply(plan.actions).await;
         self.publish_status();
+        // Last, and only after a read answered: starting the watch must not delay this tick's reads and
+        // writes, nor hang while the store does not answer.
+        if self.freed.is_none()
+            && let Ok(Some(changes)) = timeout(WATCH_START_TIMEOUT, self.store.watch(&keys::PREFIXES)).await
+        {
+            self.freed = Some(watch_freed(changes));
+        }
     }
 
     /// Revokes every held lease whose deadline has passed.
