@@ -6,15 +6,16 @@
 //! actions are exactly those), the alert rules in deploy/prometheus (the PrometheusRule carries them).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
 use serde_norway::Value;
 
+/// A file of the repository, found from where cargo runs the test (see `workspace_root`).
 fn path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+    test_support::workspace_root().join(relative)
 }
 
 fn read(relative: &str) -> String {

@@ -24,7 +24,7 @@ fn binary() -> &'static Path {
 }
 
 fn deploy(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(path)
+    test_support::workspace_root().join("deploy").join(path)
 }
 
 /// The service's environment with its own log settings: `RUST_LOG` removed, so `DEBUG` and
