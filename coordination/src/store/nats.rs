@@ -87,10 +87,10 @@ impl LeaseStore for NatsKvStore {
             })
             .await
             .map_err(unavailable)?;
-        let mut entries: BTreeMap<String, Versioned> = BTreeMap::new();
         if consumer.cached_info().num_pending == 0 {
             return Ok(Vec::new());
         }
+        let mut entries: BTreeMap<String, Versioned> = BTreeMap::new();
         let mut messages = consumer.messages().await.map_err(unavailable)?;
         while let Some(message) = messages.next().await {
             let message = message.map_err(unavailable)?;
