@@ -133,11 +133,16 @@ async fn start(
     nats::ensure_stream(&js, config).await?;
     let bucket = nats::ensure_bucket(&js, config).await?;
 
+    // Publishes go through a connection of their own, which a lost lease can fence (src/publish).
+    let publish_connection = publish::connection::PublishConnection::new(config.clone());
+    if let Err(err) = publish_connection.get().await {
+        tracing::warn!(error = %err, "publish connection not made yet; the first publishes make it");
+    }
     let aws = aws_config(config).await;
     let services = Arc::new(Services {
         config: config.clone(),
         api: StreamsApi::new(&aws),
-        publisher: Publisher::new(js, client, metrics.clone()),
+        publisher: Publisher::new(publish_connection, client, metrics.clone()),
         checkpoints: Checkpoints::new(bucket.clone()),
         metrics,
         shards: Arc::clone(&health.shards),

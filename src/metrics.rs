@@ -17,7 +17,8 @@ use std::sync::{LazyLock, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 const PREFIX: &str = "dynamodb_stream_consumer";
@@ -25,8 +26,18 @@ const PREFIX: &str = "dynamodb_stream_consumer";
 /// `event_name` values: DynamoDB Streams' three record kinds.
 pub const EVENT_NAMES: [&str; 3] = ["INSERT", "MODIFY", "REMOVE"];
 /// `kind` values of `publish_errors_total` (`src/publish/mod.rs`, `Publisher::failure`).
-pub const PUBLISH_ERROR_KINDS: [&str; 6] =
-    ["timed_out", "stream_not_found", "broken_pipe", "max_ack_pending", "max_payload_exceeded", "other"];
+/// `disconnected` and `lease_lost` are batches the service stopped itself (`publish::DISCONNECTED`,
+/// `publish::LEASE_LOST`).
+pub const PUBLISH_ERROR_KINDS: [&str; 8] = [
+    "timed_out",
+    "stream_not_found",
+    "broken_pipe",
+    "max_ack_pending",
+    "max_payload_exceeded",
+    "disconnected",
+    "lease_lost",
+    "other",
+];
 /// `kind` values of `get_records_errors_total` (`ReadError::kind`).
 pub const READ_ERROR_KINDS: [&str; 6] = ["iterator_expired", "trimmed", "throttled", "not_found", "transient", "other"];
 /// `kind` values of `table_errors_total` beside the read-error kinds (`TableError::kind`).
@@ -42,6 +53,7 @@ pub struct Metrics {
     registry: Registry,
     pub records_published: IntCounterVec,
     pub publish_errors: IntCounterVec,
+    pub publish_fences: IntCounter,
     pub duplicate_publishes: IntCounterVec,
     pub oversize_events: IntCounterVec,
     pub unrepresentable_records: IntCounterVec,
@@ -73,6 +85,12 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(format!("{PREFIX}_{name}"), help), labels)
+        .unwrap_or_else(|err| panic!("metric {name} is malformed: {err}"));
+    register(registry, name, metric)
+}
+
+fn counter_plain(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::with_opts(Opts::new(format!("{PREFIX}_{name}"), help))
         .unwrap_or_else(|err| panic!("metric {name} is malformed: {err}"));
     register(registry, name, metric)
 }
@@ -161,6 +179,11 @@ impl Metrics {
                 "publish_errors_total",
                 "Failed or timed-out JetStream publishes (retried)",
                 &["table", "kind"],
+            ),
+            publish_fences: counter_plain(
+                r,
+                "publish_fences_total",
+                "Publish connections dropped with what they still held: a shard's lease was lost while its publishes were unacknowledged",
             ),
             oversize_events: counter(
                 r,

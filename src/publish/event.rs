@@ -253,6 +253,9 @@ pub struct Event<'r> {
 pub struct Encoded {
     pub payload: Bytes,
     pub lossy: Vec<String>,
+    /// The item the event is about: a hash of its `keys` as written (the same primary key gives the
+    /// same JSON, keys sorted). Two items may share a hash; that only makes one wait for the other.
+    pub item: u64,
 }
 
 impl<'r> Event<'r> {
@@ -305,10 +308,12 @@ impl<'r> Event<'r> {
         w.field("approximate_creation_time");
         w.string(&self.approximate_creation_time);
         w.field("keys");
+        let keys_start = w.out.len();
         match self.keys {
             Some(keys) => w.map(keys),
             None => w.raw("{}"),
         }
+        let item = fnv1a(&w.out[keys_start..]);
         w.field("new_image");
         w.image(self.new_image);
         w.field("old_image");
@@ -326,13 +331,20 @@ impl<'r> Event<'r> {
             w.raw("true");
         }
         w.raw("}");
-        Encoded { payload: Bytes::from(w.out), lossy: w.lossy }
+        Encoded { payload: Bytes::from(w.out), lossy: w.lossy, item }
     }
 
     /// The same event without images, for a record whose full JSON exceeds the max payload.
     pub fn reduced(&self) -> Event<'r> {
         Event { new_image: None, old_image: None, images_omitted: true, ..self.clone() }
     }
+}
+
+/// FNV-1a, 64 bits: a fixed, fast hash of a few bytes (an item's keys).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.iter().fold(OFFSET, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(PRIME))
 }
 
 /// RFC 3339 in UTC with a `Z`; milliseconds only when non-zero. The SDK parses DynamoDB's epoch

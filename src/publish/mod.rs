@@ -1,12 +1,25 @@
-//! The NATS side of a record: its event ([`event`]) and its in-order, pipelined JetStream publish.
+//! The NATS side of a record: its event ([`event`]) and its in-order, pipelined JetStream publish on
+//! a fenced connection ([`connection`]).
 //!
-//! Invariant: [`Publisher::publish_in_order`] reports how many records of a batch, from its start,
-//! are acknowledged by JetStream. Acks are awaited in publish order, so that count is a contiguous
-//! prefix: the only thing a checkpoint may cover.
+//! Invariants of [`Publisher::publish_in_order`]:
+//! - it reports how many records of a batch, from its start, are acknowledged by JetStream. Acks are
+//!   awaited in publish order, so that count is a contiguous prefix: the only thing a checkpoint may
+//!   cover;
+//! - **per-item order whatever subset of the pipeline fails**: at most one publish per item (per
+//!   primary key) is unacknowledged at any time. Different items pipeline; a record waits while an
+//!   older version of its item awaits its ack. A reset connection loses the bytes the client had just
+//!   written, a leader change or a refusal fails one message while later ones are stored: none of
+//!   that can store a newer version of an item before an older one, because the newer one was not
+//!   sent yet. The retry from the first unacknowledged record re-sends stored ones with their
+//!   `Nats-Msg-Id` (deduplicated) and the lost ones in order;
+//! - **fenced**: each record is handed to the client only while the shard's lease guard is valid and
+//!   the client is connected (nothing queues in a disconnected client); when the guard is lost while
+//!   publishes are unacknowledged, the publish connection is fenced (see [`connection`]).
 
+pub mod connection;
 pub mod event;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use async_nats::HeaderMap;
@@ -15,8 +28,11 @@ use aws_sdk_dynamodbstreams::types::Record;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use coordination::LeaseGuard;
+
 use crate::checkpoint::SequenceNumber;
 use crate::metrics::Metrics;
+use connection::PublishConnection;
 use event::{Event, message_id};
 
 /// Header names beside `Nats-Msg-Id`, so consumers can route without parsing JSON.
@@ -35,6 +51,8 @@ pub struct Prepared {
     pub sequence_number: SequenceNumber,
     /// Seconds since the epoch of the record's `ApproximateCreationDateTime`.
     pub created_at: Option<f64>,
+    /// The item the record changes (a hash of its primary key), for per-item order in the pipeline.
+    item: u64,
     /// Built with the payload (its size counts against the max payload) and moved into the first
     /// publish; rebuilt only if the record has to be sent again.
     headers: Option<HeaderMap>,
@@ -67,14 +85,31 @@ impl Prepared {
 #[derive(Debug)]
 pub struct PublishFailure {
     pub acked: usize,
+    /// A `publish_errors_total` kind ([`crate::metrics::PUBLISH_ERROR_KINDS`]).
     pub kind: &'static str,
     pub message: String,
+    /// The publish connection that may still hold publishes of this batch that were not
+    /// acknowledged (queued, unsent, or sent without an answer); `None` when none can be left.
+    pub unconfirmed: Option<u64>,
 }
 
-/// Publishes events of every shard on one JetStream context.
+impl PublishFailure {
+    /// The shard's lease guard stopped the batch.
+    pub fn lease_lost(&self) -> bool {
+        self.kind == LEASE_LOST
+    }
+}
+
+/// `kind` of a batch stopped by its lease guard.
+pub const LEASE_LOST: &str = "lease_lost";
+/// `kind` of a batch stopped because the publish connection is down or cannot be made.
+pub const DISCONNECTED: &str = "disconnected";
+
+/// Publishes events of every shard on one publish connection.
 #[derive(Clone)]
 pub struct Publisher {
-    js: jetstream::Context,
+    connection: Arc<PublishConnection>,
+    /// The main connection: its server's max payload bounds every event.
     client: async_nats::Client,
     metrics: Arc<Metrics>,
 }
@@ -92,8 +127,24 @@ fn header_wire_len(headers: &HeaderMap) -> usize {
 }
 
 impl Publisher {
-    pub fn new(js: jetstream::Context, client: async_nats::Client, metrics: Arc<Metrics>) -> Self {
-        Publisher { js, client, metrics }
+    pub fn new(connection: PublishConnection, client: async_nats::Client, metrics: Arc<Metrics>) -> Self {
+        Publisher { connection: Arc::new(connection), client, metrics }
+    }
+
+    /// Throws away what publish connection `generation` still holds (see [`connection`]), if it is
+    /// still the current one: when a shard's lease is lost while its publishes may be there, and when
+    /// an ack times out (the connection may be cut off; a retry on it would only queue more there).
+    pub fn fence(&self, generation: u64, table: &str, shard_id: &str, why: &'static str) {
+        if self.connection.fence(generation) {
+            self.metrics.publish_fences.inc();
+            tracing::warn!(
+                table,
+                shard_id,
+                generation,
+                why,
+                "publish connection dropped with everything it still held; the next publish connects anew"
+            );
+        }
     }
 
     /// Converts a record. A record without a sequence number cannot be published or checkpointed;
@@ -121,6 +172,7 @@ impl Publisher {
         let mut prepared = Prepared {
             sequence_number,
             created_at,
+            item: encoded.item,
             headers: None,
             message_id,
             payload: encoded.payload,
@@ -148,7 +200,8 @@ impl Publisher {
             max_payload = self.client.max_payload(), "event exceeds the max payload: published without images");
     }
 
-    /// Publishes `batch` in order with at most `window` acks outstanding, awaiting acks in order.
+    /// Publishes `batch` in order with at most `window` acks outstanding, awaiting acks in order, at
+    /// most one unacknowledged publish per item, each record sent only while `guard` is valid.
     pub async fn publish_in_order(
         &self,
         subject: &str,
@@ -156,24 +209,44 @@ impl Publisher {
         shard_id: &str,
         batch: &mut [Prepared],
         window: usize,
+        guard: &LeaseGuard,
     ) -> Result<(), PublishFailure> {
+        let connection = match self.connection.get().await {
+            Ok(connection) => connection,
+            Err(err) => return Err(self.stop(table, 0, DISCONNECTED, err.to_string(), None)),
+        };
+        let generation = connection.generation;
         let ack_seconds = self.metrics.publish_ack_seconds.with_label_values(&[table]);
         let mut pending: VecDeque<(usize, Instant, jetstream::context::PublishAckFuture)> = VecDeque::new();
+        // The items of `pending`: a record whose item is here waits for that item's ack.
+        let mut in_flight: HashSet<u64> = HashSet::new();
+        let lost = guard.lost();
+        tokio::pin!(lost);
         let mut acked = 0;
         let mut next = 0;
         // Set when every process-wide ack permit is taken: await an own ack before sending more.
         let mut saturated = false;
         while acked < batch.len() {
             let may_send = !saturated || pending.is_empty();
-            if next < batch.len() && pending.len() < window && may_send {
+            if next < batch.len() && pending.len() < window && may_send && !in_flight.contains(&batch[next].item) {
+                if let Err(lost) = guard.check() {
+                    let unconfirmed = (!pending.is_empty()).then_some(generation);
+                    return Err(self.stop(table, acked, LEASE_LOST, lost.to_string(), unconfirmed));
+                }
+                if connection.client.connection_state() != async_nats::connection::State::Connected {
+                    let unconfirmed = (!pending.is_empty()).then_some(generation);
+                    let message = "the publish connection is not connected".to_owned();
+                    return Err(self.stop(table, acked, DISCONNECTED, message, unconfirmed));
+                }
                 saturated = false;
                 let record = &mut batch[next];
                 let headers = record.headers.take().unwrap_or_else(|| record.build_headers(table, shard_id));
                 let message = async_nats::jetstream::message::PublishMessage::build()
                     .headers(headers)
                     .payload(record.payload.clone());
-                match self.js.send_publish(subject.to_owned(), message).await {
+                match connection.js.send_publish(subject.to_owned(), message).await {
                     Ok(ack) => {
+                        in_flight.insert(record.item);
                         pending.push_back((next, Instant::now(), ack));
                         next += 1;
                     }
@@ -189,14 +262,27 @@ impl Publisher {
                             tokio::time::sleep(SATURATED_PAUSE).await;
                         }
                     }
-                    Err(err) => return Err(self.failure(table, acked, &err)),
+                    Err(err) => {
+                        // A publish the client refused was not queued; the earlier ones may be.
+                        let unconfirmed = (!pending.is_empty()).then_some(generation);
+                        return Err(self.failure(table, acked, &err, unconfirmed));
+                    }
                 }
                 continue;
             }
             let Some((index, sent, ack)) = pending.pop_front() else { break };
-            match ack.await {
+            let answer = tokio::select! {
+                answer = ack => answer,
+                lost = &mut lost => {
+                    // The lease may move on from now: nothing this shard queued may arrive later.
+                    self.fence(generation, table, shard_id, "lease lost with publishes unacknowledged");
+                    return Err(self.stop(table, acked, LEASE_LOST, lost.to_string(), None));
+                }
+            };
+            match answer {
                 Ok(ack) => {
                     let record = &batch[index];
+                    in_flight.remove(&record.item);
                     ack_seconds.observe(sent.elapsed().as_secs_f64());
                     if ack.duplicate {
                         self.metrics.duplicate_publishes.with_label_values(&[table]).inc();
@@ -206,13 +292,39 @@ impl Publisher {
                     acked = index + 1;
                     saturated = false;
                 }
-                Err(err) => return Err(self.failure(table, acked, &err)),
+                // No answer in time: the retry goes out on a new connection, and whatever this one
+                // still holds is dropped rather than delivered late.
+                Err(err) if err.kind() == PublishErrorKind::TimedOut => {
+                    self.fence(generation, table, shard_id, "publish ack timed out");
+                    return Err(self.failure(table, acked, &err, None));
+                }
+                // This one failed; the later ones may still be queued or on their way.
+                Err(err) => return Err(self.failure(table, acked, &err, Some(generation))),
             }
         }
         Ok(())
     }
 
-    fn failure(&self, table: &str, acked: usize, err: &jetstream::context::PublishError) -> PublishFailure {
+    /// A batch stopped for a reason of ours (lease, connection): counted like a publish error.
+    fn stop(
+        &self,
+        table: &str,
+        acked: usize,
+        kind: &'static str,
+        message: String,
+        unconfirmed: Option<u64>,
+    ) -> PublishFailure {
+        self.metrics.publish_errors.with_label_values(&[table, kind]).inc();
+        PublishFailure { acked, kind, message, unconfirmed }
+    }
+
+    fn failure(
+        &self,
+        table: &str,
+        acked: usize,
+        err: &jetstream::context::PublishError,
+        unconfirmed: Option<u64>,
+    ) -> PublishFailure {
         let kind = match err.kind() {
             PublishErrorKind::TimedOut => "timed_out",
             PublishErrorKind::StreamNotFound => "stream_not_found",
@@ -221,7 +333,6 @@ impl Publisher {
             PublishErrorKind::MaxPayloadExceeded => "max_payload_exceeded",
             _ => "other",
         };
-        self.metrics.publish_errors.with_label_values(&[table, kind]).inc();
-        PublishFailure { acked, kind, message: err.to_string() }
+        self.stop(table, acked, kind, err.to_string(), unconfirmed)
     }
 }

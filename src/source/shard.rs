@@ -266,7 +266,9 @@ impl ShardReader {
 
     /// Publishes a batch until every record is acknowledged, checkpointing each acknowledged prefix.
     /// Waits (with backoff) while NATS refuses; never skips a record. Not interrupted by a stop:
-    /// the records in hand are published before the reader ends.
+    /// the records in hand are published before the reader ends. When the lease is lost while a
+    /// failed attempt may have left publishes in the publish connection, that connection is fenced
+    /// before the reader ends, so none of them can arrive after the next owner's.
     async fn publish(
         &self,
         mut batch: Vec<Prepared>,
@@ -274,13 +276,21 @@ impl ShardReader {
         start: &mut StartAt,
     ) -> Result<(), Outcome> {
         let (table, shard_id) = (self.table.as_str(), self.shard_id.as_str());
+        let publisher = &self.services.publisher;
         let window = self.services.config.max_in_flight;
         let mut delays = super::backoff();
         let mut done = 0;
+        // The publish connection that may still hold unacknowledged publishes of this batch.
+        let mut unconfirmed: Option<u64> = None;
         while done < batch.len() {
-            self.fenced()?;
+            if let Err(outcome) = self.fenced() {
+                if let Some(generation) = unconfirmed {
+                    publisher.fence(generation, table, shard_id, "lease lost with publishes unacknowledged");
+                }
+                return Err(outcome);
+            }
             let rest = &mut batch[done..];
-            let result = self.services.publisher.publish_in_order(&self.subject, table, shard_id, rest, window).await;
+            let result = publisher.publish_in_order(&self.subject, table, shard_id, rest, window, &self.guard).await;
             let acked = match &result {
                 Ok(()) => rest.len(),
                 Err(failure) => failure.acked,
@@ -291,14 +301,29 @@ impl ShardReader {
                 self.checkpoint(checkpoint, Position::After(last)).await?;
             }
             done += acked;
-            if let Err(failure) = result {
-                let delay = delays.next().unwrap_or(Duration::from_secs(1));
-                tracing::warn!(table, shard_id, kind = failure.kind, error = %failure.message,
-                    retry_in_ms = delay.as_millis() as u64, pending = batch.len() - done, "publish failed; retrying from the first unacknowledged record");
-                tokio::select! {
-                    _ = self.guard.lost() => {}
-                    _ = tokio::time::sleep(delay) => {}
+            let failure = match result {
+                // Everything sent was acknowledged, so nothing of an earlier attempt is left either:
+                // it went out before these on the same connection, or its connection is gone.
+                Ok(()) => {
+                    unconfirmed = None;
+                    continue;
                 }
+                Err(failure) => failure,
+            };
+            unconfirmed = failure.unconfirmed.or(unconfirmed);
+            if failure.lease_lost() {
+                if let Some(generation) = unconfirmed {
+                    publisher.fence(generation, table, shard_id, "lease lost with publishes unacknowledged");
+                }
+                tracing::warn!(table, shard_id, reason = %failure.message, "lease lost: this reader stops publishing");
+                return Err(Outcome::LeaseLost);
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(1));
+            tracing::warn!(table, shard_id, kind = failure.kind, error = %failure.message,
+                retry_in_ms = delay.as_millis() as u64, pending = batch.len() - done, "publish failed; retrying from the first unacknowledged record");
+            tokio::select! {
+                _ = self.guard.lost() => {}
+                _ = tokio::time::sleep(delay) => {}
             }
         }
         Ok(())

@@ -381,3 +381,40 @@ pub fn assert_read_after(messages: &[Stored], first: &str, then: &str) {
 pub fn last_in<'r>(records: &'r [Record], shard_id: &str) -> &'r Record {
     records.iter().rfind(|r| r.shard_id == shard_id).unwrap_or_else(|| panic!("no record was written to {shard_id}"))
 }
+
+/// What a fault scenario reports: records written, messages in the stream, records stored more than
+/// once, records missing, and how often an item's version went backwards in stream order.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub written: usize,
+    pub in_stream: usize,
+    pub duplicates: usize,
+    pub missing: usize,
+    pub backwards: usize,
+}
+
+impl Tally {
+    pub fn of(messages: &[Stored], expected: &[Record]) -> Tally {
+        let got: Vec<Got> = messages.iter().map(Got::of).collect();
+        let mut ids = BTreeSet::new();
+        let duplicates = got.iter().filter(|message| !ids.insert(message.msg_id.as_str())).count();
+        let stored: BTreeSet<&str> = got.iter().map(|message| message.sequence_number.as_str()).collect();
+        let missing = expected.iter().filter(|record| !stored.contains(record.sequence_number.as_str())).count();
+        let mut newest: HashMap<&str, u64> = HashMap::new();
+        let mut backwards = 0;
+        for message in &got {
+            let Some(version) = message.version else { continue };
+            let seen = newest.entry(message.pk.as_str()).or_default();
+            if version < *seen {
+                backwards += 1;
+            }
+            *seen = (*seen).max(version);
+        }
+        Tally { written: expected.len(), in_stream: got.len(), duplicates, missing, backwards }
+    }
+
+    /// Every record once and no version going backwards.
+    pub fn is_exact(&self) -> bool {
+        self.in_stream == self.written && self.duplicates == 0 && self.missing == 0 && self.backwards == 0
+    }
+}

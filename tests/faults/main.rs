@@ -11,5 +11,6 @@
 mod backpressure;
 mod harness;
 mod nats;
+mod network;
 mod reads;
 mod shards;
