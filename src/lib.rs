@@ -130,7 +130,8 @@ async fn start(
     let _ = health.nats.set(client.clone());
     metrics.nats_connected.set(1);
     let js = nats::jetstream(client.clone(), config);
-    nats::ensure_stream(&js, config).await?;
+    let duplicate_window = nats::ensure_stream(&js, config).await?;
+    nats::report_duplicate_window(&config.stream_name, duplicate_window, &config.lease, &metrics);
     let bucket = nats::ensure_bucket(&js, config).await?;
 
     // Publishes go through a connection of their own, which a lost lease can fence (src/publish).

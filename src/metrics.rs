@@ -17,8 +17,8 @@ use std::sync::{LazyLock, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 const PREFIX: &str = "dynamodb_stream_consumer";
@@ -73,6 +73,10 @@ pub struct Metrics {
     pub leases_held: IntGauge,
     pub replicas_live: IntGauge,
     pub lease_changes: IntCounterVec,
+    /// The stream's duplicate window as found at start-up (`crate::nats::report_duplicate_window`).
+    pub stream_duplicate_window: Gauge,
+    /// 1 when that window is longer than a crash takeover (lease TTL + one renew interval), else 0.
+    pub duplicate_window_covers_takeover: IntGauge,
     /// Per table, the shards being read here, each with the creation time (Unix seconds) of the newest
     /// record read while behind, `None` once a read came back empty (caught up).
     shard_lags: Mutex<HashMap<String, HashMap<String, Option<f64>>>>,
@@ -255,6 +259,23 @@ impl Metrics {
             leases_held: gauge(r, "leases_held", "Shard leases this replica holds"),
             replicas_live: gauge(r, "replicas_live", "Live replicas seen in the lease table, this one included"),
             lease_changes,
+            stream_duplicate_window: register(
+                r,
+                "stream_duplicate_window_seconds",
+                Gauge::new(
+                    format!("{PREFIX}_stream_duplicate_window_seconds"),
+                    "The JetStream stream's duplicate window, read at start-up: re-publishes of a record are \
+                     dropped only within it",
+                )
+                .unwrap_or_else(|err| panic!("stream_duplicate_window_seconds: {err}")),
+            ),
+            duplicate_window_covers_takeover: gauge(
+                r,
+                "duplicate_window_covers_takeover",
+                "1 when the stream's duplicate window is longer than LEASE_TTL_SEC + one lease renew interval, so \
+                 records re-published after a crash takeover are deduplicated; 0 when they may be stored twice \
+                 (set at start-up)",
+            ),
             shard_lags: Mutex::new(HashMap::new()),
             registry,
         }

@@ -8,6 +8,13 @@
 //! Missing resources are created with the seed's settings. Existing ones are used as they are: each
 //! setting that differs from the seed's is a warning, and a stream that would not capture a configured
 //! table's subject is a refusal to start, because every publish to it would fail.
+//!
+//! The stream's duplicate window is checked against the lease settings ([`takeover_deduplicated`]):
+//! a crashed replica's shards are taken over after up to `LEASE_TTL_SEC` + one renew interval, and the
+//! new owner re-publishes what was published after the last checkpoint; JetStream drops those
+//! re-publishes only within the window. A window too short for that is a warning, not a refusal: the
+//! guarantee is weakened (records may be stored twice after a crash), nothing is lost, and tests use a
+//! short window on purpose.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +26,7 @@ use async_nats::jetstream::{self, kv, stream};
 use async_nats::rustls::Error as TlsError;
 
 use crate::config::{Config, NatsAuth, redact_url};
+use crate::metrics::Metrics;
 
 /// The seed's stream retention: 14 days.
 const STREAM_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
@@ -278,8 +286,9 @@ fn seed_stream_config(config: &Config) -> stream::Config {
     }
 }
 
-/// Finds or creates the stream; checks it captures every table's subject.
-pub async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<(), SetupError> {
+/// Finds or creates the stream; checks it captures every table's subject. Returns the stream's actual
+/// duplicate window.
+pub async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<Duration, SetupError> {
     let name = config.stream_name.clone();
     let fail = |message: String| SetupError::Stream { stream: name.clone(), message };
     let existing = match js.get_stream(&name).await {
@@ -294,9 +303,9 @@ pub async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<(
         },
     };
     let Some(existing) = existing else {
-        js.create_stream(seed_stream_config(config)).await.map_err(|e| fail(e.to_string()))?;
+        let created = js.create_stream(seed_stream_config(config)).await.map_err(|e| fail(e.to_string()))?;
         tracing::info!(stream = %name, subjects = %format!("{}.>", config.subject_prefix), "created stream");
-        return Ok(());
+        return Ok(created.cached_info().config.duplicate_window);
     };
     for table in &config.tables {
         let subject = config.subject_for(table);
@@ -332,7 +341,40 @@ pub async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<(
     for difference in differs {
         tracing::warn!(stream = %name, %difference, "existing stream differs from the seed's settings; used as it is");
     }
-    Ok(())
+    Ok(existing.duplicate_window)
+}
+
+/// The longest time from a replica's crash until its shards' new owner re-publishes what it had
+/// published after its last checkpoint: the lease TTL plus one renew interval (`coordination/DESIGN.md`,
+/// "Takeover bound").
+pub fn crash_takeover(lease: &coordination::Config) -> Duration {
+    lease.ttl + lease.renew_interval
+}
+
+/// Whether JetStream drops the re-publishes after a crash takeover as duplicates (same `Nats-Msg-Id`):
+/// only if they arrive within `window` of the first publish, so the takeover must be shorter.
+pub fn takeover_deduplicated(lease: &coordination::Config, window: Duration) -> bool {
+    crash_takeover(lease) < window
+}
+
+/// Exports the duplicate window of `stream` and whether it covers a crash takeover under `lease`; warns
+/// when it does not (called once, at start-up).
+pub fn report_duplicate_window(stream: &str, window: Duration, lease: &coordination::Config, metrics: &Metrics) {
+    let covered = takeover_deduplicated(lease, window);
+    metrics.stream_duplicate_window.set(window.as_secs_f64());
+    metrics.duplicate_window_covers_takeover.set(i64::from(covered));
+    if !covered {
+        tracing::warn!(
+            stream = %stream,
+            duplicate_window_ms = window.as_millis() as u64,
+            lease_ttl_sec = lease.ttl.as_secs(),
+            lease_renew_interval_ms = lease.renew_interval.as_millis() as u64,
+            takeover_ms = crash_takeover(lease).as_millis() as u64,
+            "the stream's duplicate window is not longer than LEASE_TTL_SEC + LEASE_RENEW_INTERVAL_MS: records \
+             re-published after a crash takeover may be stored twice; lengthen the stream's duplicate window \
+             or shorten the lease settings"
+        );
+    }
 }
 
 /// Finds or creates the checkpoint bucket.
@@ -371,7 +413,41 @@ pub async fn ensure_bucket(js: &jetstream::Context, config: &Config) -> Result<k
 
 #[cfg(test)]
 mod tests {
-    use super::subject_matches;
+    use super::*;
+
+    fn lease(ttl_sec: u64, renew_ms: Option<u64>) -> coordination::Config {
+        let mut lease = coordination::Config::new("r", Duration::from_secs(ttl_sec));
+        if let Some(renew) = renew_ms {
+            lease.renew_interval = Duration::from_millis(renew);
+        }
+        lease
+    }
+
+    #[test]
+    fn a_crash_takeover_is_deduplicated_only_when_it_is_shorter_than_the_window() {
+        // The defaults: 10 s + 10/3 s against the seed's 2 minutes.
+        assert_eq!(crash_takeover(&lease(10, None)), Duration::from_secs(10) + Duration::from_secs(10) / 3);
+        assert!(takeover_deduplicated(&lease(10, None), DUPLICATE_WINDOW));
+        // The test rig's 100 ms window.
+        assert!(!takeover_deduplicated(&lease(10, None), Duration::from_millis(100)));
+        // 100 s + 20 s is the window exactly: a re-publish at its edge may be stored again.
+        assert!(!takeover_deduplicated(&lease(100, Some(20_000)), DUPLICATE_WINDOW));
+        assert!(takeover_deduplicated(&lease(100, Some(19_999)), DUPLICATE_WINDOW));
+        assert!(!takeover_deduplicated(&lease(3_600, None), DUPLICATE_WINDOW));
+    }
+
+    #[test]
+    fn the_window_and_the_verdict_are_exported() {
+        let metrics = Metrics::new();
+        report_duplicate_window("s", Duration::from_millis(100), &lease(10, None), &metrics);
+        let text = metrics.encode();
+        assert!(text.contains("dynamodb_stream_consumer_stream_duplicate_window_seconds 0.1\n"), "{text}");
+        assert!(text.contains("dynamodb_stream_consumer_duplicate_window_covers_takeover 0\n"), "{text}");
+        report_duplicate_window("s", DUPLICATE_WINDOW, &lease(10, None), &metrics);
+        let text = metrics.encode();
+        assert!(text.contains("dynamodb_stream_consumer_stream_duplicate_window_seconds 120\n"), "{text}");
+        assert!(text.contains("dynamodb_stream_consumer_duplicate_window_covers_takeover 1\n"), "{text}");
+    }
 
     #[test]
     fn filters_match_subjects() {

@@ -6,6 +6,11 @@
 //! checkpoints, whichever replica wrote them; finished checkpoints of shards that left the stream are
 //! deleted, so the bucket does not grow without bound.
 //!
+//! Invariant: the streams followed are listed once each, oldest first. `DescribeTable` is eventually
+//! consistent and may name an older stream for a while after a re-enable; such a stale answer leaves
+//! the list as it is ([`place`]). An older stream appended after a newer one would be followed again,
+//! and once AWS deleted it, every refresh that found it last in the list would fail.
+//!
 //! A table that cannot be read (missing, no stream, `KEYS_ONLY`) is logged and counted here and marked
 //! in the topology; a failed AWS or NATS call leaves the previous topology as it was, for the next try.
 
@@ -45,11 +50,26 @@ pub async fn refresh(services: &Services, table: &str, previous: Option<&Topolog
         }
     };
     next.problem = None;
-    if next.streams.last().map(|s| s.arn.as_str()) != Some(stream.stream_arn.as_str()) {
-        if !next.streams.is_empty() {
-            tracing::warn!(table, new_stream = %stream.stream_arn, "stream ARN changed; the old stream's shards are finished first");
+    if keep_in_order(&mut next.streams) {
+        tracing::warn!(table, "the topology listed a stream twice or an older stream after a newer one; repaired");
+    }
+    match place(&next.streams, &stream.stream_arn) {
+        Place::Newest => {}
+        Place::Append => {
+            if !next.streams.is_empty() {
+                tracing::warn!(table, new_stream = %stream.stream_arn, "stream ARN changed; the old stream's shards are finished first");
+            }
+            next.streams.push(StreamShards { arn: stream.stream_arn.clone(), shards: Vec::new() });
         }
-        next.streams.push(StreamShards { arn: stream.stream_arn.clone(), shards: Vec::new() });
+        Place::Stale => {
+            let newest = next.streams.last().map(|s| s.arn.as_str()).unwrap_or_default();
+            tracing::info!(
+                table,
+                stream = %stream.stream_arn,
+                newest_stream = %newest,
+                "DescribeTable named an older stream than the newest followed (a stale answer); streams followed kept"
+            );
+        }
     }
 
     let mut listed = Vec::with_capacity(next.streams.len());
@@ -80,6 +100,55 @@ pub async fn refresh(services: &Services, table: &str, previous: Option<&Topolog
     }
     clean_up(services, table, &mut next).await;
     Ok(next)
+}
+
+/// Where a stream `DescribeTable` names goes in the list of streams followed (oldest first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// It is the newest stream followed: nothing changes.
+    Newest,
+    /// It is newer than every stream followed (the stream was re-enabled, or the list is empty).
+    Append,
+    /// It is followed already, or older than the newest followed: a stale answer.
+    Stale,
+}
+
+/// Places `arn` against `streams` (see [`Place`]). A stream that is not listed is older than the newest
+/// listed when its label is: the label is the stream's creation time in ISO 8601, unique per table,
+/// which sorts as text in time order. An ARN without a label is taken as new, as before.
+fn place(streams: &[StreamShards], arn: &str) -> Place {
+    let Some(newest) = streams.last() else { return Place::Append };
+    if newest.arn == arn {
+        return Place::Newest;
+    }
+    if streams.iter().any(|s| s.arn == arn) {
+        return Place::Stale;
+    }
+    match (stream_label(arn), stream_label(&newest.arn)) {
+        (Some(label), Some(newest)) if label < newest => Place::Stale,
+        _ => Place::Append,
+    }
+}
+
+/// The label of a stream ARN, `arn:aws:dynamodb:{region}:{account}:table/{table}/stream/{label}` (table
+/// names cannot hold a `/`).
+fn stream_label(arn: &str) -> Option<&str> {
+    arn.rsplit_once("/stream/").map(|(_, label)| label).filter(|label| !label.is_empty())
+}
+
+/// Drops every stream that would not have been appended after the ones before it (a repeat, or an
+/// older stream after a newer one), as topologies written before stale answers were recognised may
+/// list them (`[S1, S2, S1]`). Returns whether anything was dropped.
+fn keep_in_order(streams: &mut Vec<StreamShards>) -> bool {
+    let before = streams.len();
+    let mut kept: Vec<StreamShards> = Vec::with_capacity(before);
+    for stream in streams.drain(..) {
+        if place(&kept, &stream.arn) == Place::Append {
+            kept.push(stream);
+        }
+    }
+    *streams = kept;
+    streams.len() != before
 }
 
 /// Adds the listed closed shards whose checkpoint says finished. Open shards are not read: only a
@@ -156,5 +225,48 @@ async fn clean_up(services: &Services, table: &str, topology: &mut Topology) {
                 tracing::warn!(table, shard_id, error = %err, "cannot delete finished checkpoint; retrying later")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S1: &str = "arn:aws:dynamodb:us-east-1:123456789012:table/t/stream/2026-01-01T00:00:00.000";
+    const S2: &str = "arn:aws:dynamodb:us-east-1:123456789012:table/t/stream/2026-01-01T00:00:05.000";
+    const S3: &str = "arn:aws:dynamodb:us-east-1:123456789012:table/t/stream/2026-01-02T00:00:00.000";
+
+    fn streams(arns: &[&str]) -> Vec<StreamShards> {
+        arns.iter().map(|arn| StreamShards { arn: (*arn).to_owned(), shards: Vec::new() }).collect()
+    }
+
+    #[test]
+    fn a_stream_is_appended_only_when_it_is_newer_than_every_one_followed() {
+        assert_eq!(place(&[], S1), Place::Append);
+        assert_eq!(place(&streams(&[S1]), S1), Place::Newest);
+        assert_eq!(place(&streams(&[S1]), S2), Place::Append);
+        assert_eq!(place(&streams(&[S1, S2]), S2), Place::Newest);
+        // The issue: S1 named again after S2 was appended made [S1, S2, S1].
+        assert_eq!(place(&streams(&[S1, S2]), S1), Place::Stale);
+        // S1 finished and dropped from the list: still older than the newest followed.
+        assert_eq!(place(&streams(&[S2]), S1), Place::Stale);
+        assert_eq!(place(&streams(&[S2]), S3), Place::Append);
+        // Labels of another precision (moto writes microseconds) still sort in time order.
+        assert_eq!(place(&streams(&[S2]), &format!("{}.5", &S2[..S2.len() - 4])), Place::Append);
+        // Without a label the answer cannot be judged older: followed, as before.
+        assert_eq!(place(&streams(&[S2]), "arn:other"), Place::Append);
+    }
+
+    #[test]
+    fn a_topology_listing_a_stream_twice_is_repaired_in_order() {
+        let mut listed = streams(&[S1, S2, S1]);
+        assert!(keep_in_order(&mut listed));
+        assert_eq!(listed, streams(&[S1, S2]));
+        let mut listed = streams(&[S2, S1, S3]);
+        assert!(keep_in_order(&mut listed));
+        assert_eq!(listed, streams(&[S2, S3]));
+        let mut listed = streams(&[S1, S2, S3]);
+        assert!(!keep_in_order(&mut listed));
+        assert_eq!(listed, streams(&[S1, S2, S3]));
     }
 }

@@ -180,3 +180,34 @@ async fn a_full_stream_holds_publishes_back_until_there_is_room() {
     rig.stop().await;
     rig.assert_exact(&rig.messages().await, &rig.written);
 }
+
+/// Issue 14 (7): a duplicate window not longer than a crash takeover (lease TTL + one renew interval)
+/// lets the new owner's re-publishes be stored twice. The service starts anyway (the other tests here
+/// rely on a 100 ms window), but says so once at start-up, and exports the window and the verdict.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_duplicate_window_shorter_than_a_crash_takeover_is_warned_about_once() {
+    let warning = ["WARN", "LEASE_TTL_SEC", "LEASE_RENEW_INTERVAL_MS", "stored twice"];
+    let mut tiny = Rig::new(Window::Tiny).await;
+    tiny.start(&[]).await;
+    let lines = tiny.log_lines(&warning);
+    assert_eq!(lines.len(), 1, "one warning expected; service log (tail):\n{}", tiny.log_tail());
+    for field in [
+        format!("stream={STREAM}"),
+        "duplicate_window_ms=100".to_owned(),
+        "lease_ttl_sec=10".to_owned(),
+        "lease_renew_interval_ms=3333".to_owned(),
+    ] {
+        assert!(lines[0].contains(&field), "{field} missing in: {}", lines[0]);
+    }
+    assert_eq!(tiny.metric("stream_duplicate_window_seconds", &[]).await, 0.1);
+    assert_eq!(tiny.metric("duplicate_window_covers_takeover", &[]).await, 0.0);
+    tiny.stop().await;
+
+    // The window of a stream the service creates (the seed's 2 minutes) covers the default lease.
+    let mut seed = Rig::new(Window::Seed).await;
+    seed.start(&[]).await;
+    assert_eq!(seed.metric("stream_duplicate_window_seconds", &[]).await, 120.0);
+    assert_eq!(seed.metric("duplicate_window_covers_takeover", &[]).await, 1.0);
+    assert!(seed.log_lines(&["LEASE_TTL_SEC"]).is_empty(), "{}", seed.log_tail());
+    seed.stop().await;
+}

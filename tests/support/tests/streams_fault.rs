@@ -452,6 +452,37 @@ async fn a_reenabled_stream_gets_a_new_arn_and_the_old_one_ends() {
 }
 
 #[tokio::test]
+async fn stale_describe_table_answers_name_the_older_stream_and_deleted_streams_are_gone() {
+    let server = FaultyStreams::start().await;
+    let old_arn = server.create_table("t", "pk", ViewType::NewAndOldImages);
+    let client = streams(&server).await;
+    let ddb = dynamodb(&server).await;
+    let old_shard = server.open_shards("t").remove(0);
+    let new_arn = server.reenable_stream("t");
+    let latest = || async { ddb.describe_table().table_name("t").send().await.unwrap().table.unwrap() };
+
+    server.stale_describe_table(&old_arn, 2);
+    for _ in 0..2 {
+        let table = latest().await;
+        assert_eq!(table.latest_stream_arn(), Some(old_arn.as_str()));
+        assert!(old_arn.ends_with(table.latest_stream_label().unwrap()));
+    }
+    assert_eq!(latest().await.latest_stream_arn(), Some(new_arn.as_str()), "two stale answers, then the latest");
+    assert_eq!(server.pending_faults(Op::DescribeTable), 0);
+
+    let old_iterator = iterator(&client, &old_arn, &old_shard, TrimHorizon, None).await;
+    server.delete_stream(&old_arn);
+    let err = client.describe_stream().stream_arn(&old_arn).send().await.unwrap_err();
+    assert_eq!(err.code(), Some("ResourceNotFoundException"));
+    let err = client.get_records().shard_iterator(&old_iterator).send().await.unwrap_err();
+    assert_eq!(err.code(), Some("ResourceNotFoundException"));
+    let listed = client.list_streams().table_name("t").send().await.unwrap();
+    let arns: Vec<_> = listed.streams().iter().filter_map(|s| s.stream_arn()).collect();
+    assert_eq!(arns, [new_arn.as_str()]);
+    assert_eq!(shards(&client, &new_arn).await.0.len(), 1, "the latest stream is untouched");
+}
+
+#[tokio::test]
 async fn bad_requests_get_client_errors_not_panics() {
     let server = FaultyStreams::start().await;
     let arn = server.create_table("t", "pk", ViewType::NewImage);

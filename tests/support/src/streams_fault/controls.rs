@@ -1,5 +1,5 @@
-//! The methods tests call on [`FaultyStreams`]: tables and writes, shard topology, retention and
-//! iterator expiry, and queued faults with per-operation call counts.
+//! The methods tests call on [`FaultyStreams`]: tables and writes, shard topology, streams re-enabled
+//! and deleted, retention and iterator expiry, and queued faults with per-operation call counts.
 //!
 //! Each control takes the model lock once, so a change is atomic with respect to API calls: a
 //! `DescribeStream` sees a split either wholly or not at all. Misuse (an unknown table or shard)
@@ -90,6 +90,12 @@ impl FaultyStreams {
         self.model().reenable_stream(table)
     }
 
+    /// Deletes a stream that is no longer its table's latest (as AWS does 24 hours after a stream was
+    /// disabled): `DescribeStream`, `GetShardIterator` and its iterators get `ResourceNotFoundException`.
+    pub fn delete_stream(&self, stream_arn: &str) {
+        self.model().delete_stream(stream_arn);
+    }
+
     /// Expires every iterator issued so far: `GetRecords` on one gets `ExpiredIteratorException`.
     pub fn expire_iterators(&self) {
         self.model().generation += 1;
@@ -127,6 +133,13 @@ impl FaultyStreams {
     /// shorter attempt timeout sees a time-out.
     pub fn delay(&self, op: Op, duration: Duration, n: usize) {
         self.model().faults.push(op, Fault::Delay(duration), n);
+    }
+
+    /// The next `n` `DescribeTable` calls get a stale answer, as DynamoDB's eventually consistent reads
+    /// may give for a while after a stream is re-enabled: `LatestStreamArn` names `stream_arn` (an older
+    /// stream) instead of the table's latest. Whichever table a call names.
+    pub fn stale_describe_table(&self, stream_arn: &str, n: usize) {
+        self.model().faults.push(Op::DescribeTable, Fault::StaleTable { stream_arn: stream_arn.to_owned() }, n);
     }
 
     /// How many faults are still queued for `op`.

@@ -69,6 +69,9 @@ pub(crate) enum Fault {
     Error { status: u16, code: &'static str, message: &'static str },
     /// Hold the normal answer back this long.
     Delay(Duration),
+    /// Answer `DescribeTable` as an eventually consistent read that has not seen the table's newest
+    /// stream yet: `LatestStreamArn` names this (older) stream.
+    StaleTable { stream_arn: String },
 }
 
 impl Fault {

@@ -1,8 +1,8 @@
 //! The HTTP side: AWS JSON 1.0 on a loopback port, so the unmodified AWS SDK clients talk to the model.
 //!
 //! Every request is `POST /` with `X-Amz-Target` naming the operation; the signature is ignored. A
-//! request is counted and takes its queued fault (an error answer, or a delay before the normal answer)
-//! before the model sees it. The model lock is never held across an `.await`, so a delayed call does
+//! request is counted and takes its queued fault (an error answer, a delay before the normal answer, or
+//! a stale `DescribeTable` answer) before the model sees it. The model lock is never held across an `.await`, so a delayed call does
 //! not hold up the others. Errors are `{"__type": "com.amazonaws.dynamodb.v20120810#<Code>", "message"}`
 //! with the bare code in `x-amzn-ErrorType`, which is where the SDK reads the code from.
 
@@ -66,6 +66,9 @@ async fn answer(endpoint: &Endpoint, headers: &HeaderMap, body: &[u8]) -> Result
     match fault {
         None => {}
         Some(Fault::Error { status, code, message }) => return Err(ApiError::new(status, code, message)),
+        Some(Fault::StaleTable { stream_arn }) => {
+            return ops::stale_describe_table(&lock(&endpoint.model), body, &stream_arn);
+        }
         Some(Fault::Delay(duration)) => {
             tokio::select! {
                 () = tokio::time::sleep(duration) => {}

@@ -6,7 +6,8 @@
 //! `AWS_ENDPOINT_URL_DYNAMODB_STREAMS` and `AWS_ENDPOINT_URL_DYNAMODB` point at [`FaultyStreams::endpoint`].
 //! Behind it is an in-memory model of tables, streams, shards and records that a test drives directly:
 //! it writes items, splits and rolls over shards, expires iterators, trims and drops data, re-enables
-//! streams, and queues per-operation faults (throttling, HTTP 500, delays that become SDK time-outs).
+//! and deletes streams, and queues per-operation faults (throttling, HTTP 500, delays that become SDK
+//! time-outs, stale `DescribeTable` answers).
 //! A write goes to the one open shard that owns its key hash, so the same item always lands in the
 //! same child after a split, and sequence numbers are unique across the whole server.
 //!

@@ -290,6 +290,14 @@ impl Model {
         arn
     }
 
+    /// Deletes a stream that is no longer its table's latest, with its shards and records.
+    pub fn delete_stream(&mut self, arn: &str) {
+        let stream = self.streams.get(arn).unwrap_or_else(|| panic!("no stream {arn}"));
+        let table = self.table(&stream.table).unwrap_or_else(|| panic!("no table {} of {arn}", stream.table));
+        assert!(table.stream_arn != arn, "stream {arn} is its table's latest; re-enable the stream first");
+        self.streams.remove(arn);
+    }
+
     /// Removes a shard (of any of the table's streams) with its records.
     pub fn drop_shard(&mut self, table: &str, shard_id: &str) {
         let stream = self

@@ -102,11 +102,23 @@ struct ListStreamsInput {
     exclusive_start_stream_arn: Option<String>,
 }
 
+/// `DescribeTable` answered as if `stream_arn` were the table's latest stream (a stale read).
+pub(crate) fn stale_describe_table(model: &Model, body: &[u8], stream_arn: &str) -> Result<String, ApiError> {
+    describe_table_as(model, parse(body)?, Some(stream_arn)).map(|value| value.to_string())
+}
+
 fn describe_table(model: &Model, input: DescribeTableInput) -> Result<Value, ApiError> {
+    describe_table_as(model, input, None)
+}
+
+/// The table's description naming `stream_arn` (the table's latest stream unless given) as its latest.
+fn describe_table_as(model: &Model, input: DescribeTableInput, stream_arn: Option<&str>) -> Result<Value, ApiError> {
     let name = &input.table_name;
     let table = model.table(name).ok_or_else(|| ApiError::not_found(format!("Table: {name} not found")))?;
-    let label = model.stream(&table.stream_arn).map(|stream| stream.label.as_str()).unwrap_or_default();
-    Ok(json!({ "Table": shapes::table(table, label) }))
+    let arn = stream_arn.unwrap_or(&table.stream_arn);
+    // A stream deleted since has no label any more; the service reads only the ARN.
+    let label = model.stream(arn).map(|stream| stream.label.as_str()).unwrap_or_default();
+    Ok(json!({ "Table": shapes::table(table, arn, label) }))
 }
 
 fn describe_stream(model: &Model, input: DescribeStreamInput) -> Result<Value, ApiError> {

@@ -10,8 +10,8 @@ use super::model::{Shard, Stream, Table};
 use super::names;
 use super::types::{NewRecord, ViewType};
 
-/// `DescribeTable`'s `Table`.
-pub(crate) fn table(table: &Table, stream_label: &str) -> Value {
+/// `DescribeTable`'s `Table`, naming `stream_arn` (with its `stream_label`) as the latest stream.
+pub(crate) fn table(table: &Table, stream_arn: &str, stream_label: &str) -> Value {
     let mut specification = json!({ "StreamEnabled": table.stream_enabled });
     if table.stream_enabled {
         specification["StreamViewType"] = json!(table.view.as_str());
@@ -26,7 +26,7 @@ pub(crate) fn table(table: &Table, stream_label: &str) -> Value {
         "AttributeDefinitions": [{ "AttributeName": table.key, "AttributeType": "S" }],
         "BillingModeSummary": { "BillingMode": "PAY_PER_REQUEST" },
         "StreamSpecification": specification,
-        "LatestStreamArn": table.stream_arn,
+        "LatestStreamArn": stream_arn,
         "LatestStreamLabel": stream_label,
     })
 }
