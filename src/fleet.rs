@@ -161,6 +161,8 @@ impl Fleet {
             fresh_start: readable.fresh_start,
             cancel: stop.clone(),
             guard,
+            readable: self.readable_rx.clone(),
+            force: self.force.clone(),
         };
         self.running.insert(shard.clone(), Running { generation, stop });
         let ended = self.ended_tx.clone();

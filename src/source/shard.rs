@@ -12,11 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coordination::LeaseGuard;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::Services;
 use super::api::{Page, StartAt};
+use super::watch::{Force, ReadableShards};
 
 /// A `GetRecords` page made ready to publish: its records converted, the page itself dropped.
 struct Fetched {
@@ -61,6 +63,20 @@ pub struct ShardReader {
     pub cancel: CancellationToken,
     /// The permission to publish and checkpoint this shard.
     pub guard: LeaseGuard,
+    /// The shards that may be read now, as the fleet last saw them: tells whether a shard AWS calls
+    /// missing is closed or gone (then it has ended) or still listed open (then NotFound is transient).
+    pub readable: watch::Receiver<ReadableShards>,
+    /// Asks for a refresh of the table's topology at once.
+    pub force: Force,
+}
+
+/// Where the topology puts a shard that an AWS call said does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listing {
+    /// Listed and open: AWS answers NotFound transiently (e.g. just after a stream is enabled).
+    Open,
+    /// Listed closed, or no longer listed: the shard has ended.
+    Ended,
 }
 
 impl ShardReader {
@@ -107,8 +123,18 @@ impl ShardReader {
                             Err(err) => {
                                 metrics.get_records_errors.with_label_values(&[table, err.kind()]).inc();
                                 match err {
-                                    ReadError::Trimmed(_) => start = self.trimmed(&start),
-                                    ReadError::NotFound(_) => return self.finish(&mut checkpoint).await,
+                                    ReadError::Trimmed(_) => {
+                                        if !self.trimmed(&mut start, &mut delays).await {
+                                            return self.stopped();
+                                        }
+                                    }
+                                    ReadError::NotFound(message) => {
+                                        if let Some(outcome) =
+                                            self.not_found(&message, &mut checkpoint, &mut delays).await
+                                        {
+                                            return outcome;
+                                        }
+                                    }
                                     other => {
                                         tracing::warn!(table, shard_id, error = %other, "cannot get a shard iterator; retrying");
                                         if !self.pause(delays.next()).await {
@@ -162,10 +188,17 @@ impl ShardReader {
                 *iterator = None;
             }
             ReadError::Trimmed(_) => {
-                *start = self.trimmed(start);
                 *iterator = None;
+                if !self.trimmed(start, delays).await {
+                    return Err(self.stopped());
+                }
             }
-            ReadError::NotFound(_) => return Err(self.finish(checkpoint).await),
+            ReadError::NotFound(message) => {
+                *iterator = None;
+                if let Some(outcome) = self.not_found(&message, checkpoint, delays).await {
+                    return Err(outcome);
+                }
+            }
             other => {
                 tracing::warn!(table, shard_id, error = %other, "GetRecords failed; retrying");
                 if !self.pause(delays.next()).await {
@@ -256,12 +289,57 @@ impl ShardReader {
         }
     }
 
-    /// The checkpoint is older than the stream's retention: the records between are gone.
-    fn trimmed(&self, start: &StartAt) -> StartAt {
+    /// The checkpoint is older than the stream's retention: the records between are gone, so reading
+    /// goes on from `TRIM_HORIZON`, and the gap is counted once. Trimmed again at `TRIM_HORIZON` (the
+    /// horizon moved on between the iterator and the read) is no new gap: the read is retried after a
+    /// pause. False if told to stop meanwhile.
+    async fn trimmed(&self, start: &mut StartAt, delays: &mut super::Backoff) -> bool {
+        if *start == StartAt::TrimHorizon {
+            tracing::info!(table = %self.table, shard_id = %self.shard_id, "trimmed at TRIM_HORIZON as well; retrying");
+            return self.pause(delays.next()).await;
+        }
         self.services.metrics.trimmed_data_gaps.with_label_values(&[&self.table]).inc();
         tracing::error!(table = %self.table, shard_id = %self.shard_id, ?start,
             "records after the checkpoint were trimmed from the stream (older than its 24 h retention) and are lost; continuing from TRIM_HORIZON");
-        StartAt::TrimHorizon
+        *start = StartAt::TrimHorizon;
+        true
+    }
+
+    /// AWS says the shard (or its stream) does not exist. That is its end only if the topology lists
+    /// it closed or no longer lists it; a shard listed open is asked again after a pause, and the
+    /// table's topology is refreshed meanwhile. `Some(outcome)` when the reader ends.
+    async fn not_found(
+        &self,
+        message: &str,
+        checkpoint: &mut ShardCheckpoint,
+        delays: &mut super::Backoff,
+    ) -> Option<Outcome> {
+        if self.listing() == Listing::Ended {
+            tracing::info!(table = %self.table, shard_id = %self.shard_id, error = message, "shard is closed or gone from the stream; it has ended");
+            return Some(self.finish(checkpoint).await);
+        }
+        let delay = delays.next();
+        tracing::warn!(table = %self.table, shard_id = %self.shard_id, error = message,
+            retry_in_ms = delay.map(|d| d.as_millis() as u64), "shard not found although listed open; retrying");
+        self.force.refresh(&self.table);
+        let resumed = self.pause(delay).await;
+        // The refresh may have found it gone: the fleet then stops this reader, which ends it instead,
+        // so its children need not wait and its checkpoint is cleaned up like any finished shard's.
+        if self.listing() == Listing::Ended {
+            tracing::info!(table = %self.table, shard_id = %self.shard_id, "shard is gone from the stream; it has ended");
+            return Some(self.finish(checkpoint).await);
+        }
+        if resumed { None } else { Some(self.stopped()) }
+    }
+
+    fn listing(&self) -> Listing {
+        let readable = self.readable.borrow();
+        match readable.as_deref().map(|shards| shards.get(self.guard.shard())) {
+            // No topology yet: nothing says it ended.
+            None => Listing::Open,
+            Some(Some(shard)) if !shard.closed => Listing::Open,
+            Some(_) => Listing::Ended,
+        }
     }
 
     /// Publishes a batch until every record is acknowledged, checkpointing each acknowledged prefix.

@@ -58,6 +58,8 @@ pub struct Readable {
     pub shard_id: String,
     /// Where to start when the shard has no checkpoint.
     pub fresh_start: StartAt,
+    /// `DescribeStream` listed it closed (it has an ending sequence number).
+    pub closed: bool,
 }
 
 impl Readable {
@@ -97,7 +99,13 @@ impl Topology {
     fn readable_shard(&self, table: &str, arn: &str, shard: &ShardInfo) -> Readable {
         let fresh_start =
             if self.start_latest.contains(&shard.shard_id) { StartAt::Latest } else { StartAt::TrimHorizon };
-        Readable { table: table.to_owned(), stream_arn: arn.to_owned(), shard_id: shard.shard_id.clone(), fresh_start }
+        Readable {
+            table: table.to_owned(),
+            stream_arn: arn.to_owned(),
+            shard_id: shard.shard_id.clone(),
+            fresh_start,
+            closed: shard.closed,
+        }
     }
 
     /// The readable shards with their stream, and how many unfinished shards wait.

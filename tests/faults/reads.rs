@@ -160,3 +160,63 @@ async fn pages_cut_at_one_megabyte_are_followed_at_once() {
     rig.stop().await;
     rig.assert_exact(&rig.messages().await, &rig.written);
 }
+
+/// Issue 14, item 4: AWS answers `ResourceNotFoundException` transiently (just after a stream is
+/// enabled, say). On a shard the topology lists as open that is no end: the reader retries with
+/// backoff and the shard goes on; before the fix, one such answer wrote `SHARD_END` and no replica
+/// ever read the shard again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_not_found_answer_for_an_open_shard_is_retried_not_taken_as_its_end() {
+    let mut rig = Rig::new(Window::Tiny).await;
+    let keys = keys(5);
+    rig.start(&[]).await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+
+    // The next four iterator requests are refused (a 400 the SDK does not retry: four errors).
+    rig.streams.fail_with(Op::GetShardIterator, 400, "ResourceNotFoundException", 4);
+    rig.streams.expire_iterators();
+    rig.write_all(&keys);
+    rig.until("the not-found answers to be met", || async {
+        (rig.streams.pending_faults(Op::GetShardIterator) == 0).then_some(())
+    })
+    .await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+    let shard = &rig.written[0].shard_id;
+    let checkpoint = rig.checkpoint(shard).await.unwrap_or_default();
+    assert!(!checkpoint.starts_with("SHARD_END"), "an open shard was marked finished: {checkpoint}");
+    assert!(rig.metric("get_records_errors_total", &[("kind", "not_found")]).await >= 1.0);
+    assert!(!rig.log_lines(&["shard not found although listed open"]).is_empty(), "{}", rig.log_tail());
+    rig.stop().await;
+    rig.assert_exact(&rig.messages().await, &rig.written);
+}
+
+/// Issue 14, item 8: data trimmed again at `TRIM_HORIZON` (the horizon moved between the iterator and
+/// the read) is one gap, not one per attempt, and is retried after a pause, not in a tight loop.
+#[tokio::test(flavor = "multi_thread")]
+async fn trimmed_data_at_trim_horizon_is_one_gap_retried_with_backoff() {
+    let mut rig = Rig::new(Window::Seed).await;
+    let keys = keys(5);
+    rig.start(&[]).await;
+    rig.write_all(&keys);
+    rig.settle(&rig.written).await;
+
+    let calls = rig.streams.calls(Op::GetRecords);
+    // The next six reads say the data was trimmed (a 400 the SDK does not retry): the first is the
+    // gap, the next five meet TRIM_HORIZON trimmed as well.
+    rig.streams.fail_with(Op::GetRecords, 400, "TrimmedDataAccessException", 6);
+    rig.write_all(&keys);
+    rig.until("the trimmed answers to be met", || async {
+        (rig.streams.pending_faults(Op::GetRecords) == 0).then_some(())
+    })
+    .await;
+    rig.settle(&rig.written).await;
+    assert_eq!(rig.metric("trimmed_data_gaps_total", &[]).await, 1.0, "one gap, counted once");
+    let retries = rig.log_lines(&["trimmed at TRIM_HORIZON as well; retrying"]);
+    assert!(!retries.is_empty(), "{}", rig.log_tail());
+    assert!(rig.streams.calls(Op::GetRecords) >= calls + 6);
+    rig.stop().await;
+    // Reading from TRIM_HORIZON re-reads what was published; the duplicate window absorbs it.
+    rig.assert_exact(&rig.messages().await, &rig.written);
+}
