@@ -4,6 +4,7 @@
 //! environment or a flag) and is checked in [`Args::validate`], which reports *every* bad variable in
 //! one error instead of stopping at the first: an operator fixes a deployment in one round trip.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -152,7 +153,8 @@ pub struct Config {
     pub publish_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub replica_id: String,
-    /// The lease protocol's settings (replica id, TTL, renew interval, max leases), validated.
+    /// The lease protocol's settings (replica id, TTL, renew interval, max leases, the table list's
+    /// group), validated.
     pub lease: coordination::Config,
     pub bind: IpAddr,
     pub port: u16,
@@ -494,7 +496,7 @@ impl Args {
             check.fail("REPLICA_ID", format!("{replica_id:?} may only contain a-z A-Z 0-9 _ - ."));
         }
 
-        let lease = lease_config(&mut check, self, &replica_id);
+        let lease = lease_config(&mut check, self, &replica_id, &tables);
 
         let port = check.number("PORT", &self.port, 0, u16::MAX.into()) as u16;
         let bind = match self.bind.trim() {
@@ -627,10 +629,14 @@ pub fn redact_url(url: &str) -> String {
 
 /// The lease settings: TTL, renew interval (TTL/3 unless set) and cap, checked against the fencing
 /// argument of `coordination/DESIGN.md` (a renewal must fit well before the guard's deadline).
-fn lease_config(check: &mut Checker, args: &Args, replica_id: &str) -> coordination::Config {
+fn lease_config(check: &mut Checker, args: &Args, replica_id: &str, tables: &[String]) -> coordination::Config {
     // Below 2 s the safety margin (TTL/5) would not cover one publish batch.
     let ttl = check.secs("LEASE_TTL_SEC", &args.lease_ttl_sec, 2, 3_600);
     let mut lease = coordination::Config::new(replica_id, ttl);
+    // Replicas share leases only with peers that read the same tables (coordination/DESIGN.md,
+    // "Groups"): deployments with other table lists in the same bucket, or the other side of a rolling
+    // change of this list, do not lower this replica's share.
+    lease.group = table_set_fingerprint(tables);
     if !args.lease_renew_interval_ms.trim().is_empty() {
         let renew = check.millis("LEASE_RENEW_INTERVAL_MS", &args.lease_renew_interval_ms, 100, 3_600_000);
         lease.renew_interval = renew;
@@ -644,6 +650,20 @@ fn lease_config(check: &mut Checker, args: &Args, replica_id: &str) -> coordinat
         check.fail("LEASE_RENEW_INTERVAL_MS", format!("{} (with LEASE_TTL_SEC {})", err.0, ttl.as_secs()));
     }
     lease
+}
+
+/// The lease group of a table list: 16 hex digits of FNV-1a 64 over the sorted, distinct names, each
+/// followed by a NUL byte (which no table name contains, so `["ab"]` and `["a", "b"]` differ).
+/// Written out here rather than taken from `std`'s `DefaultHasher`, whose output may change between
+/// Rust versions: replicas built by different compilers meet in a rolling upgrade and must agree.
+pub fn table_set_fingerprint(tables: &[String]) -> String {
+    // FNV-1a 64 parameters (Fowler, Noll, Vo: the 64-bit offset basis and prime).
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let names: BTreeSet<&str> = tables.iter().map(String::as_str).collect();
+    let bytes = names.into_iter().flat_map(|name| name.bytes().chain([0]));
+    let hash = bytes.fold(OFFSET_BASIS, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(PRIME));
+    format!("{hash:016x}")
 }
 
 /// The host name (`HOSTNAME`, then `/etc/hostname`), which on Kubernetes is the pod name.
@@ -739,6 +759,22 @@ mod tests {
         let error = args(&[]).validate().expect_err("tables missing");
         assert_eq!(error.0[0].0, "DYNAMODB_TABLES");
         assert!(error.0[0].1.contains("required"));
+    }
+
+    #[test]
+    fn table_set_fingerprint_ignores_order_and_duplicates() {
+        let list = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<String>>();
+        let orders = table_set_fingerprint(&list(&["orders", "customers"]));
+        assert_eq!(orders, table_set_fingerprint(&list(&["customers", "orders"])));
+        assert_eq!(orders, table_set_fingerprint(&list(&["customers", "orders", "customers"])));
+        assert_ne!(orders, table_set_fingerprint(&list(&["orders"])));
+        assert_ne!(table_set_fingerprint(&list(&["ab"])), table_set_fingerprint(&list(&["a", "b"])));
+        // Pinned: replicas of another build must compute the same group, so a change of the algorithm
+        // (which would split a fleet during its rolling upgrade) fails here.
+        assert_eq!(table_set_fingerprint(&list(&["orders"])), "ddc04b9f33c6b224");
+        assert_eq!(orders, "6b6a17171bbcbaa9");
+        let config = args(&[("dynamodb-tables", "customers, orders")]).validate().expect("valid");
+        assert_eq!(config.lease.group, orders);
     }
 
     #[test]

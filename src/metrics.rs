@@ -257,7 +257,7 @@ impl Metrics {
             nats_connected: register(r, "nats_connected", nats_connection().clone()),
             ready: gauge(r, "ready", "1 while GET /readyz answers 200 (serving, NATS connected, lease table readable)"),
             leases_held: gauge(r, "leases_held", "Shard leases this replica holds"),
-            replicas_live: gauge(r, "replicas_live", "Live replicas seen in the lease table, this one included"),
+            replicas_live: gauge(r, "replicas_live", "Live replicas with the same table list, this one included"),
             lease_changes,
             stream_duplicate_window: register(
                 r,

@@ -12,6 +12,10 @@ use crate::lease::Owner;
 /// Default lease TTL (SPEC §4: lease TTL default 10 s).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 
+/// The longest group fingerprint: it is written in every heartbeat, so it should be a hash (16 hex
+/// digits for 64 bits), not the list it stands for.
+pub const MAX_GROUP_LEN: usize = 64;
+
 /// Settings of one coordinator.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -34,6 +38,11 @@ pub struct Config {
     pub op_timeout: Duration,
     /// At most this many leases held at once (`None`: unlimited).
     pub max_leases: Option<usize>,
+    /// Which shards this replica can serve, as a short fingerprint given by the caller (the service
+    /// hashes its table list). Replicas count only peers of the same group when they share out and
+    /// balance leases, so deployments with different shard sets can share one bucket. Empty by
+    /// default, which is also how a presence value written before groups existed reads.
+    pub group: String,
 }
 
 /// A setting that breaks the timing argument.
@@ -55,6 +64,7 @@ impl Config {
             safety_margin: ttl / 5,
             op_timeout: ttl / 6,
             max_leases: None,
+            group: String::new(),
         }
     }
 
@@ -90,6 +100,9 @@ impl Config {
         if self.max_leases == Some(0) {
             return fail("max leases must be at least 1".into());
         }
+        if self.group.len() > MAX_GROUP_LEN {
+            return fail(format!("group {:?} is longer than {MAX_GROUP_LEN} bytes", self.group));
+        }
         Ok(())
     }
 }
@@ -106,8 +119,13 @@ mod tests {
         let mut slow = config.clone();
         slow.renew_interval = Duration::from_secs(7);
         assert!(slow.validate().is_err());
-        let mut no_margin = config;
+        let mut no_margin = config.clone();
         no_margin.safety_margin = Duration::ZERO;
         assert!(no_margin.validate().is_err());
+        let mut long_group = config;
+        long_group.group = "0123456789abcdef".into();
+        long_group.validate().unwrap();
+        long_group.group = "x".repeat(MAX_GROUP_LEN + 1);
+        assert!(long_group.validate().is_err());
     }
 }

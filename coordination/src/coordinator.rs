@@ -44,7 +44,7 @@ pub enum RevokeReason {
 pub struct Status {
     /// Shards this replica holds with a valid guard.
     pub held: BTreeSet<ShardKey>,
-    /// Live replicas seen at the last read of the table, this one included.
+    /// Live replicas of this replica's group seen at the last read of the table, this one included.
     pub live_replicas: usize,
     /// Shards in the set given by the caller.
     pub shards: usize,

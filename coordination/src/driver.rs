@@ -269,6 +269,7 @@ impl Driver {
             me: &self.me,
             ttl: self.config.ttl,
             max_leases: self.config.max_leases,
+            group: &self.config.group,
             shards: &shards,
             shards_known: self.shards_known,
             leases: &self.leases,
@@ -330,6 +331,7 @@ impl Driver {
                         first_seen,
                         ttl: Duration::from_millis(value.ttl_ms),
                         max_leases: value.max_leases,
+                        group: value.group,
                     };
                     replicas.insert(key, seen);
                 }
@@ -435,6 +437,7 @@ impl Driver {
             ttl_ms: lease::millis(self.config.ttl),
             max_leases: self.config.max_leases,
             beat: self.beat,
+            group: self.config.group.clone(),
         });
         let started = Instant::now();
         let limit = self.config.op_timeout;

@@ -57,6 +57,10 @@ pub struct PresenceValue {
     pub max_leases: Option<usize>,
     /// Heartbeat counter (the revision changes anyway; this makes each write visibly new).
     pub beat: u64,
+    /// The replica's group (see `Config::group`); absent in values written before groups existed,
+    /// which read as the empty group.
+    #[serde(default)]
+    pub group: String,
 }
 
 pub(crate) fn millis(duration: Duration) -> u64 {
@@ -89,5 +93,20 @@ mod tests {
         assert_eq!(released.owner, None);
         assert_eq!(released.term.next(), Term::new(5));
         assert_eq!(decode::<LeaseValue>(b"1100000000017454423009"), None);
+    }
+
+    #[test]
+    fn presence_value_carries_its_group_and_an_older_one_reads_as_the_empty_group() {
+        let value = PresenceValue {
+            owner: Owner { replica: "r1".into(), instance: "u1".into() },
+            ttl_ms: 10_000,
+            max_leases: None,
+            beat: 7,
+            group: "0123456789abcdef".into(),
+        };
+        assert_eq!(decode::<PresenceValue>(&encode(&value)), Some(value));
+        let older = br#"{"owner":{"replica":"r0","instance":"u0"},"ttl_ms":10000,"max_leases":null,"beat":3}"#;
+        let older: PresenceValue = decode(older).unwrap();
+        assert_eq!((older.group.as_str(), older.beat), ("", 3));
     }
 }

@@ -3,11 +3,14 @@
 //! Owns the assignment rules. No I/O and no clock: the driver passes `now`. Invariants kept:
 //! - a lease held by someone else is taken only when it is free (released or absent) or expired, and
 //!   expired means "its revision has not changed for the longer of both TTLs, as observed locally";
-//! - free leases go to the least-loaded live replica (ties by owner), so replicas with the same view
-//!   agree on who takes what;
-//! - a replica hands over only when moving one lease from the most-loaded replica to the least-loaded
-//!   one narrows a gap of two or more (or it holds more than its cap): a fleet whose loads differ by at
-//!   most one decides nothing, so a stable fleet makes no lease moves.
+//! - only live replicas of this replica's group (those that serve the same shards) share them: a
+//!   replica of another group never lowers this one's share, and a lease it holds counts as taken;
+//! - free leases go to the least-loaded live replica of the group (ties by owner), so replicas with the
+//!   same view agree on who takes what;
+//! - a replica hands over only when moving one lease from the most-loaded replica of its group to the
+//!   least-loaded one narrows a gap of two or more (or it holds more than its cap): a group whose loads
+//!   differ by at most one decides nothing, so a stable fleet (of one group or several) makes no lease
+//!   moves.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -47,6 +50,8 @@ pub struct ReplicaSeen {
     pub first_seen: Instant,
     pub ttl: Duration,
     pub max_leases: Option<usize>,
+    /// The group its presence value names (empty when written before groups existed).
+    pub group: String,
 }
 
 /// Everything a decision depends on.
@@ -56,6 +61,8 @@ pub struct View<'a> {
     pub me: &'a Owner,
     pub ttl: Duration,
     pub max_leases: Option<usize>,
+    /// This replica's group: only live replicas of the same group share its shards.
+    pub group: &'a str,
     /// The shards the caller wants read (finished ones removed).
     pub shards: &'a BTreeSet<ShardKey>,
     /// Whether the caller has given a shard set yet (no garbage collection before).
@@ -94,7 +101,7 @@ pub struct Plan {
     pub actions: Vec<Action>,
     /// The next instant a foreign lease or presence would expire (worth waking up for).
     pub wake_at: Option<Instant>,
-    /// Live replicas counted, this one included.
+    /// Live replicas of this replica's group counted, this one included.
     pub live_replicas: usize,
 }
 
@@ -180,6 +187,7 @@ pub fn decide(view: &View<'_>) -> Plan {
                 stale_own: false,
                 free_since: expires,
             }),
+            // Counted only if the owner is a live peer of this group (below); otherwise simply taken.
             (_, Some(owner)) => *loads.entry(owner).or_default() += 1,
             (_, None) => {}
         }
@@ -207,7 +215,9 @@ pub fn decide(view: &View<'_>) -> Plan {
             plan.actions.push(Action::ForgetReplica { key: key.clone(), expected: seen.revision });
         } else {
             earliest(&mut plan.wake_at, expires);
-            if !stalled.contains(&seen.owner) {
+            // A replica of another group serves other shards: counting it would lower this replica's
+            // share and hand over leases that only this group can take back, a TTL later.
+            if seen.group == view.group && !stalled.contains(&seen.owner) {
                 caps.insert(&seen.owner, seen.max_leases);
             }
         }
@@ -294,4 +304,99 @@ fn least_loaded<'o>(
         .filter(|(owner, load)| **load < caps.get(*owner).copied().flatten().unwrap_or(usize::MAX))
         .min_by_key(|(owner, load)| (**load, **owner))
         .map(|(owner, _)| *owner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(name: &str) -> Owner {
+        Owner { replica: name.into(), instance: format!("{name}-uuid") }
+    }
+
+    fn shard(n: usize) -> ShardKey {
+        ShardKey::for_shard("t", &format!("shardId-{n}"))
+    }
+
+    /// `me` (group "x") holds shards 0..held of `shards`; `peers` are live replicas with their group and
+    /// the shards they hold; every other shard has no lease yet.
+    fn decide_for(shards: usize, held: usize, peers: &[(&str, &str, &[usize])]) -> Plan {
+        let now = Instant::now();
+        let ttl = Duration::from_secs(10);
+        let me = owner("me");
+        let set: BTreeSet<ShardKey> = (0..shards).map(shard).collect();
+        let mut leases = BTreeMap::new();
+        let mut revision = 0;
+        let mut lease = |holder: &Owner| {
+            revision += 1;
+            let holder = Holder::Owned { owner: holder.clone(), ttl };
+            LeaseSeen { revision: Revision::new(revision), first_seen: now, holder, term: Term::new(1) }
+        };
+        for n in 0..held {
+            leases.insert(shard(n), lease(&me));
+        }
+        let mut replicas = BTreeMap::new();
+        for (name, group, holds) in peers {
+            for n in *holds {
+                leases.insert(shard(*n), lease(&owner(name)));
+            }
+            let seen = ReplicaSeen {
+                owner: owner(name),
+                revision: Revision::new(1),
+                first_seen: now,
+                ttl,
+                max_leases: None,
+                group: (*group).into(),
+            };
+            replicas.insert(format!("lease/replica.{name}"), seen);
+        }
+        let held: BTreeSet<ShardKey> = (0..held).map(shard).collect();
+        decide(&View {
+            now,
+            me: &me,
+            ttl,
+            max_leases: None,
+            group: "x",
+            shards: &set,
+            shards_known: true,
+            leases: &leases,
+            replicas: &replicas,
+            held: &held,
+            handing_over: &BTreeSet::new(),
+            absent_since: &BTreeMap::new(),
+        })
+    }
+
+    fn count(plan: &Plan, what: fn(&Action) -> bool) -> usize {
+        plan.actions.iter().filter(|action| what(action)).count()
+    }
+
+    #[test]
+    fn a_peer_of_the_same_group_gets_its_share() {
+        let plan = decide_for(4, 4, &[("peer", "x", &[])]);
+        assert_eq!(plan.live_replicas, 2);
+        assert_eq!(count(&plan, |a| matches!(a, Action::HandOver { .. })), 2);
+    }
+
+    #[test]
+    fn a_replica_of_another_group_does_not_lower_my_share() {
+        // It cannot take my shards: handing them over would only bring them back after a TTL.
+        let plan = decide_for(4, 4, &[("other", "y", &[])]);
+        assert_eq!(plan.live_replicas, 1);
+        assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+        // Free shards are all mine to take, not partly assigned to it.
+        let plan = decide_for(4, 0, &[("other", "y", &[])]);
+        assert_eq!(count(&plan, |a| matches!(a, Action::Acquire { .. })), 4);
+    }
+
+    #[test]
+    fn a_lease_held_by_another_group_is_taken_not_balance_material() {
+        // Shards 0..3 are held by a replica of the other group (it serves them too, as during a table
+        // list change); my peer and I split the rest and nobody hands anything over.
+        let plan = decide_for(5, 1, &[("other", "y", &[2, 3, 4]), ("peer", "x", &[])]);
+        assert_eq!(plan.live_replicas, 2);
+        assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+        let plan = decide_for(5, 2, &[("other", "y", &[2, 3, 4]), ("peer", "x", &[])]);
+        assert_eq!(count(&plan, |a| matches!(a, Action::HandOver { .. })), 1);
+    }
 }

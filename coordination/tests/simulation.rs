@@ -1,14 +1,18 @@
 //! Deterministic simulation of the lease protocol: N coordinators over the in-memory store, paused
 //! tokio time, a seeded RNG deciding crashes, graceful stops, stalls, joins, shard churn, store
-//! latency and failed writes.
+//! latency and failed writes. A run may mix TTLs in one fleet, give each replica its shard set late
+//! (each by its own delay, as discovery would), and put one or two deployments in the same bucket:
+//! each serves a list of tables and advertises it as its group.
 //!
 //! Checked on every step and at every acquisition: no two replicas hold a valid guard for the same
 //! shard at the same virtual instant; after a crash in a calm fleet every orphaned shard is owned
-//! again within TTL + one renew interval; once the fleet is stable, every shard is owned, loads differ
-//! by at most one, and no lease moves at all.
+//! again within TTL + one renew interval (of the longest TTL in the fleet); once the fleet is stable,
+//! every shard a live replica serves is owned by a replica that serves it, the loads within each
+//! deployment differ by at most one, and no lease moves at all.
 //!
-//! `SIM_SEED=n` replays one seed; `SIM_RUNS=n` runs n seeds (default 200) from a fixed base; `SIM_RANDOM=n`
-//! adds n random seeds (default 3). A failing seed is printed.
+//! `SIM_SEED=n` replays one seed; `SIM_RUNS=n` runs n seeds (default 200; the two-deployment tests run a
+//! tenth of that) from a fixed base; `SIM_RANDOM=n` adds n random seeds (default 3). A failing seed is
+//! printed.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,6 +26,12 @@ use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(10);
+/// The TTLs a fleet with mixed TTLs draws from (a fleet in the middle of a TTL change, or replicas
+/// configured differently).
+const MIXED_TTLS: [Duration; 3] = [Duration::from_secs(6), TTL, Duration::from_secs(15)];
+/// The longest delay with which a replica learns a new shard set, when delays are on (discovery in
+/// the service refreshes about every second; this is well past that, and below the shortest TTL).
+const MAX_SET_DELAY_MS: u64 = 3_000;
 const STEP: Duration = Duration::from_millis(100);
 const CHAOS: Duration = Duration::from_secs(60);
 const MAX_REPLICAS: usize = 10;
@@ -29,6 +39,26 @@ const MAX_REPLICAS: usize = 10;
 const MAX_LATENCY_MS: u64 = 50;
 /// Chance that a request (or its answer) is lost while faults are on.
 const FAIL_RATE: f64 = 0.02;
+
+/// A deployment sharing the bucket: the tables its replicas serve, and the group they advertise.
+#[derive(Clone, Copy, Debug)]
+struct Deployment {
+    group: &'static str,
+    tables: &'static [&'static str],
+}
+
+const TABLE_A: &str = "table.a";
+const TABLE_B: &str = "table.b";
+/// One fleet (the empty group, as a caller that sets none).
+const ONE_FLEET: &[Deployment] = &[Deployment { group: "", tables: &[TABLE_A] }];
+/// Two deployments with different tables in one bucket.
+const DISJOINT: &[Deployment] =
+    &[Deployment { group: "tables-a", tables: &[TABLE_A] }, Deployment { group: "tables-b", tables: &[TABLE_B] }];
+/// A fleet during a change of its table list: the old replicas read A, the new ones A and B.
+const OVERLAPPING: &[Deployment] = &[
+    Deployment { group: "tables-a", tables: &[TABLE_A] },
+    Deployment { group: "tables-ab", tables: &[TABLE_A, TABLE_B] },
+];
 
 /// The store's fault plan, switched by the simulation.
 struct Faults {
@@ -77,6 +107,11 @@ struct World {
 
 struct Replica {
     id: String,
+    /// Index into the run's deployments.
+    deployment: usize,
+    ttl: Duration,
+    /// How late this replica learns each new shard set.
+    set_delay: Duration,
     coordinator: Option<Coordinator>,
     caller: tokio::task::JoinHandle<()>,
 }
@@ -91,6 +126,9 @@ struct RunStats {
     stops: u64,
     stalls: u64,
     joins: u64,
+    two_deployments: bool,
+    mixed_ttls: bool,
+    late_sets: bool,
 }
 
 fn valid_holders(world: &World, shard: &ShardKey) -> Vec<usize> {
@@ -139,35 +177,88 @@ struct Sim {
     store: MemoryStore,
     faults: SharedFaults,
     world: Arc<Mutex<World>>,
+    deployments: &'static [Deployment],
+    /// The TTLs replicas draw from.
+    ttls: Vec<Duration>,
+    max_set_delay: Duration,
     replicas: Vec<Replica>,
-    shards: BTreeSet<ShardKey>,
+    /// Every shard in the streams, with its table.
+    shards: BTreeMap<ShardKey, &'static str>,
+    /// Shard sets not yet given to their replica: (when, replica, set), in the order they were made.
+    late_sets: Vec<(Instant, usize, BTreeSet<ShardKey>)>,
     next_shard: u64,
     stats: RunStats,
 }
 
 impl Sim {
-    fn join(&mut self) {
+    /// A run over `deployments`; a coin decides whether TTLs are mixed and shard sets arrive late.
+    fn new(seed: u64, deployments: &'static [Deployment]) -> Sim {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let faults = SharedFaults(Arc::new(Mutex::new(Faults {
+            rng: StdRng::seed_from_u64(rng.random()),
+            chaos: false,
+            stalled_until: BTreeMap::new(),
+        })));
+        let mixed_ttls = rng.random_bool(0.5);
+        let late_sets = rng.random_bool(0.5);
+        let stats = RunStats { two_deployments: deployments.len() > 1, mixed_ttls, late_sets, ..RunStats::default() };
+        Sim {
+            rng,
+            store: MemoryStore::with_faults(faults.clone()),
+            faults,
+            world: Arc::default(),
+            deployments,
+            ttls: if mixed_ttls { MIXED_TTLS.to_vec() } else { vec![TTL] },
+            max_set_delay: Duration::from_millis(if late_sets { MAX_SET_DELAY_MS } else { 0 }),
+            replicas: Vec::new(),
+            shards: BTreeMap::new(),
+            late_sets: Vec::new(),
+            next_shard: 0,
+            stats,
+        }
+    }
+
+    /// The longest TTL in the fleet: it bounds expiry, so it scales every wait.
+    fn max_ttl(&self) -> Duration {
+        self.ttls.iter().copied().max().unwrap_or(TTL)
+    }
+
+    fn serves(&self, index: usize, shard: &ShardKey) -> bool {
+        let deployment = &self.deployments[self.replicas[index].deployment];
+        self.shards.get(shard).is_some_and(|table| deployment.tables.contains(table))
+    }
+
+    fn join(&mut self, deployment: usize) {
         let index = self.replicas.len();
         let id = format!("r{index:02}");
-        let mut config = Config::new(id.clone(), TTL);
+        let ttl = self.ttls[self.rng.random_range(0..self.ttls.len())];
+        let mut config = Config::new(id.clone(), ttl);
         config.instance = format!("{:032x}", self.rng.random::<u128>());
+        config.group = self.deployments[deployment].group.to_owned();
         let store = Arc::new(self.store.client(&id));
         let (coordinator, events) = Coordinator::start(store, config).unwrap();
-        coordinator.set_shards(self.shards.iter().cloned());
         let delay = Duration::from_millis(self.rng.random_range(0..500));
+        let set_delay = self.max_set_delay.mul_f64(self.rng.random());
         let caller = tokio::spawn(caller(index, events, Arc::clone(&self.world), delay));
-        self.replicas.push(Replica { id, coordinator: Some(coordinator), caller });
+        let coordinator = Some(coordinator);
+        self.replicas.push(Replica { id, deployment, ttl, set_delay, coordinator, caller });
+        self.give_shards(index);
         self.stats.joins += 1;
     }
 
     fn join_if_room(&mut self) {
         if self.live().len() < MAX_REPLICAS {
-            self.join();
+            let deployment = self.rng.random_range(0..self.deployments.len());
+            self.join(deployment);
         }
     }
 
     fn live(&self) -> Vec<usize> {
         (0..self.replicas.len()).filter(|i| self.replicas[*i].coordinator.is_some()).collect()
+    }
+
+    fn live_in(&self, deployment: usize) -> Vec<usize> {
+        self.live().into_iter().filter(|i| self.replicas[*i].deployment == deployment).collect()
     }
 
     fn pick_live(&mut self) -> Option<usize> {
@@ -201,20 +292,47 @@ impl Sim {
         }
     }
 
-    fn publish_shards(&self) {
-        for replica in &self.replicas {
-            if let Some(coordinator) = &replica.coordinator {
-                coordinator.set_shards(self.shards.iter().cloned());
+    /// Gives replica `index` the shards of its deployment's tables, after its own delay.
+    fn give_shards(&mut self, index: usize) {
+        let set: BTreeSet<ShardKey> = self.shards.keys().filter(|shard| self.serves(index, shard)).cloned().collect();
+        let replica = &self.replicas[index];
+        match &replica.coordinator {
+            None => {}
+            Some(coordinator) if replica.set_delay.is_zero() => coordinator.set_shards(set),
+            Some(_) => self.late_sets.push((Instant::now() + replica.set_delay, index, set)),
+        }
+    }
+
+    /// Applies the late shard sets that are due (a replica's delay is fixed, so its sets keep their order).
+    fn deliver_sets(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.late_sets).into_iter().partition(|s| s.0 <= now);
+        self.late_sets = later;
+        for (_, index, set) in due {
+            if let Some(coordinator) = &self.replicas[index].coordinator {
+                coordinator.set_shards(set);
             }
         }
     }
 
-    fn add_shard(&mut self) {
+    fn publish_shards(&mut self) {
+        for index in self.live() {
+            self.give_shards(index);
+        }
+    }
+
+    fn add_shard(&mut self, table: &'static str) {
         self.next_shard += 1;
-        let shard =
-            ShardKey::for_shard("table.sim", &format!("shardId-{:020}-{:08x}", self.next_shard, self.next_shard));
-        self.shards.insert(shard);
+        let shard = ShardKey::for_shard(table, &format!("shardId-{:020}-{:08x}", self.next_shard, self.next_shard));
+        self.shards.insert(shard, table);
         self.publish_shards();
+    }
+
+    fn add_random_shard(&mut self) {
+        let tables: BTreeSet<&'static str> = self.deployments.iter().flat_map(|d| d.tables.iter().copied()).collect();
+        let tables: Vec<&'static str> = tables.into_iter().collect();
+        let table = tables[self.rng.random_range(0..tables.len())];
+        self.add_shard(table);
     }
 
     /// Ends a shard held by a live, unstalled replica: it finishes the shard, then the set drops it.
@@ -224,7 +342,7 @@ impl Sim {
         let world = self.world.lock().unwrap();
         let candidates: Vec<(ShardKey, usize)> = self
             .shards
-            .iter()
+            .keys()
             .filter_map(|shard| {
                 let holders = valid_holders(&world, shard);
                 let holder = *holders.first()?;
@@ -273,34 +391,57 @@ impl Sim {
         }
     }
 
-    /// Valid guards per live replica, and whether every shard is owned.
-    fn loads(&self) -> (Vec<usize>, bool) {
+    /// Valid guards per live replica, grouped by deployment, and the shards that should be owned
+    /// (some live replica serves them) but are not owned by a replica that serves them.
+    fn loads(&self) -> (Vec<Vec<(usize, usize)>>, Vec<ShardKey>) {
         let world = self.world.lock().unwrap();
         let live = self.live();
         let mut loads = vec![0usize; self.replicas.len()];
-        let mut all_owned = true;
-        for shard in &self.shards {
+        let mut unowned = Vec::new();
+        for shard in self.shards.keys() {
             match valid_holders(&world, shard).first() {
-                Some(holder) => loads[*holder] += 1,
-                None => all_owned = false,
+                Some(holder) if self.serves(*holder, shard) => loads[*holder] += 1,
+                _ if live.iter().any(|i| self.serves(*i, shard)) => unowned.push(shard.clone()),
+                _ => {}
             }
         }
-        (live.iter().map(|i| loads[*i]).collect(), all_owned)
+        let by_deployment =
+            (0..self.deployments.len()).map(|d| self.live_in(d).into_iter().map(|i| (i, loads[i])).collect()).collect();
+        (by_deployment, unowned)
     }
 
+    /// Every shard owned, nothing in flight, and the loads within each deployment differ by at most one.
     fn balanced(&self) -> bool {
-        let (loads, all_owned) = self.loads();
-        let pending = !self.world.lock().unwrap().handovers.is_empty();
-        let spread = loads.iter().max().unwrap_or(&0) - loads.iter().min().unwrap_or(&0);
-        all_owned && !pending && spread <= 1
+        let (loads, unowned) = self.loads();
+        let pending = !self.world.lock().unwrap().handovers.is_empty() || !self.late_sets.is_empty();
+        let spread = |loads: &Vec<(usize, usize)>| {
+            let max = loads.iter().map(|l| l.1).max().unwrap_or(0);
+            max - loads.iter().map(|l| l.1).min().unwrap_or(0)
+        };
+        unowned.is_empty() && !pending && loads.iter().all(|loads| spread(loads) <= 1)
     }
 
     async fn step(&mut self) -> Result<(), String> {
         tokio::time::sleep(STEP).await;
+        self.deliver_sets();
         self.do_handovers();
         self.check_exclusive();
         let violations = std::mem::take(&mut self.world.lock().unwrap().violations);
         if violations.is_empty() { Ok(()) } else { Err(violations.join("; ")) }
+    }
+
+    /// Starts the shards and the replicas of every deployment.
+    fn populate(&mut self) {
+        let shards = self.rng.random_range(1..=40);
+        for _ in 0..shards {
+            self.add_random_shard();
+        }
+        let per_deployment = MAX_REPLICAS / self.deployments.len();
+        for deployment in 0..self.deployments.len() {
+            for _ in 0..self.rng.random_range(1..=per_deployment) {
+                self.join(deployment);
+            }
+        }
     }
 
     async fn chaos(&mut self) -> Result<(), String> {
@@ -321,19 +462,22 @@ impl Sim {
                 }
                 r if r < 0.010 => {
                     if let Some(index) = self.pick_live() {
-                        let pause = TTL + Duration::from_millis(self.rng.random_range(0..15_000));
+                        let ttl = self.replicas[index].ttl;
+                        let pause = ttl + ttl.mul_f64(self.rng.random_range(0.0..1.5));
                         let id = self.replicas[index].id.clone();
                         self.faults.0.lock().unwrap().stalled_until.insert(id, Instant::now() + pause);
                         self.stats.stalls += 1;
                     }
                 }
                 r if r < 0.016 => self.join_if_room(),
-                r if r < 0.026 => self.add_shard(),
+                r if r < 0.026 => self.add_random_shard(),
                 r if r < 0.034 => self.end_shard(),
                 _ => {}
             }
-            if self.live().is_empty() {
-                self.join();
+            for deployment in 0..self.deployments.len() {
+                if self.live_in(deployment).is_empty() {
+                    self.join(deployment);
+                }
             }
             self.step().await?;
         }
@@ -344,7 +488,7 @@ impl Sim {
     }
 
     async fn settle(&mut self, what: &str) -> Result<(), String> {
-        let give_up = Instant::now() + 8 * TTL;
+        let give_up = Instant::now() + 8 * self.max_ttl();
         // Balanced for a whole TTL in a row, so pending decisions have played out.
         let mut since: Option<Instant> = None;
         loop {
@@ -352,115 +496,155 @@ impl Sim {
             let now = Instant::now();
             if self.balanced() {
                 let start = *since.get_or_insert(now);
-                if now - start >= TTL {
+                if now - start >= self.max_ttl() {
                     return Ok(());
                 }
             } else {
                 since = None;
             }
             if now >= give_up {
-                return Err(format!("{what}: not balanced within {:?}: loads {:?}", 8 * TTL, self.loads()));
+                return Err(format!("{what}: not balanced within {:?}: loads {:?}", 8 * self.max_ttl(), self.loads()));
             }
         }
     }
+
+    /// A crash in a calm fleet (of a replica whose deployment has another live one): its shards must
+    /// be owned again within TTL + one renew interval.
+    async fn calm_crash(&mut self) -> Result<(), String> {
+        {
+            let mut world = self.world.lock().unwrap();
+            world.orphaned.clear();
+            world.takeovers.clear();
+        }
+        let victims: Vec<usize> =
+            self.live().into_iter().filter(|i| self.live_in(self.replicas[*i].deployment).len() >= 2).collect();
+        if victims.is_empty() {
+            return Ok(());
+        }
+        let victim = victims[self.rng.random_range(0..victims.len())];
+        self.crash(victim);
+        let bound = self.max_ttl() + self.max_ttl() / 3;
+        let give_up = Instant::now() + 2 * self.max_ttl();
+        while !self.world.lock().unwrap().orphaned.is_empty() {
+            self.step().await?;
+            if Instant::now() >= give_up {
+                return Err(format!("orphans not taken over: {:?}", self.world.lock().unwrap().orphaned));
+            }
+        }
+        let takeovers = std::mem::take(&mut self.world.lock().unwrap().takeovers);
+        if let Some(worst) = takeovers.iter().max().filter(|worst| **worst > bound) {
+            return Err(format!("takeover took {worst:?}, more than {bound:?}"));
+        }
+        self.stats.calm_takeovers = takeovers;
+        self.settle("after the calm crash").await
+    }
+
+    /// A stable fleet: no lease moves for 3 TTLs, balance holds on every step.
+    async fn stable(&mut self) -> Result<(), String> {
+        let before = self.world.lock().unwrap().acquisitions;
+        let end = Instant::now() + 3 * self.max_ttl();
+        while Instant::now() < end {
+            self.step().await?;
+            if !self.balanced() {
+                return Err(format!("stable fleet lost balance: {:?}", self.loads()));
+            }
+        }
+        self.stats.stable_moves = self.world.lock().unwrap().acquisitions - before;
+        if self.stats.stable_moves > 0 {
+            return Err(format!("{} lease moves in a stable fleet", self.stats.stable_moves));
+        }
+        Ok(())
+    }
 }
 
+/// Chaos, settling, a calm crash, then a stable fleet; one fleet in half the runs, two deployments
+/// (disjoint or overlapping tables) in the other half.
 async fn simulate(seed: u64) -> Result<RunStats, String> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let faults = SharedFaults(Arc::new(Mutex::new(Faults {
-        rng: StdRng::seed_from_u64(rng.random()),
-        chaos: false,
-        stalled_until: BTreeMap::new(),
-    })));
-    let store = MemoryStore::with_faults(faults.clone());
-    let mut sim = Sim {
-        rng,
-        store,
-        faults,
-        world: Arc::default(),
-        replicas: Vec::new(),
-        shards: BTreeSet::new(),
-        next_shard: 0,
-        stats: RunStats::default(),
+    let deployments = match seed % 4 {
+        0 => DISJOINT,
+        1 => OVERLAPPING,
+        _ => ONE_FLEET,
     };
-    let shards = sim.rng.random_range(1..=40);
-    for _ in 0..shards {
-        sim.add_shard();
-    }
-    let replicas = sim.rng.random_range(1..=MAX_REPLICAS);
-    for _ in 0..replicas {
-        sim.join();
-    }
-
+    let mut sim = Sim::new(seed, deployments);
+    sim.populate();
     sim.chaos().await?;
     sim.stats.chaos_takeovers = std::mem::take(&mut sim.world.lock().unwrap().takeovers);
     sim.world.lock().unwrap().orphaned.clear();
     sim.settle("after chaos").await?;
-
-    // A crash in a calm fleet: its shards must be owned again within TTL + one renew interval.
-    if sim.live().len() >= 2 {
-        let victim = sim.live().into_iter().max_by_key(|i| sim.loads().0.get(*i).copied()).unwrap_or(0);
-        let live = sim.live();
-        let victim = live[sim.rng.random_range(0..live.len())].max(victim.min(live[0]));
-        sim.crash(victim);
-        let bound = TTL + TTL / 3;
-        let give_up = Instant::now() + 2 * TTL;
-        while !sim.world.lock().unwrap().orphaned.is_empty() {
-            sim.step().await?;
-            if Instant::now() >= give_up {
-                return Err(format!("orphans not taken over: {:?}", sim.world.lock().unwrap().orphaned));
-            }
-        }
-        let takeovers = std::mem::take(&mut sim.world.lock().unwrap().takeovers);
-        if let Some(worst) = takeovers.iter().max().filter(|worst| **worst > bound) {
-            return Err(format!("takeover took {worst:?}, more than {bound:?}"));
-        }
-        sim.stats.calm_takeovers = takeovers;
-        sim.settle("after the calm crash").await?;
-    }
-
-    // A stable fleet: no lease moves, balance holds.
-    let before = sim.world.lock().unwrap().acquisitions;
-    let end = Instant::now() + 3 * TTL;
-    while Instant::now() < end {
-        sim.step().await?;
-        if !sim.balanced() {
-            return Err(format!("stable fleet lost balance: {:?}", sim.loads()));
-        }
-    }
-    sim.stats.stable_moves = sim.world.lock().unwrap().acquisitions - before;
-    if sim.stats.stable_moves > 0 {
-        return Err(format!("{} lease moves in a stable fleet", sim.stats.stable_moves));
-    }
+    sim.calm_crash().await?;
+    sim.stable().await?;
     Ok(sim.stats)
 }
 
-fn run_seed(seed: u64) -> Result<RunStats, String> {
+/// Two deployments with different table lists in one bucket, without chaos. `rolling`: the first
+/// deployment runs alone, then a rolling change of its table list replaces some or all of its replicas
+/// with replicas of the second, one at a time (a new one joins, an old one stops a little later).
+async fn two_deployments(seed: u64, deployments: &'static [Deployment], rolling: bool) -> Result<RunStats, String> {
+    let mut sim = Sim::new(seed, deployments);
+    for table in [TABLE_A, TABLE_B] {
+        for _ in 0..sim.rng.random_range(1..=20) {
+            sim.add_shard(table);
+        }
+    }
+    if rolling {
+        for _ in 0..sim.rng.random_range(2..=5) {
+            sim.join(0);
+        }
+        sim.settle("before the table-list change").await?;
+        let old = sim.live_in(0);
+        for index in old.iter().take(sim.rng.random_range(1..=old.len())) {
+            sim.join(1);
+            let ready = sim.rng.random_range(0..sim.max_ttl().as_millis() as u64);
+            for _ in 0..ready / STEP.as_millis() as u64 {
+                sim.step().await?;
+            }
+            sim.stop(*index);
+        }
+    } else {
+        for deployment in 0..deployments.len() {
+            for _ in 0..sim.rng.random_range(1..=5) {
+                sim.join(deployment);
+            }
+        }
+    }
+    sim.settle("two deployments").await?;
+    sim.calm_crash().await?;
+    sim.stable().await?;
+    Ok(sim.stats)
+}
+
+fn run<F: Future<Output = Result<RunStats, String>>>(run: F) -> Result<RunStats, String> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
-    runtime.block_on(simulate(seed))
+    runtime.block_on(run)
 }
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|value| value.parse().ok())
 }
 
-#[test]
-fn lease_protocol_survives_seeded_chaos() {
-    let seeds: Vec<u64> = match env_u64("SIM_SEED") {
-        Some(seed) => vec![seed],
-        None => {
-            let runs = env_u64("SIM_RUNS").unwrap_or(200);
-            let random = env_u64("SIM_RANDOM").unwrap_or(3);
-            let mut seeds: Vec<u64> = (0..runs).map(|i| 0x5EED_0000 + i).collect();
-            let mut entropy = StdRng::from_os_rng();
-            seeds.extend((0..random).map(|_| entropy.random::<u32>() as u64));
-            seeds
-        }
-    };
-    let started = std::time::Instant::now();
+/// `SIM_SEED`, or `SIM_RUNS / share` fixed seeds and `SIM_RANDOM` random ones.
+fn seeds(share: u64) -> Vec<u64> {
+    if let Some(seed) = env_u64("SIM_SEED") {
+        return vec![seed];
+    }
+    let runs = (env_u64("SIM_RUNS").unwrap_or(200) / share).max(1);
+    let random = env_u64("SIM_RANDOM").unwrap_or(3);
+    let mut seeds: Vec<u64> = (0..runs).map(|i| 0x5EED_0000 + i).collect();
+    let mut entropy = StdRng::from_os_rng();
+    seeds.extend((0..random).map(|_| entropy.random::<u32>() as u64));
+    seeds
+}
+
+/// Runs every seed of `seeds` through `scenario`, panicking on the first failure, and sums the stats.
+fn run_seeds<F: Future<Output = Result<RunStats, String>>>(
+    name: &str,
+    seeds: &[u64],
+    scenario: impl Fn(u64) -> F,
+) -> RunStats {
     let mut total = RunStats::default();
-    for seed in &seeds {
-        match run_seed(*seed) {
+    let mut shapes = [0u64; 3];
+    for seed in seeds {
+        match run(scenario(*seed)) {
             Ok(stats) => {
                 total.steps += stats.steps;
                 total.calm_takeovers.extend(stats.calm_takeovers);
@@ -470,15 +654,33 @@ fn lease_protocol_survives_seeded_chaos() {
                 total.stops += stats.stops;
                 total.stalls += stats.stalls;
                 total.joins += stats.joins;
+                for (count, on) in shapes.iter_mut().zip([stats.two_deployments, stats.mixed_ttls, stats.late_sets]) {
+                    *count += u64::from(on);
+                }
             }
-            Err(failure) => panic!("seed {seed} failed (replay with SIM_SEED={seed}): {failure}"),
+            Err(failure) => panic!("{name}: seed {seed} failed (replay with SIM_SEED={seed}): {failure}"),
         }
     }
+    println!(
+        "{name}: {} runs ({} with two deployments, {} with mixed TTLs, {} with late shard sets)",
+        seeds.len(),
+        shapes[0],
+        shapes[1],
+        shapes[2],
+    );
+    total
+}
+
+#[test]
+fn lease_protocol_survives_seeded_chaos() {
+    let seeds = seeds(1);
+    let started = std::time::Instant::now();
+    let total = run_seeds("chaos", &seeds, simulate);
     let worst = |takeovers: &[Duration]| takeovers.iter().max().copied().unwrap_or_default();
     println!(
         "simulation: {} runs, {} steps, {} crashes, {} graceful stops, {} stalls, {} joins; \
-         worst takeover after a calm crash {:?} over {} shards (bound {:?}); worst under chaos {:?} over {} shards; \
-         lease moves in stable phases: {}; wall time {:?}",
+         worst takeover after a calm crash {:?} over {} shards (bound {:?} at the longest TTL); worst under \
+         chaos {:?} over {} shards; lease moves in stable phases: {}; wall time {:?}",
         seeds.len(),
         total.steps,
         total.crashes,
@@ -487,7 +689,7 @@ fn lease_protocol_survives_seeded_chaos() {
         total.joins,
         worst(&total.calm_takeovers),
         total.calm_takeovers.len(),
-        TTL + TTL / 3,
+        MIXED_TTLS[2] + MIXED_TTLS[2] / 3,
         worst(&total.chaos_takeovers),
         total.chaos_takeovers.len(),
         total.stable_moves,
@@ -495,9 +697,26 @@ fn lease_protocol_survives_seeded_chaos() {
     );
 }
 
+/// Issue 14: two deployments with different table lists in one bucket each counted the other's
+/// replicas in their share, handed leases to replicas that could not take them, took them back a TTL
+/// later, and never stopped moving leases.
+#[test]
+fn deployments_with_disjoint_tables_in_one_bucket_stop_moving_leases() {
+    run_seeds("disjoint", &seeds(10), |seed| two_deployments(seed, DISJOINT, false));
+}
+
+/// Issue 14: the same during a rolling change of a fleet's table list (a table added), where old and
+/// new replicas both serve the old tables' shards.
+#[test]
+fn a_rolling_table_list_change_stops_moving_leases() {
+    run_seeds("rolling change", &seeds(10), |seed| two_deployments(seed, OVERLAPPING, true));
+}
+
 #[test]
 fn same_seed_same_run() {
-    let first = format!("{:?}", run_seed(42));
-    let second = format!("{:?}", run_seed(42));
-    assert_eq!(first, second, "a seed must replay identically");
+    for seed in [42, 44] {
+        let first = format!("{:?}", run(simulate(seed)));
+        let second = format!("{:?}", run(simulate(seed)));
+        assert_eq!(first, second, "a seed must replay identically");
+    }
 }
