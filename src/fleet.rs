@@ -210,6 +210,8 @@ impl Fleet {
     }
 
     async fn shutdown(mut self) {
+        // No lease is taken from now on; held ones are released once their readers are done.
+        self.coordinator.drain();
         self.readers.cancel();
         tracing::info!(readers = self.running.len(), "stopping shard readers; final checkpoints follow");
         while !self.running.is_empty() {

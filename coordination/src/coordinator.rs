@@ -56,6 +56,7 @@ pub struct Status {
 #[derive(Debug)]
 pub(crate) enum Command {
     Release(ShardKey),
+    Drain,
     Finish(ShardKey),
     Shutdown(oneshot::Sender<()>),
 }
@@ -114,6 +115,13 @@ impl Coordinator {
     /// `shard` was read to its end: its lease is deleted and not taken again by this replica.
     pub fn finish(&self, shard: &ShardKey) {
         let _ = self.commands.send(Command::Finish(shard.clone()));
+    }
+
+    /// Stops taking leases (the stop signal came): leases held are kept, renewed and handed over as
+    /// before until [`Coordinator::shutdown`] releases them, but no new one is acquired, so nothing is
+    /// taken only to be given back a moment later.
+    pub fn drain(&self) {
+        let _ = self.commands.send(Command::Drain);
     }
 
     /// The latest status.

@@ -71,6 +71,8 @@ pub(crate) struct Driver {
     wake_at: Option<Instant>,
     live_replicas: usize,
     store_reachable: bool,
+    /// Set by [`Command::Drain`]: no lease is acquired any more.
+    draining: bool,
 }
 
 /// Whether a write to the lease table frees a lease: a release, a finished (deleted) lease, or a
@@ -154,6 +156,7 @@ impl Driver {
             wake_at: None,
             live_replicas: 1,
             store_reachable: false,
+            draining: false,
         }
     }
 
@@ -176,6 +179,10 @@ impl Driver {
                             return;
                         }
                         Some(Command::Release(shard)) => self.release(&shard).await,
+                        Some(Command::Drain) => {
+                            info!(replica = %self.me.replica, "draining: no more leases are taken");
+                            self.draining = true;
+                        }
                         Some(Command::Finish(shard)) => self.finish(&shard).await,
                         None => return,
                     }
@@ -482,6 +489,7 @@ impl Driver {
                         self.emit(Event::HandOver { shard });
                     }
                 }
+                Action::Acquire { .. } if self.draining => {}
                 Action::Acquire { shard, expected, term } => acquisitions.push((shard, expected, term)),
                 Action::Release { shard, expected, term } => {
                     let value = lease::encode(&self.lease_value(None, term));

@@ -113,14 +113,19 @@ impl ShardReader {
                 Some((current, fetch)) => {
                     iterator = Some(current);
                     // A fetch that panicked is a failed call: the same iterator is asked again.
-                    fetch.await.unwrap_or_else(|err| Err(ReadError::Transient(err.to_string())))
+                    let Some(joined) = self.unless_stopped(fetch).await else { return self.stopped() };
+                    joined.unwrap_or_else(|err| Err(ReadError::Transient(err.to_string())))
                 }
                 None => {
                     let current = match iterator.take() {
                         Some(it) => it,
-                        None => match self.services.api.iterator(&self.stream_arn, shard_id, &start).await {
-                            Ok(it) => it,
-                            Err(err) => {
+                        None => match self
+                            .unless_stopped(self.services.api.iterator(&self.stream_arn, shard_id, &start))
+                            .await
+                        {
+                            None => return self.stopped(),
+                            Some(Ok(it)) => it,
+                            Some(Err(err)) => {
                                 metrics.get_records_errors.with_label_values(&[table, err.kind()]).inc();
                                 match err {
                                     ReadError::Trimmed(_) => {
@@ -146,7 +151,10 @@ impl ShardReader {
                             }
                         },
                     };
-                    let result = fetch(&self.services, table, shard_id, &current).await;
+                    let Some(result) = self.unless_stopped(fetch(&self.services, table, shard_id, &current)).await
+                    else {
+                        return self.stopped();
+                    };
                     iterator = Some(current);
                     result
                 }
@@ -456,6 +464,19 @@ impl ShardReader {
                     }
                 }
             }
+        }
+    }
+
+    /// Runs a read (an AWS call) unless told to stop first: no page is in hand while one is read, so
+    /// a hung call (up to `AWS_OPERATION_TIMEOUT` with the SDK's retries) must not hold up a hand-over
+    /// or a shutdown. `None` when told to stop.
+    async fn unless_stopped<T>(&self, read: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            // Biased: a stop wins over an answer arriving at the same moment (nothing is lost: the
+            // checkpoint stands before this page).
+            biased;
+            () = self.cancel.cancelled() => None,
+            value = read => Some(value),
         }
     }
 
