@@ -159,6 +159,7 @@ impl Fleet {
             stream_arn: readable.stream_arn,
             shard_id: readable.shard_id,
             fresh_start: readable.fresh_start,
+            skip_before: readable.skip_before,
             cancel: stop.clone(),
             guard,
             readable: self.readable_rx.clone(),

@@ -15,9 +15,10 @@
 //! in the topology; a failed AWS or NATS call leaves the previous topology as it was, for the next try.
 
 use std::collections::{BTreeSet, HashSet};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::Services;
-use super::api::{ShardInfo, TableError};
+use super::api::TableError;
 use super::error::ReadError;
 use super::topology::{Problem, StreamShards, Topology};
 use crate::checkpoint::{self, CheckpointError, Position};
@@ -171,24 +172,22 @@ async fn learn_finished(services: &Services, table: &str, topology: &mut Topolog
     Ok(())
 }
 
-/// On a table's first sighting with `START_FROM_LATEST` and no checkpoints at all, its open leaf
-/// shards start at `LATEST`.
+/// On a table's first sighting with `START_FROM_LATEST` and no checkpoints at all, the fleet
+/// remembers the second of that sighting: records created before it are skipped, everything after it
+/// is published (see [`Topology::since`]). Shards are read from `TRIM_HORIZON` rather than `LATEST`:
+/// a `LATEST` iterator taken when a shard is first read (after its parent is finished, or by a new
+/// owner) would lose what was written between the sighting and that moment.
+///
+/// DynamoDB rounds `ApproximateCreationDateTime` down to the second, so the sighting is rounded down
+/// too: a record written in the same second just before the sighting is published rather than one
+/// just after it being lost.
 async fn start_at_latest(services: &Services, table: &str, topology: &mut Topology) -> Result<(), CheckpointError> {
     if !services.checkpoints.shards_of(table).await?.is_empty() {
         return Ok(());
     }
-    let shards: Vec<&ShardInfo> = topology.streams.iter().flat_map(|s| &s.shards).collect();
-    let parents: HashSet<&str> = shards.iter().filter_map(|s| s.parent_shard_id.as_deref()).collect();
-    for shard in shards {
-        if !shard.closed && !parents.contains(shard.shard_id.as_str()) {
-            topology.start_latest.insert(shard.shard_id.clone());
-        }
-    }
-    tracing::info!(
-        table,
-        shards = topology.start_latest.len(),
-        "first sighting with START_FROM_LATEST: open shards start at LATEST"
-    );
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    topology.since = Some(since);
+    tracing::info!(table, since, "first sighting with START_FROM_LATEST: records created before it are skipped");
     Ok(())
 }
 

@@ -59,6 +59,9 @@ pub struct ShardReader {
     pub shard_id: String,
     /// Where to start when the shard has no checkpoint.
     pub fresh_start: StartAt,
+    /// `START_FROM_LATEST`: records created before this second (epoch) are skipped when the shard is
+    /// read without a checkpoint (see `Topology::since`).
+    pub skip_before: Option<u64>,
     /// Told to stop gracefully (hand-over, shutdown): the batch in hand is still published.
     pub cancel: CancellationToken,
     /// The permission to publish and checkpoint this shard.
@@ -99,7 +102,10 @@ impl ShardReader {
             Some(Position::After(seq)) => StartAt::After(seq.to_string()),
             None => self.fresh_start.clone(),
         };
-        tracing::info!(table, shard_id, ?start, "shard reader started");
+        // Only a shard read from its start skips: one with a checkpoint resumes after it, whoever wrote
+        // it (the Go service during an upgrade included).
+        let skip_before = self.skip_before.filter(|_| checkpoint.position().is_none());
+        tracing::info!(table, shard_id, ?start, skip_before, "shard reader started");
         let mut iterator: Option<String> = None;
         // The next page, asked for and converted while the current one is published (only after a
         // full page, when the next call would be made at once anyway): reading and publishing overlap.
@@ -165,7 +171,8 @@ impl ShardReader {
                 Ok(None) => continue,
                 Err(outcome) => return outcome,
             };
-            if let Err(outcome) = self.handle(page, &mut iterator, &mut prefetch, &mut start, &mut checkpoint).await {
+            let pending = (&mut iterator, &mut prefetch);
+            if let Err(outcome) = self.handle(page, pending, skip_before, &mut start, &mut checkpoint).await {
                 return outcome;
             }
         }
@@ -222,8 +229,8 @@ impl ShardReader {
     async fn handle(
         &self,
         page: Fetched,
-        iterator: &mut Option<String>,
-        prefetch: &mut Option<Prefetch>,
+        (iterator, prefetch): (&mut Option<String>, &mut Option<Prefetch>),
+        skip_before: Option<u64>,
         start: &mut StartAt,
         checkpoint: &mut ShardCheckpoint,
     ) -> Result<(), Outcome> {
@@ -240,7 +247,9 @@ impl ShardReader {
             let task = tokio::spawn(async move { fetch(&services, &table, &shard_id, &next_iterator).await });
             *prefetch = Some((next.clone(), AbortOnDropHandle::new(task)));
         }
-        let batch = page.batch;
+        let mut batch = page.batch;
+        let page_end = batch.last().map(|record| record.sequence_number.clone());
+        let skipped = skip_before.map_or(0, |before| skip_older(&mut batch, before));
         let lag = match batch.last().and_then(|p| p.created_at) {
             Some(created) if count > 0 => now_secs() - created,
             _ => 0.0,
@@ -250,6 +259,19 @@ impl ShardReader {
         self.services.shards.read(table, shard_id, lag);
         if !batch.is_empty() {
             self.publish(batch, checkpoint, start).await?;
+        }
+        if skipped > 0
+            && let Some(end) = page_end
+        {
+            // Every record of the page is published or skipped: the checkpoint covers the page.
+            tracing::debug!(
+                table,
+                shard_id,
+                skipped,
+                "records created before the first sighting skipped (START_FROM_LATEST)"
+            );
+            *start = StartAt::After(end.to_string());
+            self.checkpoint(checkpoint, Position::After(end)).await?;
         }
         if page.next_iterator.is_none() {
             return Err(self.finish(checkpoint).await);
@@ -503,6 +525,14 @@ async fn fetch(services: &Services, table: &str, shard_id: &str, iterator: &str)
     let bytes = records.iter().filter_map(|record| record.dynamodb().and_then(|d| d.size_bytes())).sum();
     let batch = records.into_iter().filter_map(|record| services.publisher.prepare(table, shard_id, record)).collect();
     Ok(Fetched { count, bytes, next_iterator, batch })
+}
+
+/// Drops the records created before second `before` (epoch; DynamoDB's creation times are whole
+/// seconds); returns how many. A record without a creation time is kept.
+fn skip_older(batch: &mut Vec<Prepared>, before: u64) -> usize {
+    let count = batch.len();
+    batch.retain(|record| record.created_at.is_none_or(|created| created >= before as f64));
+    count - batch.len()
 }
 
 fn now_secs() -> f64 {

@@ -1,5 +1,5 @@
 //! A table's shard topology as the fleet shares it: the streams (oldest first) with their shards, the
-//! shards that are finished, the shards that start at `LATEST`. One replica at a time refreshes it
+//! shards that are finished, the first sighting for `START_FROM_LATEST`. One replica at a time refreshes it
 //! from AWS ([`super::discovery`]) and writes it under [`key`]; every replica reads it and derives
 //! the shards that may be read now ([`Topology::readable`]).
 //!
@@ -42,9 +42,16 @@ pub struct Topology {
     /// Shards whose checkpoint says they were read to their end.
     #[serde(default)]
     pub finished: BTreeSet<String>,
-    /// Shards that start at `LATEST` when they have no checkpoint (`START_FROM_LATEST`, first sighting).
+    /// Shards that start at `LATEST` when they have no checkpoint: how topologies written before
+    /// `since` existed kept `START_FROM_LATEST`. Read, no longer written.
     #[serde(default)]
     pub start_latest: BTreeSet<String>,
+    /// `START_FROM_LATEST`: the second (epoch) of the table's first sighting. Shards without a
+    /// checkpoint are read from `TRIM_HORIZON` and their records created before that second are
+    /// skipped (checkpointed, not published), so everything from the first sighting on is published
+    /// once, whoever reads the shard and whenever (see [`Readable::skip_before`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
     /// Set while the table cannot be read (missing, no stream, `KEYS_ONLY`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<Problem>,
@@ -60,6 +67,9 @@ pub struct Readable {
     pub fresh_start: StartAt,
     /// `DescribeStream` listed it closed (it has an ending sequence number).
     pub closed: bool,
+    /// Records created before this second (epoch) are skipped when the shard is read without a
+    /// checkpoint (`START_FROM_LATEST`; the topology's `since`).
+    pub skip_before: Option<u64>,
 }
 
 impl Readable {
@@ -105,6 +115,7 @@ impl Topology {
             shard_id: shard.shard_id.clone(),
             fresh_start,
             closed: shard.closed,
+            skip_before: self.since,
         }
     }
 

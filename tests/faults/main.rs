@@ -14,3 +14,4 @@ mod nats;
 mod network;
 mod reads;
 mod shards;
+mod start;
