@@ -1,8 +1,8 @@
 //! dynamodb-stream-consumer: DynamoDB Streams → NATS JetStream, one JSON event per change record.
 //!
 //! [`run`] wires the parts and owns the process lifecycle. Shutdown order, written down once:
-//! readiness off → stop reads → finish in-flight publishes → final checkpoints → release leases →
-//! exit, all within `SHUTDOWN_TIMEOUT_SEC`; a second signal aborts at once (peers then take the
+//! readiness off → no new leases → stop reads (a read in flight is abandoned) → finish in-flight
+//! publishes → final checkpoints → release leases → exit, all within `SHUTDOWN_TIMEOUT_SEC`; a second signal aborts at once (peers then take the
 //! leases after their TTL).
 
 pub mod checkpoint;
