@@ -2,11 +2,13 @@
 //!
 //! Readiness is one shared flag set by the service's lifecycle (connected and serving, not shutting
 //! down) combined, at the moment of the probe, with the NATS connection's state and whether the
-//! coordinator could read the lease table at its last try ("serving its leases"). Every probe and
-//! every scrape also sets the `ready` and `nats_connected` gauges from that same answer.
+//! coordinator could read the lease table at its last try ("serving its leases"), and with the tables
+//! that cannot be read for a reason of ours (each named in the 503's body). Every probe and every
+//! scrape also sets the `ready` and `nats_connected` gauges from that same answer.
 //!
 //! `/status` field names are stable: `replica_id`, `serving`, `nats_connected`, `live_replicas`,
-//! `leases` (held shard lease keys) and `shards` (see [`crate::status::ShardStatus`]).
+//! `leases` (held shard lease keys), `shards` (see [`crate::status::ShardStatus`]) and
+//! `tables_unreadable` (table → `reason`, `message`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::status::ShardStatuses;
+use crate::status::{ShardStatuses, UnreadableTables};
 
 /// What the endpoints report on.
 pub struct Health {
@@ -35,6 +37,8 @@ pub struct Health {
     pub leases: std::sync::OnceLock<watch::Receiver<coordination::Status>>,
     /// The shards being read.
     pub shards: Arc<ShardStatuses>,
+    /// Configured tables that cannot be read for a reason of ours.
+    pub unreadable: Arc<UnreadableTables>,
 }
 
 impl Health {
@@ -46,6 +50,7 @@ impl Health {
             replica_id,
             leases: std::sync::OnceLock::new(),
             shards: Arc::default(),
+            unreadable: Arc::default(),
         }
     }
 
@@ -66,16 +71,25 @@ async fn livez() -> &'static str {
 }
 
 impl Health {
-    /// The readiness answer, also kept in the `ready` gauge.
-    fn readiness(&self) -> (StatusCode, &'static str) {
+    /// The readiness answer, also kept in the `ready` gauge. A configured table that cannot be read
+    /// for a reason of ours makes it 503, its body naming the table and why.
+    fn readiness(&self) -> (StatusCode, String) {
         let serving = self.serving.load(Ordering::SeqCst);
         let connected = self.nats_connected();
         let leases = self.leases().store_reachable;
+        let unreadable = self.unreadable.snapshot();
         let answer = match (serving, connected, leases) {
-            (true, true, true) => (StatusCode::OK, "ready\n"),
-            (false, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "not serving\n"),
-            (true, false, _) => (StatusCode::SERVICE_UNAVAILABLE, "NATS not connected\n"),
-            (true, true, false) => (StatusCode::SERVICE_UNAVAILABLE, "lease table not readable\n"),
+            (true, true, true) if unreadable.is_empty() => (StatusCode::OK, "ready\n".to_owned()),
+            (true, true, true) => {
+                let lines: Vec<String> = unreadable
+                    .iter()
+                    .map(|(table, why)| format!("table {table} cannot be read ({}): {}\n", why.reason, why.message))
+                    .collect();
+                (StatusCode::SERVICE_UNAVAILABLE, lines.concat())
+            }
+            (false, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "not serving\n".to_owned()),
+            (true, false, _) => (StatusCode::SERVICE_UNAVAILABLE, "NATS not connected\n".to_owned()),
+            (true, true, false) => (StatusCode::SERVICE_UNAVAILABLE, "lease table not readable\n".to_owned()),
         };
         self.metrics.ready.set(i64::from(answer.0 == StatusCode::OK));
         answer
@@ -100,6 +114,7 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
         "live_replicas": leases.live_replicas,
         "leases": leases.held.iter().map(|shard| shard.as_str()).collect::<Vec<_>>(),
         "shards": health.shards.snapshot(),
+        "tables_unreadable": health.unreadable.snapshot(),
     }))
 }
 

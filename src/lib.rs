@@ -132,7 +132,10 @@ async fn start(
     let js = nats::jetstream(client.clone(), config);
     let duplicate_window = nats::ensure_stream(&js, config).await?;
     nats::report_duplicate_window(&config.stream_name, duplicate_window, &config.lease, &metrics);
-    let bucket = nats::ensure_bucket(&js, config).await?;
+    let (bucket, max_value_size) = nats::ensure_bucket(&js, config).await?;
+    // A compare-and-swap write carries a header (`Nats-Expected-Last-Subject-Sequence: n`) that counts
+    // against the stream's max message size; 128 bytes covers it with room to spare.
+    let value_limit = max_value_size.unwrap_or(usize::MAX).min(client.max_payload()).saturating_sub(128);
 
     // Publishes go through a connection of their own, which a lost lease can fence (src/publish).
     let publish_connection = publish::connection::PublishConnection::new(config.clone());
@@ -147,6 +150,8 @@ async fn start(
         checkpoints: Checkpoints::new(bucket.clone()),
         metrics,
         shards: Arc::clone(&health.shards),
+        unreadable: Arc::clone(&health.unreadable),
+        value_limit,
     });
     Ok((services, Arc::new(coordination::NatsKvStore::new(bucket))))
 }

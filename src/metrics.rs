@@ -65,6 +65,7 @@ pub struct Metrics {
     pub checkpoint_conflicts: IntCounterVec,
     pub table_errors: IntCounterVec,
     pub shards_known: IntGaugeVec,
+    pub table_unreadable: IntGaugeVec,
     pub lag_seconds: GaugeVec,
     pub shard_readers: IntGaugeVec,
     pub publish_ack_seconds: HistogramVec,
@@ -240,6 +241,12 @@ impl Metrics {
                 "Shards known per table, by state (the fleet's shared topology as this replica read it)",
                 &["table", "state"],
             ),
+            table_unreadable: gauge_vec(
+                r,
+                "table_unreadable",
+                "1 while a configured table cannot be read for a reason of the service's own (reason: value_too_large); /readyz answers 503 meanwhile",
+                &["table", "reason"],
+            ),
             lag_seconds: register(r, "lag_seconds", lag_seconds),
             shard_readers: gauge_vec(
                 r,
@@ -299,6 +306,9 @@ impl Metrics {
             }
             for state in SHARD_STATES {
                 self.shards_known.with_label_values(&[t, state]);
+            }
+            for reason in crate::status::UNREADABLE_REASONS {
+                self.table_unreadable.with_label_values(&[t, reason]);
             }
             for counter in [
                 &self.duplicate_publishes,

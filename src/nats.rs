@@ -377,8 +377,14 @@ pub fn report_duplicate_window(stream: &str, window: Duration, lease: &coordinat
     }
 }
 
-/// Finds or creates the checkpoint bucket.
-pub async fn ensure_bucket(js: &jetstream::Context, config: &Config) -> Result<kv::Store, SetupError> {
+/// The smallest max value size the checkpoint bucket may have: the service's lease, presence and
+/// checkpoint values stay well under it (a lease value is about 150 bytes), and so does the topology
+/// of a table with a few shards. The original deployment creates the bucket with 1 KiB.
+pub const MIN_VALUE_SIZE: usize = 512;
+
+/// Finds or creates the checkpoint bucket. Returns it with its max value size (`None`: unlimited);
+/// a bucket whose max value size is under [`MIN_VALUE_SIZE`] is refused.
+pub async fn ensure_bucket(js: &jetstream::Context, config: &Config) -> Result<(kv::Store, Option<usize>), SetupError> {
     let bucket = config.bucket.clone();
     let fail = |message: String| SetupError::Bucket { bucket: bucket.clone(), message };
     match js.get_key_value(&bucket).await {
@@ -391,7 +397,14 @@ pub async fn ensure_bucket(js: &jetstream::Context, config: &Config) -> Result<k
             if info.config.storage != stream::StorageType::File {
                 tracing::warn!(bucket = %bucket, storage = ?info.config.storage, "existing bucket is not file-backed; used as it is");
             }
-            Ok(store)
+            let max_value_size = usize::try_from(info.config.max_message_size).ok().filter(|size| *size > 0);
+            if let Some(size) = max_value_size.filter(|size| *size < MIN_VALUE_SIZE) {
+                return Err(fail(format!(
+                    "its max value size is {size} bytes; the service needs at least {MIN_VALUE_SIZE} \
+                     (raise it with `nats kv edit {bucket} --max-value-size`, or choose another CHECKPOINT_BUCKET)"
+                )));
+            }
+            Ok((store, max_value_size))
         }
         Err(err) if err.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
             let store = js
@@ -405,7 +418,7 @@ pub async fn ensure_bucket(js: &jetstream::Context, config: &Config) -> Result<k
                 .await
                 .map_err(|e| fail(e.to_string()))?;
             tracing::info!(bucket = %bucket, "created checkpoint bucket");
-            Ok(store)
+            Ok((store, None))
         }
         Err(err) => Err(fail(err.to_string())),
     }

@@ -111,3 +111,41 @@ mod tests {
         assert_eq!(fields, ["checkpoint", "lag_seconds", "last_publish", "shard_id", "table"]);
     }
 }
+
+/// Why a configured table cannot be read for a reason of the service's own (not AWS's: a missing table
+/// or stream is the table's problem and is reported by `table_errors_total`). A `reason` label value.
+pub const UNREADABLE_REASONS: [&str; 1] = [VALUE_TOO_LARGE];
+/// The table's shard topology does not fit the checkpoint bucket's max value size (or the server's max
+/// payload): it cannot be shared, so its shards are not read.
+pub const VALUE_TOO_LARGE: &str = "value_too_large";
+
+/// A table that cannot be read for a reason of ours, as `/readyz` and `/status` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unreadable {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The configured tables that cannot be read for a reason of ours. While one is here, `/readyz`
+/// answers 503 naming it: a replica is never "ready" while a table it serves stays unread.
+#[derive(Debug, Default)]
+pub struct UnreadableTables(Mutex<BTreeMap<String, Unreadable>>);
+
+impl UnreadableTables {
+    /// Marks `table` unreadable; true if it was not already (with the same reason).
+    pub fn set(&self, table: &str, reason: &'static str, message: String) -> bool {
+        let Ok(mut tables) = self.0.lock() else { return false };
+        let fresh = tables.get(table).is_none_or(|known| known.reason != reason);
+        tables.insert(table.to_owned(), Unreadable { reason, message });
+        fresh
+    }
+
+    /// `table` can be read again; true if it was marked.
+    pub fn clear(&self, table: &str) -> bool {
+        self.0.lock().is_ok_and(|mut tables| tables.remove(table).is_some())
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, Unreadable> {
+        self.0.lock().map(|tables| tables.clone()).unwrap_or_default()
+    }
+}

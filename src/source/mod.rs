@@ -17,7 +17,7 @@ use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
-use crate::status::ShardStatuses;
+use crate::status::{ShardStatuses, UnreadableTables};
 use api::StreamsApi;
 
 /// What every table watcher and shard reader shares.
@@ -29,6 +29,11 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     /// Per-shard progress for `/status`.
     pub shards: Arc<ShardStatuses>,
+    /// Configured tables that cannot be read for a reason of ours (for `/readyz` and `/status`).
+    pub unreadable: Arc<UnreadableTables>,
+    /// The largest value the checkpoint bucket takes (its max value size and the server's max
+    /// payload, less room for the headers of a compare-and-swap write).
+    pub value_limit: usize,
 }
 
 /// First retry delay after a failure (throttling, 5xx, NATS down).

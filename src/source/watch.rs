@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::Services;
 use super::discovery;
 use super::topology::{self, Readable, Topology};
+use crate::status;
 
 /// How often the topology keys are read: children of a shard finished on another replica become
 /// readable here within about this long.
@@ -175,6 +176,21 @@ async fn refresh_table(services: &Services, store: &dyn LeaseStore, table: &str,
             return;
         }
     };
+    if value.len() > services.value_limit {
+        let message = format!(
+            "its shard topology ({} bytes, {} shards) does not fit the checkpoint bucket's max value size \
+             ({} bytes usable); raise it (`nats kv edit {} --max-value-size`) or use a bucket without the limit",
+            value.len(),
+            next.present().len(),
+            services.value_limit,
+            services.config.bucket,
+        );
+        if services.unreadable.set(table, status::VALUE_TOO_LARGE, message.clone()) {
+            tracing::error!(table, bucket = %services.config.bucket, "table cannot be read: {message}");
+        }
+        services.metrics.table_unreadable.with_label_values(&[table, status::VALUE_TOO_LARGE]).set(1);
+        return;
+    }
     let key = topology::key(table);
     let written = match view.seen {
         None => store.create(&key, value).await,
@@ -182,6 +198,10 @@ async fn refresh_table(services: &Services, store: &dyn LeaseStore, table: &str,
     };
     match written {
         Ok(revision) => {
+            if services.unreadable.clear(table) {
+                tracing::info!(table, "table can be read again: its topology fits the bucket");
+            }
+            services.metrics.table_unreadable.with_label_values(&[table, status::VALUE_TOO_LARGE]).set(0);
             view.seen = Some((revision, Instant::now()));
             view.topology = Some(next);
             view.force = false;

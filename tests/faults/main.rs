@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod backpressure;
+mod bucket;
 mod harness;
 mod nats;
 mod network;
