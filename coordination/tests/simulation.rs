@@ -792,6 +792,7 @@ fn run_seeds<F: Future<Output = Result<RunStats, String>>>(
                 sum.partitions += run.partitions;
                 sum.checkpoints += run.checkpoints;
                 sum.checkpoint_conflicts += run.checkpoint_conflicts;
+                sum.own_writes_adopted += run.own_writes_adopted;
                 sum.checkpoints_deleted += run.checkpoints_deleted;
                 sum.late_from_wire += run.late_from_wire;
                 sum.late_stored_twice += run.late_stored_twice;

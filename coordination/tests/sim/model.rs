@@ -113,6 +113,9 @@ struct Reader {
     checkpoint: usize,
     revision: Option<Revision>,
     writing: bool,
+    /// The position being written: a write whose answer was lost is retried with the same position
+    /// (as the service's `checkpoint` does), so a conflict with its own landed write can be recognised.
+    attempt: Option<usize>,
 }
 
 /// A message id's last stored copy: when, from which reader, from the wire of which partition.
@@ -127,6 +130,8 @@ struct Stored {
 enum Answer {
     Loaded(u64, Result<Option<Versioned>, StoreError>),
     Written(u64, usize, Result<Revision, StoreError>),
+    /// The key read again after a conflict (`ShardCheckpoint::advance`).
+    Reread(u64, usize, Result<Option<Versioned>, StoreError>),
 }
 
 /// What the simulation must do for the model.
@@ -144,6 +149,8 @@ pub struct ModelStats {
     pub partitions: u64,
     pub checkpoints: u64,
     pub checkpoint_conflicts: u64,
+    /// Conflicts with the reader's own write whose answer was lost: re-read and adopted.
+    pub own_writes_adopted: u64,
     pub checkpoints_deleted: u64,
     /// Residual (b): publishes on the wire at a partition's start, delivered at its heal.
     pub late_from_wire: u64,
@@ -474,9 +481,38 @@ impl Model {
                             self.stats.checkpoints += 1;
                             reader.revision = Some(revision);
                             reader.checkpoint = position;
+                            reader.attempt = None;
+                        }
+                        // Our own write whose answer was lost, or another writer's: read the key again.
+                        Err(StoreError::Conflict { .. }) => {
+                            reader.writing = true;
+                            let key = self.logs.get(&reader.shard).map(|log| log.checkpoint_key.clone());
+                            let (store, inbox) = (self.clients[reader.replica].store.clone(), Arc::clone(&self.inbox));
+                            if let Some(key) = key {
+                                tokio::spawn(async move {
+                                    let result = store.get(&key).await;
+                                    inbox.lock().unwrap().push(Answer::Reread(id, position, result));
+                                });
+                            }
+                        }
+                        // Maybe written: retried with the same position.
+                        Err(_) => {}
+                    }
+                }
+                Answer::Reread(id, position, result) => {
+                    let Some(index) = self.readers.iter().position(|r| r.id == id) else { continue };
+                    let reader = &mut self.readers[index];
+                    reader.writing = false;
+                    match result {
+                        // It holds what this reader wrote: adopt its revision.
+                        Ok(Some(current)) if parse(&current.value) == position => {
+                            self.stats.own_writes_adopted += 1;
+                            reader.revision = Some(current.revision);
+                            reader.checkpoint = position;
+                            reader.attempt = None;
                         }
                         // Another writer moved it: this reader stops and releases (the service's `Fenced`).
-                        Err(StoreError::Conflict { .. }) => {
+                        Ok(_) => {
                             self.stats.checkpoint_conflicts += 1;
                             let reader = self.readers.remove(index);
                             if !reader.in_flight.is_empty() {
@@ -485,7 +521,7 @@ impl Model {
                             actions.push(Action::Release(reader.replica, reader.shard.clone()));
                             self.stopped.push((reader.replica, reader.shard, reader.guard));
                         }
-                        // Maybe written: the next write covers it (or conflicts).
+                        // Unanswered: the write is retried, conflicts again and re-reads again.
                         Err(_) => {}
                     }
                 }
@@ -521,6 +557,7 @@ impl Model {
                 checkpoint: 0,
                 revision: None,
                 writing: false,
+                attempt: None,
             });
         }
     }
@@ -588,7 +625,8 @@ impl Model {
         let reader = &mut self.readers[index];
         if reader.acked_upto > reader.checkpoint && !reader.writing && reader.guard.check().is_ok() {
             reader.writing = true;
-            let (position, expected) = (reader.acked_upto, reader.revision);
+            let position = *reader.attempt.get_or_insert(reader.acked_upto);
+            let expected = reader.revision;
             let value = Bytes::from(position.to_string());
             tokio::spawn(async move {
                 let result = match expected {
