@@ -189,6 +189,8 @@ async fn caller(index: usize, mut events: coordination::Events, world: Arc<Mutex
 struct Sim {
     rng: StdRng,
     store: MemoryStore,
+    /// The checkpoint bucket: another bucket in the service, with the same faults per replica.
+    checkpoints: MemoryStore,
     faults: SharedFaults,
     world: Arc<Mutex<World>>,
     deployments: &'static [Deployment],
@@ -226,6 +228,7 @@ impl Sim {
         Sim {
             rng,
             store: MemoryStore::with_faults(faults.clone()),
+            checkpoints: MemoryStore::with_faults(faults.clone()),
             faults,
             world: Arc::default(),
             deployments,
@@ -259,7 +262,7 @@ impl Sim {
         config.instance = format!("{:032x}", self.rng.random::<u128>());
         config.group = self.deployments[deployment].group.to_owned();
         let store = Arc::new(self.store.client(&id));
-        self.model.add_replica(self.store.client(&id));
+        self.model.add_replica(self.checkpoints.client(&id));
         let (coordinator, events) = Coordinator::start(store, config).unwrap();
         let delay = Duration::from_millis(self.rng.random_range(0..500));
         let set_delay = self.max_set_delay.mul_f64(self.rng.random());
@@ -387,7 +390,7 @@ impl Sim {
             coordinator.finish(&shard);
         }
         self.shards.remove(&shard);
-        self.model.end_shard(&shard, &self.store.client("clean-up"));
+        self.model.end_shard(&shard, &self.checkpoints.client("clean-up"));
         self.world.lock().unwrap().orphaned.remove(&shard);
         self.publish_shards();
     }
@@ -553,7 +556,7 @@ impl Sim {
 
     /// Starts the shards and the replicas of every deployment.
     fn populate(&mut self) {
-        let shards = self.rng.random_range(1..=40);
+        let shards = self.rng.random_range(1..=30);
         for _ in 0..shards {
             self.add_random_shard();
         }

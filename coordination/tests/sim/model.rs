@@ -30,8 +30,8 @@ use tokio::time::Instant;
 
 /// Items per shard: few, so versions of one item follow each other closely.
 const ITEMS: usize = 3;
-/// Chance per step (100 ms) that a shard gets a write: about one record a second.
-const WRITE_RATE: f64 = 0.1;
+/// Chance per step (100 ms) that a shard gets a write: about one record every two seconds.
+const WRITE_RATE: f64 = 0.05;
 /// Unacknowledged publishes per reader (the service's publish window, scaled down).
 pub const WINDOW: usize = 4;
 /// An ack awaited longer fences the connection (the service's `PUBLISH_TIMEOUT_MS` default).
