@@ -224,7 +224,10 @@ impl Sim {
         let stats = RunStats { two_deployments: deployments.len() > 1, mixed_ttls, late_sets, ..RunStats::default() };
         let ttls = if mixed_ttls { MIXED_TTLS.to_vec() } else { vec![TTL] };
         let longest = ttls.iter().copied().max().unwrap_or(TTL);
-        let model = Model::new(rng.random(), DUPLICATE_WINDOW_TTLS * longest);
+        let shortest = ttls.iter().copied().min().unwrap_or(TTL);
+        // `Config::new`'s margin is TTL/5; less one step, the granularity at which the model fences.
+        let margin = (shortest / 5).saturating_sub(STEP);
+        let model = Model::new(rng.random(), DUPLICATE_WINDOW_TTLS * longest, margin);
         Sim {
             rng,
             store: MemoryStore::with_faults(faults.clone()),

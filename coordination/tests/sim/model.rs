@@ -14,7 +14,7 @@
 //! Invariant kept, checked on every delivery: **an item's version never goes backwards in the stream
 //! and no record is stored twice**, except the documented residual (DESIGN.md, "Fencing publishes"):
 //! publishes on the wire when a partition began, at most one per item, stored a second time only when
-//! the partition outlasted the duplicate window. Records re-published after a crash or a hand-over
+//! the partition outlasted the duplicate window plus the guard's safety margin. Records re-published after a crash or a hand-over
 //! must land inside the window and are never stored twice.
 #![allow(dead_code)]
 
@@ -154,7 +154,7 @@ pub struct ModelStats {
     pub checkpoints_deleted: u64,
     /// Residual (b): publishes on the wire at a partition's start, delivered at its heal.
     pub late_from_wire: u64,
-    /// Of those, stored a second time (after the duplicate window).
+    /// Of those, stored a second time (partition longer than the window plus the margin).
     pub late_stored_twice: u64,
     /// Re-publishes of a new tenure stored twice because the takeover outlasted half the window.
     pub late_takeover_stored_twice: u64,
@@ -163,6 +163,10 @@ pub struct ModelStats {
 pub struct Model {
     rng: StdRng,
     pub window: Duration,
+    /// The smallest guard safety margin in the fleet, less one step (the model fences at step
+    /// granularity): a publish on the wire is stored twice only after a partition longer than
+    /// `window + margin` (DESIGN.md, "Fencing publishes").
+    margin: Duration,
     logs: BTreeMap<ShardKey, Log>,
     /// Shards that receive writes (not ended, writes not stopped).
     writing: bool,
@@ -184,10 +188,11 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn new(seed: u64, window: Duration) -> Model {
+    pub fn new(seed: u64, window: Duration, margin: Duration) -> Model {
         Model {
             rng: StdRng::seed_from_u64(seed),
             window,
+            margin,
             logs: BTreeMap::new(),
             writing: true,
             clients: Vec::new(),
@@ -411,10 +416,12 @@ impl Model {
             self.stats.duplicates_dropped += 1;
         } else {
             let excused = previous.is_some_and(|first| {
-                // (b) the residual: on the wire at a partition that outlasted the window.
+                // (b) the residual: on the wire at a partition that outlasted the window plus the
+                // margin (written before the guard's deadline s + T - m, re-published at s + T at
+                // the earliest, delivered at the heal).
                 let residual = from_wire.or(first.wire);
-                let long =
-                    residual.is_some_and(|p| self.partition_lengths.get(&p).is_some_and(|len| *len > self.window));
+                let bound = self.window + self.margin;
+                let long = residual.is_some_and(|p| self.partition_lengths.get(&p).is_some_and(|len| *len > bound));
                 // (a) a new tenure re-publishing the last one's unacknowledged or unchecked tail, whose
                 // takeover (up to its read of the checkpoint) itself took more than half the window (chaos can hold a shard unowned that
                 // long: every replica of its deployment stalled or partitioned); a calm takeover
