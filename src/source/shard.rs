@@ -2,11 +2,14 @@
 //! the reader is told to stop.
 //!
 //! Invariants: records are published in the shard's order; the checkpoint only covers records
-//! JetStream acknowledged; a failed publish is retried from the first unacknowledged record (never
-//! skipped); once reading has stopped, the batch in hand is still published and checkpointed, so a
-//! graceful stop leaves nothing to publish twice. Fencing: the shard's [`LeaseGuard`] is checked
-//! before every publish batch (and every retry of one) and every checkpoint write; once it fails the
-//! reader ends at once, writing nothing more.
+//! JetStream acknowledged (or skipped as older than a `START_FROM_LATEST` first sighting); a failed
+//! publish is retried from the first unacknowledged record (never skipped); once reading has stopped,
+//! the batch in hand is still published and checkpointed, so a graceful stop leaves nothing to
+//! publish twice, while a read in flight is abandoned (nothing is in hand yet). Fencing: the shard's
+//! [`LeaseGuard`] is checked before every record handed to NATS (`crate::publish`) and every
+//! checkpoint write; once it fails the reader ends at once, writing nothing more, and a publish
+//! connection that may still hold its publishes is fenced. A shard AWS calls missing has ended only
+//! if the topology lists it closed or no longer lists it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
