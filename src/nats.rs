@@ -59,7 +59,6 @@ pub enum SetupError {
 /// `nats_connected` gauge and is logged once ([`on_connection_event`]).
 pub async fn connect(config: &Config) -> Result<async_nats::Client, SetupError> {
     let urls = config.nats_urls.iter().map(|url| redact_url(url)).collect::<Vec<_>>().join(",");
-    let addresses: Vec<async_nats::ServerAddr> = config.nats_urls.iter().filter_map(|u| u.parse().ok()).collect();
     let connected_before = Arc::new(AtomicBool::new(false));
     connect_options(config)
         .await?
@@ -69,9 +68,14 @@ pub async fn connect(config: &Config) -> Result<async_nats::Client, SetupError> 
             let connected_before = Arc::clone(&connected_before);
             async move { on_connection_event(&event, &connected_before) }
         })
-        .connect(addresses)
+        .connect(server_addresses(config))
         .await
         .map_err(|source| classify(config, urls, source))
+}
+
+/// The configured NATS URLs as server addresses (each was checked by `Config::validate`).
+pub fn server_addresses(config: &Config) -> Vec<async_nats::ServerAddr> {
+    config.nats_urls.iter().filter_map(|url| url.parse().ok()).collect()
 }
 
 /// The client options for the configured authentication mode and TLS. With a CA file, only that CA

@@ -107,8 +107,6 @@ impl PublishConnection {
         let config = self.config.clone();
         let connecting = runtime.spawn(async move {
             let options = nats::connect_options(&config).await.map_err(|err| err.to_string())?;
-            let addresses: Vec<async_nats::ServerAddr> =
-                config.nats_urls.iter().filter_map(|url| url.parse().ok()).collect();
             options
                 .name(format!("{}-publish", config.replica_id))
                 .max_reconnects(None)
@@ -116,23 +114,20 @@ impl PublishConnection {
                 .event_callback(|event| async move {
                     tracing::debug!(event = %event, "NATS publish connection event");
                 })
-                .connect(addresses)
+                .connect(nats::server_addresses(&config))
                 .await
                 .map_err(|err| err.to_string())
         });
-        let client = match tokio::time::timeout(CONNECT_TIMEOUT * 2, connecting).await {
-            Ok(Ok(Ok(client))) => client,
-            Ok(Ok(Err(err))) => {
+        let connected = match tokio::time::timeout(CONNECT_TIMEOUT * 2, connecting).await {
+            Ok(Ok(connected)) => connected.map_err(ConnectError::Nats),
+            Ok(Err(join)) => Err(ConnectError::Nats(join.to_string())),
+            Err(_) => Err(ConnectError::TimedOut(CONNECT_TIMEOUT * 2)),
+        };
+        let client = match connected {
+            Ok(client) => client,
+            Err(err) => {
                 runtime.shutdown_background();
-                return Err(ConnectError::Nats(err));
-            }
-            Ok(Err(join)) => {
-                runtime.shutdown_background();
-                return Err(ConnectError::Nats(join.to_string()));
-            }
-            Err(_) => {
-                runtime.shutdown_background();
-                return Err(ConnectError::TimedOut(CONNECT_TIMEOUT * 2));
+                return Err(err);
             }
         };
         let generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
