@@ -21,6 +21,7 @@ pub mod event;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind};
@@ -91,6 +92,10 @@ pub struct PublishFailure {
     /// The publish connection that may still hold publishes of this batch that were not
     /// acknowledged (queued, unsent, or sent without an answer); `None` when none can be left.
     pub unconfirmed: Option<u64>,
+    /// Why the publish connection must be fenced before anything else is sent (the lease was lost
+    /// while publishes were unacknowledged, or an ack timed out); done by
+    /// [`Publisher::publish_in_order`] before it returns.
+    fence: Option<&'static str>,
 }
 
 impl PublishFailure {
@@ -104,6 +109,14 @@ impl PublishFailure {
 pub const LEASE_LOST: &str = "lease_lost";
 /// `kind` of a batch stopped because the publish connection is down or cannot be made.
 pub const DISCONNECTED: &str = "disconnected";
+
+/// Where one shard's records go (`subject`), and the names they are counted and logged under.
+#[derive(Clone, Copy, Debug)]
+pub struct Destination<'a> {
+    pub subject: &'a str,
+    pub table: &'a str,
+    pub shard_id: &'a str,
+}
 
 /// Publishes events of every shard on one publish connection.
 #[derive(Clone)]
@@ -200,109 +213,59 @@ impl Publisher {
             max_payload = self.client.max_payload(), "event exceeds the max payload: published without images");
     }
 
-    /// Publishes `batch` in order with at most `window` acks outstanding, awaiting acks in order, at
-    /// most one unacknowledged publish per item, each record sent only while `guard` is valid.
+    /// Publishes `batch[from..]` in order with at most `window` acks outstanding, awaiting acks in
+    /// order, at most one unacknowledged publish per item, each record sent only while `guard` is
+    /// valid. A failure's `acked` counts from `from`.
+    ///
+    /// The loop runs on the publish connection's runtime, beside the client's task, so a record and
+    /// its ack do not each cross between threads; the batch is lent to it and is back in `batch`
+    /// when this returns, also when a fence ends that runtime under the loop.
     pub async fn publish_in_order(
         &self,
-        subject: &str,
-        table: &str,
-        shard_id: &str,
-        batch: &mut [Prepared],
+        shard: Destination<'_>,
+        batch: &mut Vec<Prepared>,
+        from: usize,
         window: usize,
         guard: &LeaseGuard,
     ) -> Result<(), PublishFailure> {
+        let Destination { subject, table, shard_id } = shard;
         let connection = match self.connection.get().await {
             Ok(connection) => connection,
             Err(err) => return Err(self.stop(table, 0, DISCONNECTED, err.to_string(), None)),
         };
         let generation = connection.generation;
-        let ack_seconds = self.metrics.publish_ack_seconds.with_label_values(&[table]);
-        let mut pending: VecDeque<(usize, Instant, jetstream::context::PublishAckFuture)> = VecDeque::new();
-        // The items of `pending`: a record whose item is here waits for that item's ack.
-        let mut in_flight: HashSet<u64> = HashSet::new();
-        let lost = guard.lost();
-        tokio::pin!(lost);
-        let mut acked = 0;
-        let mut next = 0;
-        // Set when every process-wide ack permit is taken: await an own ack before sending more.
-        let mut saturated = false;
-        while acked < batch.len() {
-            let may_send = !saturated || pending.is_empty();
-            if next < batch.len() && pending.len() < window && may_send && !in_flight.contains(&batch[next].item) {
-                if let Err(lost) = guard.check() {
-                    let unconfirmed = (!pending.is_empty()).then_some(generation);
-                    return Err(self.stop(table, acked, LEASE_LOST, lost.to_string(), unconfirmed));
-                }
-                if connection.client.connection_state() != async_nats::connection::State::Connected {
-                    let unconfirmed = (!pending.is_empty()).then_some(generation);
-                    let message = "the publish connection is not connected".to_owned();
-                    return Err(self.stop(table, acked, DISCONNECTED, message, unconfirmed));
-                }
-                saturated = false;
-                let record = &mut batch[next];
-                let headers = record.headers.take().unwrap_or_else(|| record.build_headers(table, shard_id));
-                let message = async_nats::jetstream::message::PublishMessage::build()
-                    .headers(headers)
-                    .payload(record.payload.clone());
-                match connection.js.send_publish(subject.to_owned(), message).await {
-                    Ok(ack) => {
-                        in_flight.insert(record.item);
-                        pending.push_back((next, Instant::now(), ack));
-                        next += 1;
-                    }
-                    Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded && !record.reduced => {
-                        // Our estimate of the headers' size was short; reduce and send again.
-                        self.reduce(table, shard_id, record);
-                    }
-                    // Other shards hold every permit (`MAX_ACKS_IN_FLIGHT`): free one of ours
-                    // by awaiting our oldest ack, or, holding none, give the others a moment.
-                    Err(err) if err.kind() == PublishErrorKind::MaxAckPending => {
-                        saturated = true;
-                        if pending.is_empty() {
-                            tokio::time::sleep(SATURATED_PAUSE).await;
-                        }
-                    }
-                    Err(err) => {
-                        // A publish the client refused was not queued; the earlier ones may be.
-                        let unconfirmed = (!pending.is_empty()).then_some(generation);
-                        return Err(self.failure(table, acked, &err, unconfirmed));
-                    }
-                }
-                continue;
+        let lent =
+            Arc::new(Lent { records: tokio::sync::Mutex::new(std::mem::take(batch)), acked: AtomicUsize::new(0) });
+        let job = Job {
+            publisher: self.clone(),
+            connection: connection.clone(),
+            subject: subject.to_owned(),
+            table: table.to_owned(),
+            shard_id: shard_id.to_owned(),
+            window,
+            guard: guard.clone(),
+        };
+        let run = {
+            let lent = lent.clone();
+            async move {
+                let mut records = lent.records.lock().await;
+                job.run(&mut records[from..], &lent.acked).await
             }
-            let Some((index, sent, ack)) = pending.pop_front() else { break };
-            let answer = tokio::select! {
-                answer = ack => answer,
-                lost = &mut lost => {
-                    // The lease may move on from now: nothing this shard queued may arrive later.
-                    self.fence(generation, table, shard_id, "lease lost with publishes unacknowledged");
-                    return Err(self.stop(table, acked, LEASE_LOST, lost.to_string(), None));
-                }
-            };
-            match answer {
-                Ok(ack) => {
-                    let record = &batch[index];
-                    in_flight.remove(&record.item);
-                    ack_seconds.observe(sent.elapsed().as_secs_f64());
-                    if ack.duplicate {
-                        self.metrics.duplicate_publishes.with_label_values(&[table]).inc();
-                    } else {
-                        self.metrics.records_published.with_label_values(&[table, record.event_name()]).inc();
-                    }
-                    acked = index + 1;
-                    saturated = false;
-                }
-                // No answer in time: the retry goes out on a new connection, and whatever this one
-                // still holds is dropped rather than delivered late.
-                Err(err) if err.kind() == PublishErrorKind::TimedOut => {
-                    self.fence(generation, table, shard_id, "publish ack timed out");
-                    return Err(self.failure(table, acked, &err, None));
-                }
-                // This one failed; the later ones may still be queued or on their way.
-                Err(err) => return Err(self.failure(table, acked, &err, Some(generation))),
-            }
+        };
+        let joined = connection.runtime.spawn(run).await;
+        // The loop is over, or its task was dropped with the runtime: either way the batch is free.
+        *batch = std::mem::take(&mut *lent.records.lock().await);
+        let result = joined.unwrap_or_else(|join| {
+            // A fence (of this shard or another) shut the runtime down under the loop; whatever it
+            // had not seen acknowledged went with the connection.
+            let acked = lent.acked.load(Ordering::Acquire);
+            let message = format!("the publish connection was dropped under the batch: {join}");
+            Err(self.stop(table, acked, DISCONNECTED, message, None))
+        });
+        if let Err(PublishFailure { fence: Some(why), .. }) = &result {
+            self.fence(generation, table, shard_id, why);
         }
-        Ok(())
+        result
     }
 
     /// A batch stopped for a reason of ours (lease, connection): counted like a publish error.
@@ -315,7 +278,7 @@ impl Publisher {
         unconfirmed: Option<u64>,
     ) -> PublishFailure {
         self.metrics.publish_errors.with_label_values(&[table, kind]).inc();
-        PublishFailure { acked, kind, message, unconfirmed }
+        PublishFailure { acked, kind, message, unconfirmed, fence: None }
     }
 
     fn failure(
@@ -334,5 +297,123 @@ impl Publisher {
             _ => "other",
         };
         self.stop(table, acked, kind, err.to_string(), unconfirmed)
+    }
+}
+
+/// A batch lent to the publish loop on the publish runtime: the records, and how many of them (from
+/// where the loop started) are acknowledged so far, readable when the loop's task was dropped.
+struct Lent {
+    records: tokio::sync::Mutex<Vec<Prepared>>,
+    acked: AtomicUsize,
+}
+
+/// What the publish loop of one batch owns on the publish runtime.
+struct Job {
+    publisher: Publisher,
+    connection: connection::Connection,
+    subject: String,
+    table: String,
+    shard_id: String,
+    window: usize,
+    guard: LeaseGuard,
+}
+
+impl Job {
+    /// The loop of [`Publisher::publish_in_order`]; `progress` follows the acknowledged count.
+    async fn run(self, batch: &mut [Prepared], progress: &AtomicUsize) -> Result<(), PublishFailure> {
+        let Job { publisher, connection, subject, table, shard_id, window, guard } = self;
+        let (table, shard_id) = (table.as_str(), shard_id.as_str());
+        let generation = connection.generation;
+        let metrics = &publisher.metrics;
+        let ack_seconds = metrics.publish_ack_seconds.with_label_values(&[table]);
+        let mut pending: VecDeque<(usize, Instant, jetstream::context::PublishAckFuture)> = VecDeque::new();
+        // The items of `pending`: a record whose item is here waits for that item's ack.
+        let mut in_flight: HashSet<u64> = HashSet::new();
+        let lost = guard.lost();
+        tokio::pin!(lost);
+        let mut acked = 0;
+        let mut next = 0;
+        // Set when every process-wide ack permit is taken: await an own ack before sending more.
+        let mut saturated = false;
+        while acked < batch.len() {
+            let may_send = !saturated || pending.is_empty();
+            if next < batch.len() && pending.len() < window && may_send && !in_flight.contains(&batch[next].item) {
+                if let Err(lost) = guard.check() {
+                    let unconfirmed = (!pending.is_empty()).then_some(generation);
+                    return Err(publisher.stop(table, acked, LEASE_LOST, lost.to_string(), unconfirmed));
+                }
+                if connection.client.connection_state() != async_nats::connection::State::Connected {
+                    let unconfirmed = (!pending.is_empty()).then_some(generation);
+                    let message = "the publish connection is not connected".to_owned();
+                    return Err(publisher.stop(table, acked, DISCONNECTED, message, unconfirmed));
+                }
+                saturated = false;
+                let record = &mut batch[next];
+                let headers = record.headers.take().unwrap_or_else(|| record.build_headers(table, shard_id));
+                let message = async_nats::jetstream::message::PublishMessage::build()
+                    .headers(headers)
+                    .payload(record.payload.clone());
+                match connection.js.send_publish(subject.clone(), message).await {
+                    Ok(ack) => {
+                        in_flight.insert(record.item);
+                        pending.push_back((next, Instant::now(), ack));
+                        next += 1;
+                    }
+                    Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded && !record.reduced => {
+                        // Our estimate of the headers' size was short; reduce and send again.
+                        publisher.reduce(table, shard_id, record);
+                    }
+                    // Other shards hold every permit (`MAX_ACKS_IN_FLIGHT`): free one of ours
+                    // by awaiting our oldest ack, or, holding none, give the others a moment.
+                    Err(err) if err.kind() == PublishErrorKind::MaxAckPending => {
+                        saturated = true;
+                        if pending.is_empty() {
+                            tokio::time::sleep(SATURATED_PAUSE).await;
+                        }
+                    }
+                    Err(err) => {
+                        // A publish the client refused was not queued; the earlier ones may be.
+                        let unconfirmed = (!pending.is_empty()).then_some(generation);
+                        return Err(publisher.failure(table, acked, &err, unconfirmed));
+                    }
+                }
+                continue;
+            }
+            let Some((index, sent, ack)) = pending.pop_front() else { break };
+            let answer = tokio::select! {
+                answer = ack => answer,
+                lost = &mut lost => {
+                    // The lease may move on from now: nothing this shard queued may arrive later.
+                    let mut failure = publisher.stop(table, acked, LEASE_LOST, lost.to_string(), None);
+                    failure.fence = Some("lease lost with publishes unacknowledged");
+                    return Err(failure);
+                }
+            };
+            match answer {
+                Ok(ack) => {
+                    let record = &batch[index];
+                    in_flight.remove(&record.item);
+                    ack_seconds.observe(sent.elapsed().as_secs_f64());
+                    if ack.duplicate {
+                        metrics.duplicate_publishes.with_label_values(&[table]).inc();
+                    } else {
+                        metrics.records_published.with_label_values(&[table, record.event_name()]).inc();
+                    }
+                    acked = index + 1;
+                    progress.store(acked, Ordering::Release);
+                    saturated = false;
+                }
+                // No answer in time: the retry goes out on a new connection, and whatever this one
+                // still holds is dropped rather than delivered late.
+                Err(err) if err.kind() == PublishErrorKind::TimedOut => {
+                    let mut failure = publisher.failure(table, acked, &err, None);
+                    failure.fence = Some("publish ack timed out");
+                    return Err(failure);
+                }
+                // This one failed; the later ones may still be queued or on their way.
+                Err(err) => return Err(publisher.failure(table, acked, &err, Some(generation))),
+            }
+        }
+        Ok(())
     }
 }

@@ -38,7 +38,7 @@ type Prefetch = (String, AbortOnDropHandle<Result<Fetched, ReadError>>);
 use super::error::ReadError;
 use crate::checkpoint::{self, AdvanceError, Position, ShardCheckpoint};
 use crate::config::MAX_RECORDS_PER_CALL;
-use crate::publish::Prepared;
+use crate::publish::{Destination, Prepared};
 
 /// How a reader ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,6 +393,7 @@ impl ShardReader {
         let mut done = 0;
         // The publish connection that may still hold unacknowledged publishes of this batch.
         let mut unconfirmed: Option<u64> = None;
+        let destination = Destination { subject: &self.subject, table, shard_id };
         while done < batch.len() {
             if let Err(outcome) = self.fenced() {
                 if let Some(generation) = unconfirmed {
@@ -400,14 +401,13 @@ impl ShardReader {
                 }
                 return Err(outcome);
             }
-            let rest = &mut batch[done..];
-            let result = publisher.publish_in_order(&self.subject, table, shard_id, rest, window, &self.guard).await;
+            let result = publisher.publish_in_order(destination, &mut batch, done, window, &self.guard).await;
             let acked = match &result {
-                Ok(()) => rest.len(),
+                Ok(()) => batch.len() - done,
                 Err(failure) => failure.acked,
             };
             if acked > 0 {
-                let last = rest[acked - 1].sequence_number.clone();
+                let last = batch[done + acked - 1].sequence_number.clone();
                 *start = StartAt::After(last.to_string());
                 self.checkpoint(checkpoint, Position::After(last)).await?;
             }

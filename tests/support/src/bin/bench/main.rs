@@ -8,7 +8,9 @@
 //!   async-nats program publishing the same messages with the same headers to a stream with the seed's
 //!   settings; with the service's CPU per 1000 records and peak RSS. `BENCH_RECORDS` scales the record
 //!   counts (default 1.0), `BENCH_SHARDS` (e.g. `8`) and `BENCH_SIZES` (e.g. `200`) narrow the grid,
-//!   `BENCH_PERF=<file>` records a `perf` profile of the service while it drains. The rows are also
+//!   `BENCH_PERF=<file>` records a `perf` profile of the service while it drains.
+//!   `BENCH_BASELINE=<binary>` compares another build of the service with this one in the same run
+//!   (`BENCH_REPEAT` pairs per row, default 3, alternating order). The rows are also
 //!   drawn as an SVG plot of records/s against shard count (`plot.rs`), written to `BENCH_PLOT`
 //!   (default `target/bench-throughput.svg`).
 //! - **latency** (`latency.rs`): write-to-arrival latency at a steady 200 records/s over 8 shards,

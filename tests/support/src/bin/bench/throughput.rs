@@ -202,15 +202,10 @@ fn grid(name: &str, default: &[usize]) -> Vec<usize> {
 /// Full `GetRecords` pages each shard reads at least (at `BENCH_RECORDS=1`).
 const PAGES_PER_SHARD: usize = 4;
 
-/// Prints the throughput table (`BENCH_RECORDS` scales the counts, `BENCH_SHARDS` and `BENCH_SIZES`
-/// narrow the grid) and returns its rows.
-pub async fn run(binary: &Path) -> Vec<Row> {
+/// The scenarios of the grid: `BENCH_SIZES` × `BENCH_SHARDS`, counts scaled by `BENCH_RECORDS`.
+fn scenarios() -> Vec<Scenario> {
     let scale: f64 = std::env::var("BENCH_RECORDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
-    println!(
-        "| shards | record size | records | ceiling rec/s | service rec/s | ratio | service CPU ms / 1000 rec | service peak RSS MiB |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let mut rows = Vec::new();
+    let mut scenarios = Vec::new();
     for size in grid("BENCH_SIZES", &[200, 2048]) {
         for shards in grid("BENCH_SHARDS", &[1, 8, 64]) {
             // Enough that every shard reads several full pages (1000 records each): with fewer, a
@@ -218,19 +213,110 @@ pub async fn run(binary: &Path) -> Vec<Row> {
             let base: f64 = if size <= 512 { 128_000.0 } else { 64_000.0 };
             let base = base.max((shards * PAGES_PER_SHARD * 1000) as f64);
             let records = ((base * scale) as usize / shards).max(1) * shards;
-            let scenario = Scenario { shards, size, records };
-            let top = ceiling(scenario).await;
-            let ours = service(scenario, binary).await;
-            println!(
-                "| {shards} | {size} B | {records} | {:.0} | {:.0} | {:.2} | {} | {} |",
-                top.records_per_sec,
-                ours.records_per_sec,
-                ours.records_per_sec / top.records_per_sec,
-                ours.cpu_ms_per_1000.map_or("–".into(), |v| format!("{v:.1}")),
-                ours.peak_rss_mb.map_or("–".into(), |v| format!("{v:.1}")),
-            );
-            rows.push(Row { shards, size, ceiling: top.records_per_sec, service: ours.records_per_sec });
+            scenarios.push(Scenario { shards, size, records });
         }
     }
+    scenarios
+}
+
+fn optional(value: Option<f64>) -> String {
+    value.map_or("–".into(), |v| format!("{v:.1}"))
+}
+
+/// Prints the throughput table (`BENCH_RECORDS` scales the counts, `BENCH_SHARDS` and `BENCH_SIZES`
+/// narrow the grid) and returns its rows. With `BENCH_BASELINE` naming another build of the service,
+/// prints the before/after table instead (see [`compare`]).
+pub async fn run(binary: &Path) -> Vec<Row> {
+    if let Some(baseline) = std::env::var_os("BENCH_BASELINE") {
+        return compare(Path::new(&baseline), binary).await;
+    }
+    println!(
+        "| shards | record size | records | ceiling rec/s | service rec/s | ratio | service CPU ms / 1000 rec | service peak RSS MiB |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for scenario in scenarios() {
+        let Scenario { shards, size, records } = scenario;
+        let top = ceiling(scenario).await;
+        let ours = service(scenario, binary).await;
+        println!(
+            "| {shards} | {size} B | {records} | {:.0} | {:.0} | {:.2} | {} | {} |",
+            top.records_per_sec,
+            ours.records_per_sec,
+            ours.records_per_sec / top.records_per_sec,
+            optional(ours.cpu_ms_per_1000),
+            optional(ours.peak_rss_mb),
+        );
+        rows.push(Row { shards, size, ceiling: top.records_per_sec, service: ours.records_per_sec });
+    }
+    rows
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.is_empty() {
+        f64::NAN
+    } else if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
+}
+
+/// Before and after in one run: for each scenario, the ceiling once, then `BENCH_REPEAT` pairs
+/// (default 3) of the `baseline` build and this one, their order alternating from pair to pair so
+/// that neither always runs on a warmer or a busier machine. Prints each pair's after/before ratio
+/// and their median, and the median rates and CPU of each build; returns this build's median rows.
+async fn compare(baseline: &Path, binary: &Path) -> Vec<Row> {
+    let repeat: usize = std::env::var("BENCH_REPEAT").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
+    println!("before: {}", baseline.display());
+    println!("after: {}", binary.display());
+    println!();
+    println!(
+        "| shards | record size | records | ceiling rec/s | before rec/s (median) | after rec/s (median) | after / before per pair | after / before (median) | before CPU ms / 1000 | after CPU ms / 1000 |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|");
+    let mut rows = Vec::new();
+    let mut all_ratios = Vec::new();
+    for scenario in scenarios() {
+        let Scenario { shards, size, records } = scenario;
+        let top = ceiling(scenario).await;
+        let (mut before, mut after, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut before_cpu, mut after_cpu) = (Vec::new(), Vec::new());
+        for pair in 0..repeat {
+            let (old, new) = if pair % 2 == 0 {
+                let old = service(scenario, baseline).await;
+                (old, service(scenario, binary).await)
+            } else {
+                let new = service(scenario, binary).await;
+                (service(scenario, baseline).await, new)
+            };
+            ratios.push(new.records_per_sec / old.records_per_sec);
+            before.push(old.records_per_sec);
+            after.push(new.records_per_sec);
+            before_cpu.extend(old.cpu_ms_per_1000);
+            after_cpu.extend(new.cpu_ms_per_1000);
+        }
+        let per_pair: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        let after_median = median(&mut after);
+        println!(
+            "| {shards} | {size} B | {records} | {:.0} | {:.0} | {after_median:.0} | {} | {:.2} | {:.1} | {:.1} |",
+            top.records_per_sec,
+            median(&mut before),
+            per_pair.join(", "),
+            median(&mut ratios.clone()),
+            median(&mut before_cpu),
+            median(&mut after_cpu),
+        );
+        all_ratios.extend(ratios);
+        rows.push(Row { shards, size, ceiling: top.records_per_sec, service: after_median });
+    }
+    println!();
+    println!(
+        "after / before over every pair of every row: median {:.2}, mean {:.2}",
+        median(&mut all_ratios.clone()),
+        all_ratios.iter().sum::<f64>() / all_ratios.len() as f64
+    );
     rows
 }
