@@ -135,7 +135,8 @@ async fn start(
     let (bucket, max_value_size) = nats::ensure_bucket(&js, config).await?;
     // A compare-and-swap write carries a header (`Nats-Expected-Last-Subject-Sequence: n`) that counts
     // against the stream's max message size; 128 bytes covers it with room to spare.
-    let value_limit = max_value_size.unwrap_or(usize::MAX).min(client.max_payload()).saturating_sub(128);
+    let value_limit =
+        max_value_size.unwrap_or(usize::MAX).min(client.max_payload()).saturating_sub(nats::VALUE_HEADROOM);
 
     // Publishes go through a connection of their own, which a lost lease can fence (src/publish).
     let publish_connection = publish::connection::PublishConnection::new(config.clone());

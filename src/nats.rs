@@ -381,10 +381,14 @@ pub fn report_duplicate_window(stream: &str, window: Duration, lease: &coordinat
     }
 }
 
-/// The smallest max value size the checkpoint bucket may have: the service's lease, presence and
-/// checkpoint values stay well under it (a lease value is about 150 bytes), and so does the topology
-/// of a table with a few shards. The original deployment creates the bucket with 1 KiB.
-pub const MIN_VALUE_SIZE: usize = 512;
+/// The smallest max value size the checkpoint bucket may have: the longest value the service writes
+/// ([`crate::source::layout::MAX_VALUE`]; a lease or a checkpoint is far shorter) and room for the
+/// headers of a compare-and-swap write. The original deployment creates the bucket with 1 KiB.
+pub const MIN_VALUE_SIZE: usize = crate::source::layout::MAX_VALUE + VALUE_HEADROOM;
+
+/// What a KV write's headers (`Nats-Expected-Last-Subject-Sequence`, …) take of a bucket's max value
+/// size, rounded up.
+pub const VALUE_HEADROOM: usize = 128;
 
 /// Finds or creates the checkpoint bucket. Returns it with its max value size (`None`: unlimited);
 /// a bucket whose max value size is under [`MIN_VALUE_SIZE`] is refused.

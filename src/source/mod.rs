@@ -4,6 +4,7 @@
 pub mod api;
 pub mod discovery;
 pub mod error;
+pub mod layout;
 pub mod shard;
 pub mod topology;
 pub mod watch;

@@ -1,7 +1,7 @@
 //! A table's shard topology as the fleet shares it: the streams (oldest first) with their shards, the
 //! shards that are finished, the first sighting for `START_FROM_LATEST`. One replica at a time refreshes it
-//! from AWS ([`super::discovery`]) and writes it under [`key`]; every replica reads it and derives
-//! the shards that may be read now ([`Topology::readable`]).
+//! from AWS ([`super::discovery`]) and writes it to the bucket as small keys ([`super::layout`]);
+//! every replica reads it and derives the shards that may be read now ([`Topology::readable`]).
 //!
 //! Invariant (lineage): a shard is readable only when it belongs to the oldest stream still followed,
 //! is not finished, and its parent is finished or has left the stream. So a child is never read
@@ -12,12 +12,6 @@ use std::collections::{BTreeSet, HashSet};
 use serde::{Deserialize, Serialize};
 
 use super::api::{ShardInfo, StartAt};
-
-/// Where the fleet keeps a table's topology, beside the checkpoints: the `/` keeps it apart from every
-/// `{table}.{shard_id}` checkpoint key, and `topology/` apart from the lease namespace.
-pub fn key(table: &str) -> String {
-    format!("topology/{}", coordination::keys::escape(table))
-}
 
 /// One stream of a table and its shards, as `DescribeStream` listed them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +190,5 @@ mod tests {
         assert_eq!(readable[1].fresh_start, StartAt::TrimHorizon);
         let json = serde_json::to_vec(&topology).unwrap();
         assert_eq!(serde_json::from_slice::<Topology>(&json).unwrap(), topology);
-        assert!(key("my.table").starts_with("topology/my=2Etable"));
     }
 }

@@ -1,10 +1,12 @@
 //! Keeps every table's [`Topology`] fresh in the bucket and publishes the shards that may be read now.
 //!
-//! Every second the watch reads each table's topology key (one KV get per table). A table whose key
-//! has not changed for `SHARD_REFRESH_INTERVAL_SEC`, as this replica observed it, is refreshed from
-//! AWS ([`super::discovery::refresh`]) and written back by compare-and-swap at the revision it was
-//! read at, so about one replica per interval pays for `DescribeStream`, whatever the size of the
-//! fleet (`coordination/DESIGN.md`, "Discovery in the service"). A table can be refreshed at once on
+//! A topology is kept as many small keys ([`super::layout`]). Every second the watch reads each
+//! table's head (one KV get per table), and the table's other keys only when the head says they
+//! changed. A table whose head has not changed for `SHARD_REFRESH_INTERVAL_SEC`, as this replica
+//! observed it, is refreshed from AWS ([`super::discovery::refresh`]); what changed is written, then
+//! the head by compare-and-swap at the revision it was read at, so about one replica per interval
+//! pays for `DescribeStream`, whatever the size of the fleet (`coordination/DESIGN.md`, "Discovery
+//! in the service"). A table can be refreshed at once on
 //! request ([`TopologyWatch::force`]), e.g. when one of its shards was read to its end.
 //!
 //! It runs as its own task, so slow AWS calls never delay the lease events the fleet handles, and it
@@ -15,14 +17,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use coordination::{LeaseStore, Revision, ShardKey, StoreError};
+use coordination::{LeaseStore, Revision, ShardKey, StoreError, Versioned};
+use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::Services;
 use super::discovery;
-use super::topology::{self, Readable, Topology};
+use super::layout::{self, Head};
+use super::topology::{Readable, Topology};
 use crate::status;
 
 /// How often the topology keys are read: children of a shard finished on another replica become
@@ -33,14 +37,23 @@ const TOPOLOGY_READ_INTERVAL: Duration = Duration::from_secs(1);
 /// tables stays under `DescribeStream`'s limit of about 10 calls per second per account.
 pub const REFRESHES_PER_TICK: usize = 5;
 
+/// Topology writes of one wave (shards whose parents are written) sent at once: a table of
+/// thousands of shards is written in seconds, not one round trip per shard.
+const WRITES_IN_FLIGHT: usize = 64;
+
 /// The shards that may be read now, by lease key; `None` until every table was read once.
 pub type ReadableShards = Option<Arc<BTreeMap<ShardKey, Readable>>>;
 
 /// A table's topology as this replica last read it.
 #[derive(Default)]
 struct TableView {
-    /// The revision of the topology key, and when this replica first saw that revision.
+    /// The revision of the table's head, and when this replica first saw that revision.
     seen: Option<(Revision, Instant)>,
+    head: Option<Head>,
+    /// The table's stream and shard keys as last read or written.
+    stored: layout::Stored,
+    /// The head's `changes` when `stored` was read; `None` when it must be read again.
+    read_at: Option<u64>,
     topology: Option<Topology>,
     /// Refresh at the next read whatever the age (a shard of this table just ended here).
     force: bool,
@@ -136,10 +149,10 @@ impl TopologyWatch {
     }
 }
 
-/// Reads one table's topology key and adopts a new revision.
+/// Reads one table's head, and its stream and shard keys when the head says they changed (or when
+/// this replica's copy of them may be stale); adopts what it reads.
 async fn read_table(store: &dyn LeaseStore, table: &str, view: &mut TableView, now: Instant) {
-    let key = topology::key(table);
-    let stored = match store.get(&key).await {
+    let stored = match store.get(&layout::head_key(table)).await {
         Ok(stored) => stored,
         Err(err) => {
             tracing::warn!(table, error = %err, "cannot read the table's topology; retrying");
@@ -147,20 +160,86 @@ async fn read_table(store: &dyn LeaseStore, table: &str, view: &mut TableView, n
         }
     };
     let revision = stored.as_ref().map(|entry| entry.revision);
-    if view.seen.map(|(seen, _)| seen) == revision {
+    if view.seen.map(|(seen, _)| seen) != revision {
+        view.seen = revision.map(|revision| (revision, now));
+        view.head = match stored.map(|entry| serde_json::from_slice::<Head>(&entry.value)) {
+            Some(Ok(head)) => Some(head),
+            Some(Err(err)) => {
+                tracing::error!(table, error = %err, "unreadable topology head; it is rebuilt from AWS");
+                view.read_at = None;
+                Some(Head::default())
+            }
+            None => None,
+        };
+    }
+    let changes = view.head.as_ref().map(|head| head.changes);
+    if changes.is_some() && view.read_at == changes {
+        // The keys are as read; the head's own fields may still have moved.
+        if let (Some(head), Some(topology)) = (&view.head, &mut view.topology) {
+            topology.since = head.since;
+            topology.problem = head.problem.clone();
+        }
         return;
     }
-    view.seen = revision.map(|revision| (revision, now));
-    view.topology = stored.and_then(|entry| match serde_json::from_slice::<Topology>(&entry.value) {
-        Ok(topology) => Some(topology),
+    // Keys written by a refresh that has not written its head yet (or never will) are read too, so
+    // that the next refresh writes over them at their revisions.
+    let prefixes = [layout::stream_prefix(table), layout::shard_prefix(table)];
+    let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+    view.stored = match store.scan(&prefixes).await {
+        Ok(entries) => entries.into_iter().collect(),
         Err(err) => {
-            tracing::error!(table, key, error = %err, "unreadable topology value; it is rebuilt from AWS");
-            None
+            tracing::warn!(table, error = %err, "cannot read the table's shards; retrying");
+            return;
         }
-    });
+    };
+    view.read_at = changes;
+    let Some(head) = &view.head else {
+        if view.topology.is_none() {
+            view.topology = previous_layout(store, table).await;
+        }
+        return;
+    };
+    match layout::assemble(table, head, &view.stored) {
+        Ok(topology) => view.topology = Some(topology),
+        Err(err) => tracing::error!(table, error = %err, "unreadable topology; it is rebuilt from AWS"),
+    }
 }
 
-/// Refreshes one table from AWS and writes it back by compare-and-swap at the revision last read.
+/// The table's topology in the previous layout (one value per table), which the first refresh in
+/// this layout carries over (its first sighting, its finished shards).
+async fn previous_layout(store: &dyn LeaseStore, table: &str) -> Option<Topology> {
+    let key = layout::previous_key(table);
+    let entry = store.get(&key).await.ok().flatten()?;
+    match serde_json::from_slice::<Topology>(&entry.value) {
+        Ok(topology) => {
+            tracing::info!(table, key, "carrying the topology over from the previous layout");
+            Some(topology)
+        }
+        Err(err) => {
+            tracing::warn!(table, key, error = %err, "unreadable topology in the previous layout; ignored");
+            None
+        }
+    }
+}
+
+/// Why a refresh could not be written.
+enum WriteError {
+    /// Another replica wrote first; its topology is adopted at the next read.
+    Conflict,
+    Store(StoreError),
+}
+
+impl From<StoreError> for WriteError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Conflict { .. } => WriteError::Conflict,
+            err => WriteError::Store(err),
+        }
+    }
+}
+
+/// Refreshes one table from AWS and writes what changed: the stream and shard keys (parents first),
+/// then the head by compare-and-swap at the revision last read, which claims the refresh.
 async fn refresh_table(services: &Services, store: &dyn LeaseStore, table: &str, view: &mut TableView) {
     let next = match discovery::refresh(services, table, view.topology.as_ref()).await {
         Ok(next) => next,
@@ -169,21 +248,16 @@ async fn refresh_table(services: &Services, store: &dyn LeaseStore, table: &str,
             return;
         }
     };
-    let value = match serde_json::to_vec(&next) {
-        Ok(value) => bytes::Bytes::from(value),
-        Err(err) => {
-            tracing::error!(table, error = %err, "cannot encode the topology");
-            return;
-        }
-    };
-    if value.len() > services.value_limit {
+    let (writes, deletes) = layout::diff(&view.stored, &layout::entries(table, &next));
+    let changes = view.head.as_ref().map_or(0, |head| head.changes);
+    let changes = if writes.is_empty() && deletes.is_empty() { changes } else { changes + 1 };
+    let head = Head::of(&next, changes);
+    let largest = writes.iter().map(|entry| entry.value.len()).max().unwrap_or(0).max(head.encode().len());
+    if largest > services.value_limit {
         let message = format!(
-            "its shard topology ({} bytes, {} shards) does not fit the checkpoint bucket's max value size \
-             ({} bytes usable); raise it (`nats kv edit {} --max-value-size`) or use a bucket without the limit",
-            value.len(),
-            next.present().len(),
-            services.value_limit,
-            services.config.bucket,
+            "a value of its shard topology ({largest} bytes) does not fit the checkpoint bucket's max value \
+             size ({} bytes usable); raise it (`nats kv edit {} --max-value-size`) or use a bucket without the limit",
+            services.value_limit, services.config.bucket,
         );
         if services.unreadable.set(table, status::VALUE_TOO_LARGE, message.clone()) {
             tracing::error!(table, bucket = %services.config.bucket, "table cannot be read: {message}");
@@ -191,24 +265,87 @@ async fn refresh_table(services: &Services, store: &dyn LeaseStore, table: &str,
         services.metrics.table_unreadable.with_label_values(&[table, status::VALUE_TOO_LARGE]).set(1);
         return;
     }
-    let key = topology::key(table);
-    let written = match view.seen {
-        None => store.create(&key, value).await,
-        Some((revision, _)) => store.update(&key, value, revision).await,
-    };
-    match written {
+    let (written, deleted, started) = (writes.len(), deletes.len(), Instant::now());
+    match write(store, table, view, writes, deletes, &head).await {
         Ok(revision) => {
+            if written + deleted > 0 {
+                let ms = started.elapsed().as_millis() as u64;
+                tracing::info!(table, written, deleted, ms, shards = next.present().len(), "shard topology changed");
+            }
             if services.unreadable.clear(table) {
                 tracing::info!(table, "table can be read again: its topology fits the bucket");
             }
             services.metrics.table_unreadable.with_label_values(&[table, status::VALUE_TOO_LARGE]).set(0);
             view.seen = Some((revision, Instant::now()));
+            view.read_at = Some(head.changes);
+            view.head = Some(head);
             view.topology = Some(next);
             view.force = false;
         }
-        // Another replica refreshed first: adopt its topology at the next read (and refresh again if
-        // forced, since its refresh may have started before this replica's shard ended).
-        Err(StoreError::Conflict { .. }) => tracing::debug!(table, "another replica refreshed the topology first"),
-        Err(err) => tracing::warn!(table, error = %err, "cannot write the topology; retrying"),
+        // Another replica refreshed first: adopt its topology at the next read, all keys read
+        // again (and refresh again if forced, since its refresh may have started before this
+        // replica's shard ended).
+        Err(WriteError::Conflict) => {
+            view.read_at = None;
+            tracing::debug!(table, "another replica refreshed the topology first");
+        }
+        Err(WriteError::Store(err)) => {
+            view.read_at = None;
+            tracing::warn!(table, error = %err, "cannot write the topology; retrying");
+        }
     }
+}
+
+/// Writes a refresh: `writes` wave by wave (each at the revision last read, up to
+/// [`WRITES_IN_FLIGHT`] at once within a wave), `deletes`, then the head.
+async fn write(
+    store: &dyn LeaseStore,
+    table: &str,
+    view: &mut TableView,
+    writes: Vec<layout::Entry>,
+    deletes: Vec<String>,
+    head: &Head,
+) -> Result<Revision, WriteError> {
+    let mut waves: BTreeMap<usize, Vec<layout::Entry>> = BTreeMap::new();
+    for entry in writes {
+        waves.entry(entry.wave).or_default().push(entry);
+    }
+    for wave in waves.into_values() {
+        let stored = &view.stored;
+        let written: Vec<(layout::Entry, Result<Revision, StoreError>)> = futures::stream::iter(wave)
+            .map(|entry| async move {
+                let written = match stored.get(&entry.key) {
+                    Some(current) => store.update(&entry.key, entry.value.clone(), current.revision).await,
+                    None => store.create(&entry.key, entry.value.clone()).await,
+                };
+                (entry, written)
+            })
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut failed = None;
+        for (entry, result) in written {
+            match result {
+                Ok(revision) => {
+                    view.stored.insert(entry.key, Versioned { value: entry.value, revision });
+                }
+                Err(err) => failed = Some(err),
+            }
+        }
+        if let Some(err) = failed {
+            return Err(err.into());
+        }
+    }
+    for key in deletes {
+        if let Some(stored) = view.stored.get(&key) {
+            store.delete(&key, stored.revision).await?;
+            view.stored.remove(&key);
+        }
+    }
+    let key = layout::head_key(table);
+    let revision = match view.seen {
+        None => store.create(&key, head.encode()).await?,
+        Some((revision, _)) => store.update(&key, head.encode(), revision).await?,
+    };
+    Ok(revision)
 }

@@ -212,6 +212,47 @@ impl Rig {
         Some(String::from_utf8_lossy(&value).into_owned())
     }
 
+    /// Every key of the checkpoint bucket with its value (deleted keys left out), read in one pass.
+    pub async fn bucket(&self) -> BTreeMap<String, bytes::Bytes> {
+        use futures::StreamExt;
+        let kv = self.js.get_key_value(BUCKET).await.unwrap();
+        let mut out = BTreeMap::new();
+        let mut entries = kv.watch_all_from_revision(1).await.unwrap();
+        // A watch from the first revision delivers every write; `delta` counts what is left.
+        let status = kv.status().await.unwrap();
+        if status.info.state.messages == 0 {
+            return out;
+        }
+        while let Some(entry) = entries.next().await {
+            let entry = entry.unwrap();
+            match entry.operation {
+                async_nats::jetstream::kv::Operation::Put => out.insert(entry.key.clone(), entry.value.clone()),
+                _ => out.remove(&entry.key),
+            };
+            if entry.delta == 0 {
+                break;
+            }
+        }
+        out
+    }
+
+    /// The stream ARNs the fleet follows for the table, as stored in the bucket, oldest first.
+    pub async fn followed_streams(&self) -> Vec<String> {
+        let prefix = format!("topology/{TABLE}/stream.");
+        let mut streams: Vec<(u64, String)> = self
+            .bucket()
+            .await
+            .into_iter()
+            .filter(|(key, _)| key.starts_with(&prefix))
+            .map(|(key, value)| {
+                let stream: serde_json::Value = serde_json::from_slice(&value).unwrap_or_else(|_| panic!("{key}"));
+                (stream["position"].as_u64().unwrap(), stream["arn"].as_str().unwrap().to_owned())
+            })
+            .collect();
+        streams.sort();
+        streams.into_iter().map(|(_, arn)| arn).collect()
+    }
+
     /// Waits until the stream holds at least `expected.len()` messages and the checkpoint of every shard
     /// in `expected` covers its last record there (a closed shard's finished checkpoint may also have
     /// been deleted already), so no publish of those records is still under way.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use test_support::streams_fault::Op;
 
-use super::harness::{BUCKET, Rig, TABLE, Window, assert_read_after, keys, last_in};
+use super::harness::{Rig, TABLE, Window, assert_read_after, keys, last_in};
 
 /// Waits until `shard_id`'s checkpoint is the finished marker after its last record.
 async fn wait_finished(rig: &Rig, shard_id: &str) {
@@ -206,15 +206,6 @@ async fn the_finished_checkpoint_of_a_shard_that_vanished_while_read_is_deleted(
 /// second, and every wait gives up after 30 s), so every discovery gets one until they are cleared.
 const STALE_ANSWERS: usize = 1000;
 
-/// The stream ARNs of the table's topology as the fleet stored it in the bucket, oldest first.
-async fn followed_streams(rig: &Rig) -> Vec<String> {
-    let kv = rig.js.get_key_value(BUCKET).await.unwrap();
-    let value = kv.get(format!("topology/{TABLE}")).await.unwrap().expect("a stored topology");
-    let topology: serde_json::Value = serde_json::from_slice(&value).unwrap();
-    let streams = topology["streams"].as_array().unwrap_or_else(|| panic!("no streams in {topology}"));
-    streams.iter().map(|stream| stream["arn"].as_str().unwrap().to_owned()).collect()
-}
-
 /// Issue 14 (5): `DescribeTable` is eventually consistent, so for a while after a re-enable it may
 /// still name the old stream. Such an answer appended the old stream again after the new one in the
 /// fleet's topology; once AWS deleted the old stream (24 h after it was disabled), every discovery that
@@ -239,7 +230,7 @@ async fn a_stale_describe_table_answer_does_not_follow_an_old_stream_again() {
         (rig.streams.calls(Op::DescribeTable) >= calls + 2).then_some(())
     })
     .await;
-    assert_eq!(followed_streams(&rig).await, [current_arn.as_str()], "{}", rig.log_tail());
+    assert_eq!(rig.followed_streams().await, [current_arn.as_str()], "{}", rig.log_tail());
     rig.streams.delete_stream(&old);
 
     // Discovery goes on while the answers stay stale: the children of a split are found and read.
@@ -249,7 +240,7 @@ async fn a_stale_describe_table_answer_does_not_follow_an_old_stream_again() {
     assert!(rig.streams.pending_faults(Op::DescribeTable) > 0, "the answers must have stayed stale");
     rig.streams.clear_faults();
     assert!(!rig.log_lines(&["stale answer", &old]).is_empty(), "{}", rig.log_tail());
-    assert_eq!(followed_streams(&rig).await, [current_arn.as_str()]);
+    assert_eq!(rig.followed_streams().await, [current_arn.as_str()]);
     assert_eq!(rig.metric("get_records_errors_total", &[("kind", "not_found")]).await, 0.0, "{}", rig.log_tail());
     rig.stop().await;
 

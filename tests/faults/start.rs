@@ -29,7 +29,7 @@ async fn start_from_latest_publishes_everything_from_the_first_sighting_and_noth
     rig.start(&[("START_FROM_LATEST", "true")]).await;
     rig.until("the table's first sighting to be recorded", || async {
         let kv = rig.js.get_key_value(BUCKET).await.ok()?;
-        kv.get(format!("topology/{TABLE}")).await.ok()?.map(drop)
+        kv.get(format!("topology/{TABLE}/table")).await.ok()?.map(drop)
     })
     .await;
     for _ in 0..3 {
