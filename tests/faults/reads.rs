@@ -19,10 +19,23 @@ async fn expired_iterators_resume_from_the_last_published_record() {
     // Three times: records wait in the shard when every iterator expires.
     for round in 1..=3 {
         rig.write_all(&keys);
+        let issued = rig.streams.calls(Op::GetShardIterator);
         rig.streams.expire_iterators();
         rig.until(&format!("expired iterator #{round} to be seen"), || async {
             (rig.metric("get_records_errors_total", &[("kind", "iterator_expired")]).await >= f64::from(round))
                 .then_some(())
+        })
+        .await;
+        // The next round's expiry must find the reader on the iterator it gets for this one (one
+        // issued after that expiry would never expire): wait for the new iterator's request, then
+        // for a read after it, which comes only once the iterator was issued.
+        rig.until(&format!("a new iterator after expiry #{round}"), || async {
+            (rig.streams.calls(Op::GetShardIterator) > issued).then_some(())
+        })
+        .await;
+        let reads = rig.streams.calls(Op::GetRecords);
+        rig.until(&format!("a read with the new iterator after expiry #{round}"), || async {
+            (rig.streams.calls(Op::GetRecords) > reads).then_some(())
         })
         .await;
     }
