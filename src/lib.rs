@@ -139,7 +139,7 @@ async fn start(
         max_value_size.unwrap_or(usize::MAX).min(client.max_payload()).saturating_sub(nats::VALUE_HEADROOM);
 
     // Publishes go through a connection of their own, which a lost lease can fence (src/publish).
-    let publish_connection = publish::connection::PublishConnection::new(config.clone());
+    let publish_connection = publish::connection::PublishConnection::new(config.clone(), &client.server_info());
     if let Err(err) = publish_connection.get().await {
         tracing::warn!(error = %err, "publish connection not made yet; the first publishes make it");
     }

@@ -6,6 +6,13 @@
 //! publishes get a connection of their own, driven by a runtime of its own (one thread): to fence,
 //! the runtime is shut down, which drops the client's task with its queue, its buffer and its
 //! socket; nothing that was still in the process reaches NATS. The next publish connects anew.
+//! Shutting the client down is not enough for what the kernel still holds: a closed socket goes on
+//! sending its unsent bytes, and a partition that heals delivers them. So, for plain-text servers,
+//! the client connects to a relay of ours on the loopback ([`relay`]), which owns the socket to the
+//! server with a zero linger: when the runtime goes, that socket is reset, its unsent bytes are
+//! discarded, and the server side drops what it received but had not read. (TLS connections are
+//! verified against the server's name, so they go direct; for them, bytes on the wire when a
+//! partition began may still arrive: at most one publish per item, see `coordination/DESIGN.md`.)
 //! A batch's publish loop runs on that runtime too (see `Publisher::publish_in_order`), so a record
 //! and its ack are handed between tasks of one thread rather than between two runtimes' threads.
 //!
@@ -22,6 +29,8 @@ use tokio::runtime::Runtime;
 
 use crate::config::Config;
 use crate::nats;
+
+mod relay;
 
 /// Longest wait for a new publish connection; the publish counts as failed and is retried after.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,6 +76,8 @@ pub enum ConnectError {
 /// The publish connection of this process: made on first use and after every fence.
 pub struct PublishConnection {
     config: Config,
+    /// Through the relay ([`relay`]): the servers' plain-text addresses (`host:port`).
+    relayed: Option<Vec<String>>,
     /// Held only for a moment (never across an await), so a fence is never delayed.
     live: Mutex<Option<Live>>,
     /// One connection attempt at a time.
@@ -75,9 +86,13 @@ pub struct PublishConnection {
 }
 
 impl PublishConnection {
-    pub fn new(config: Config) -> PublishConnection {
+    /// `server_info` is what the main connection's server said: a server that asks for TLS is
+    /// connected to directly.
+    pub fn new(config: Config, server_info: &async_nats::ServerInfo) -> PublishConnection {
+        let relayed = relay::upstreams(&config, server_info);
         PublishConnection {
             config,
+            relayed,
             live: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             generations: AtomicU64::new(0),
@@ -112,8 +127,20 @@ impl PublishConnection {
             .build()
             .map_err(ConnectError::Runtime)?;
         let config = self.config.clone();
+        let servers = match &self.relayed {
+            Some(upstreams) => match relay::start(&runtime, upstreams.clone()) {
+                Ok(address) => vec![address],
+                Err(err) => {
+                    runtime.shutdown_background();
+                    return Err(ConnectError::Runtime(err));
+                }
+            },
+            None => nats::server_addresses(&config),
+        };
+        let relayed = self.relayed.is_some();
         let connecting = runtime.spawn(async move {
             let options = nats::connect_options(&config).await.map_err(|err| err.to_string())?;
+            let options = if relayed { options.ignore_discovered_servers() } else { options };
             options
                 .name(format!("{}-publish", config.replica_id))
                 .max_reconnects(None)
@@ -121,7 +148,7 @@ impl PublishConnection {
                 .event_callback(|event| async move {
                     tracing::debug!(event = %event, "NATS publish connection event");
                 })
-                .connect(nats::server_addresses(&config))
+                .connect(servers)
                 .await
                 .map_err(|err| err.to_string())
         });

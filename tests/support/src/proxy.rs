@@ -6,7 +6,8 @@
 //!   the bytes a client has just written;
 //! - **pause**: no byte moves in either direction and nothing is refused (new connections are accepted
 //!   and then hang): a partition, in which the kernels' buffers fill and the peers notice nothing
-//!   until their own time-outs;
+//!   until their own time-outs; what was already read is passed on, what is not stays in the
+//!   kernels until the pause ends (or a reset discards it);
 //! - **latency**: each chunk waits before it is passed on, in order;
 //! - **resume**: everything held is passed on.
 //!
@@ -193,12 +194,10 @@ async fn proxy(client: TcpStream, server: TcpStream, mut state: watch::Receiver<
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        // A chunk read just as a pause began is held until the pause ends: it is in the network.
-        while state.borrow().paused {
-            if state.changed().await.is_err() {
-                return;
-            }
-        }
+        // A chunk read just as a pause began is passed on: the proxy's kernel acknowledged it, as
+        // the server's would have before the partition. What the partition holds is what is not
+        // read yet: the kernels' buffers on both sides (real partitions drop packets in flight and
+        // leave their bytes to the sender's retransmissions).
         let latency = state.borrow().latency;
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
