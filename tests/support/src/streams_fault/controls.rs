@@ -78,6 +78,17 @@ impl FaultyStreams {
         self.model().drop_shard(table, shard_id);
     }
 
+    /// Drops every shard, of every table and stream, that closed more than `age` ago, with its records
+    /// (DynamoDB stops listing a shard 24 hours after it closed). Returns how many went.
+    pub fn drop_closed_shards(&self, age: Duration) -> usize {
+        self.model().drop_closed_shards(age)
+    }
+
+    /// How many shards the table's streams list, open and closed.
+    pub fn listed_shards(&self, table: &str) -> usize {
+        self.model().listed_shards(table)
+    }
+
     /// Disables the table's stream: `DISABLED`, shards closed, `DescribeTable` shows `StreamEnabled:
     /// false`, and writes make no records.
     pub fn disable_stream(&self, table: &str) {

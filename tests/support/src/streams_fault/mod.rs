@@ -59,14 +59,20 @@ impl FaultyStreams {
     /// Binds a free port on 127.0.0.1 and serves on a task of the current tokio runtime (so a test that
     /// blocks its thread, on a current-thread runtime, blocks the endpoint too).
     pub async fn start() -> FaultyStreams {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        FaultyStreams::start_on(0)
             .await
-            .unwrap_or_else(|err| panic!("bind the fault-injecting streams endpoint on 127.0.0.1: {err}"));
-        let address = listener.local_addr().unwrap_or_else(|err| panic!("local address of a bound listener: {err}"));
+            .unwrap_or_else(|err| panic!("bind the fault-injecting streams endpoint on 127.0.0.1: {err}"))
+    }
+
+    /// Like [`Self::start`] on 127.0.0.1:`port` (0: a free port the OS picks); an error when the port
+    /// cannot be bound (in use, or privileged).
+    pub async fn start_on(port: u16) -> std::io::Result<FaultyStreams> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
+        let address = listener.local_addr()?;
         let model = Arc::new(Mutex::new(Model::default()));
         let stop = CancellationToken::new();
         tokio::spawn(http::serve(listener, model.clone(), stop.clone()));
-        FaultyStreams { model, address, _server: Arc::new(StopOnDrop(stop)) }
+        Ok(FaultyStreams { model, address, _server: Arc::new(StopOnDrop(stop)) })
     }
 
     /// The endpoint URL, `http://127.0.0.1:<port>`.

@@ -6,15 +6,19 @@
 //! - the open shards of a table's enabled stream own disjoint ranges of the key-hash space that together
 //!   cover all of it (until `drop_shard` removes an open one), so every item key goes to exactly one
 //!   shard, and a split or roll-over hands each part of a parent's range to exactly one child;
-//! - a closed shard never gains records; its `EndingSequenceNumber` is its last record's.
+//! - a closed shard never gains records; its `EndingSequenceNumber` is its last record's;
+//! - a stream's shards stay in creation order, which is the order of their ids, so a shard is found by
+//!   binary search and a `DescribeStream` page starts without a scan (a stream may hold tens of
+//!   thousands of shards when a long retention meets frequent roll-overs).
 //!
 //! Misuse by a test (an unknown table or shard, splitting a closed shard) panics with a message; the
 //! request path only reads the model through lookups that return `Option`.
 
 use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
+use tokio::time::Instant;
 
 use super::faults::Faults;
 use super::names;
@@ -50,6 +54,8 @@ pub(crate) struct Shard {
     last_written: Option<u128>,
     /// Positions at or below this one were trimmed away.
     pub trimmed_through: Option<u128>,
+    /// When the shard closed (the retention of closed shards counts from here).
+    closed_at: Option<Instant>,
 }
 
 impl Shard {
@@ -80,7 +86,12 @@ impl Shard {
     fn close(&mut self) {
         if self.end.is_none() {
             self.end = Some(self.last_written.unwrap_or(self.start));
+            self.closed_at = Some(Instant::now());
         }
+    }
+
+    fn closed_before(&self, cutoff: Instant) -> bool {
+        self.closed_at.is_some_and(|closed| closed < cutoff)
     }
 
     fn trim_through(&mut self, through: u128) {
@@ -104,15 +115,24 @@ pub(crate) struct Stream {
 
 impl Stream {
     pub fn shard(&self, shard_id: &str) -> Option<&Shard> {
-        self.shards.iter().find(|shard| shard.id == shard_id)
+        self.position(shard_id).map(|i| &self.shards[i])
+    }
+
+    /// The shards listed after `shard_id` (which need not exist any more), in id order.
+    pub fn shards_after(&self, shard_id: &str) -> &[Shard] {
+        let first = self.shards.partition_point(|shard| shard.id.as_str() <= shard_id);
+        &self.shards[first..]
     }
 
     fn shard_mut(&mut self, shard_id: &str) -> &mut Shard {
-        let arn = &self.arn;
-        self.shards
-            .iter_mut()
-            .find(|shard| shard.id == shard_id)
-            .unwrap_or_else(|| panic!("stream {arn} has no shard {shard_id}"))
+        match self.position(shard_id) {
+            Some(i) => &mut self.shards[i],
+            None => panic!("stream {} has no shard {shard_id}", self.arn),
+        }
+    }
+
+    fn position(&self, shard_id: &str) -> Option<usize> {
+        self.shards.binary_search_by(|shard| shard.id.as_str().cmp(shard_id)).ok()
     }
 }
 
@@ -229,7 +249,8 @@ impl Model {
         let hash = names::key_hash(&record.keys);
         let stream = self.streams.get_mut(&arn)?;
         let view = stream.view;
-        let shard = stream.shards.iter_mut().find(|shard| shard.owns(hash))?;
+        // Exactly one open shard owns the hash; after roll-overs the open ones are the newest.
+        let shard = stream.shards.iter_mut().rev().find(|shard| shard.owns(hash))?;
         let sequence_number = self.next_sequence;
         self.next_sequence += 1;
         let event_name = record.event_name;
@@ -308,6 +329,25 @@ impl Model {
         stream.shards.retain(|shard| shard.id != shard_id);
     }
 
+    /// Removes every shard (of every stream) that closed before `now - age`, with its records, as
+    /// DynamoDB stops listing a shard 24 hours after it closed. One pass over each stream, however many
+    /// go. Returns how many went.
+    pub fn drop_closed_shards(&mut self, age: Duration) -> usize {
+        let Some(cutoff) = Instant::now().checked_sub(age) else { return 0 };
+        let mut dropped = 0;
+        for stream in self.streams.values_mut() {
+            let before = stream.shards.len();
+            stream.shards.retain(|shard| !shard.closed_before(cutoff));
+            dropped += before - stream.shards.len();
+        }
+        dropped
+    }
+
+    /// How many shards the table's streams list, open and closed.
+    pub fn listed_shards(&self, table: &str) -> usize {
+        self.streams.values().filter(|stream| stream.table == table).map(|stream| stream.shards.len()).sum()
+    }
+
     /// Trims every position before `sequence_number` in every shard of the table's streams.
     pub fn trim_before(&mut self, table: &str, sequence_number: u128) {
         let Some(through) = sequence_number.checked_sub(1) else { return };
@@ -370,6 +410,7 @@ impl Model {
             records: Vec::new(),
             last_written: None,
             trimmed_through: None,
+            closed_at: None,
         };
         self.stream_mut(arn).shards.push(shard);
         id
@@ -463,5 +504,27 @@ mod tests {
             used.insert(first.unwrap_or_default());
         }
         assert_eq!(used.into_iter().collect::<Vec<_>>(), open, "100 keys should land in all four shards");
+    }
+
+    #[test]
+    fn closed_shards_go_once_older_than_the_age_and_the_rest_are_still_found() {
+        let mut model = Model::default();
+        let arn = model.create_table("t", "pk", ViewType::NewImage, 3);
+        let first = model.open_shards("t");
+        model.roll_over("t");
+        let second = model.open_shards("t");
+        assert_eq!(model.drop_closed_shards(Duration::from_secs(3600)), 0, "they closed just now");
+        assert_eq!(model.listed_shards("t"), 6);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(model.drop_closed_shards(Duration::from_millis(1)), 3);
+        assert_eq!(model.listed_shards("t"), 3);
+        let stream = model.stream(&arn).unwrap();
+        assert!(first.iter().all(|id| stream.shard(id).is_none()), "the closed parents are gone");
+        for (parent, child) in first.iter().zip(&second) {
+            assert_eq!(stream.shard(child).and_then(|shard| shard.parent.as_ref()), Some(parent));
+        }
+        let after_gone: Vec<&str> = stream.shards_after(&first[0]).iter().map(|shard| shard.id.as_str()).collect();
+        assert_eq!(after_gone, second, "a page after a dropped shard starts at the next one kept");
+        assert!(model.write("t", "k", item("1")).is_some_and(|written| second.contains(&written.shard_id)));
     }
 }

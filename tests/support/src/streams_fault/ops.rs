@@ -129,13 +129,11 @@ fn describe_stream(model: &Model, input: DescribeStreamInput) -> Result<Value, A
         Some(ShardFilter { kind: Some(kind), shard_id: Some(parent) }) if kind == "CHILD_SHARDS" => Some(parent),
         Some(_) => return Err(ApiError::validation("ShardFilter needs Type CHILD_SHARDS and a ShardId")),
     };
-    let start = input.exclusive_start_shard_id;
     // Shard ids sort in creation order, so a page starts after the given id even if that shard is gone.
-    let mut listed = stream
-        .shards
-        .iter()
-        .filter(|shard| children_of.as_ref().is_none_or(|parent| shard.parent.as_ref() == Some(parent)))
-        .filter(|shard| start.as_ref().is_none_or(|start| shard.id.as_str() > start.as_str()));
+    let after =
+        input.exclusive_start_shard_id.as_deref().map_or(stream.shards.as_slice(), |id| stream.shards_after(id));
+    let mut listed =
+        after.iter().filter(|shard| children_of.as_ref().is_none_or(|parent| shard.parent.as_ref() == Some(parent)));
     let shards: Vec<&Shard> = listed.by_ref().take(page).collect();
     let more = listed.next().is_some();
     let last = shards.last().filter(|_| more).map(|shard| shard.id.as_str());
