@@ -19,6 +19,9 @@ use super::harness::{DEADLINE, Rig, STREAM, Tally, Window, binary, keys, metric_
 /// Updates of the backlog each test starts from: 750 rounds over 4 items.
 const BACKLOG_ROUNDS: usize = 750;
 
+/// Items of the partition scenario's backlog (15,000 updates).
+const PARTITIONED_ITEMS: usize = 200;
+
 fn write_backlog(rig: &mut Rig, keys: &[String], rounds: usize) {
     for _ in 0..rounds {
         rig.write_all(keys);
@@ -49,7 +52,8 @@ async fn a_connection_reset_mid_page_keeps_every_items_versions_in_order() {
 }
 
 /// Scenario 2 of issue 14: two replicas; the one reading the shard is cut off from NATS (no byte
-/// moves, nothing is refused) in the middle of a backlog, for longer than its lease (TTL 4 s) and
+/// moves, nothing is refused) in the middle of a backlog of updates to 200 items (so that 200
+/// publishes, one per item, are in flight when the cut begins), for longer than its lease (TTL 4 s) and
 /// then longer than the stream's duplicate window (10 s) after the other replica has taken the shard
 /// over and published everything. The window is longer than a takeover (TTL plus a renew interval),
 /// as the service asks of its settings, so the new owner's re-publishes of what the cut-off replica
@@ -69,8 +73,10 @@ async fn a_replica_partitioned_past_its_lease_and_the_duplicate_window_stores_no
     let mut rig = Rig::new(Window::Seed).await;
     rig.js.create_stream(stream_config(WINDOW)).await.unwrap();
     let proxy = FaultProxy::start(rig.nats.port).await;
-    let keys = keys(4);
-    write_backlog(&mut rig, &keys, 5 * BACKLOG_ROUNDS);
+    // Many items, so that many publishes (one per item) are in flight when the partition begins and
+    // fill the kernels' buffers: what a healed partition would deliver late without the fence's reset.
+    let keys = keys(PARTITIONED_ITEMS);
+    write_backlog(&mut rig, &keys, 15_000 / PARTITIONED_ITEMS);
     let url = proxy.url();
     let lease = [("LEASE_TTL_SEC", "4"), ("PUBLISH_TIMEOUT_MS", "1000")];
     let mut cut_off = lease.to_vec();
@@ -106,7 +112,7 @@ async fn a_replica_partitioned_past_its_lease_and_the_duplicate_window_stores_no
 
     // After the heal, new writes flow; once they are in, anything held across the partition is too.
     rig.until("the cut-off replica to reconnect", || async { (rig.readyz().await == 200).then_some(()) }).await;
-    write_backlog(&mut rig, &keys, 5);
+    write_backlog(&mut rig, &keys, 1);
     rig.settle(&rig.written).await;
     let fences = metric_at(rig.port, "publish_fences_total", &[]).await;
     let other_log = other.stop_gracefully(Duration::from_secs(20)).await;
@@ -132,6 +138,7 @@ async fn a_replica_partitioned_past_its_lease_and_the_duplicate_window_stores_no
     };
     assert_eq!(tally.missing, 0, "{}", context());
     assert!(fences >= 1.0, "the cut-off replica's publish connection must be fenced: {}", context());
+    assert!(proxy.resets_during_pause() >= 1, "the fence must reset the partitioned connection: {}", context());
     assert_eq!(late, 0, "stored late: {}", context());
     assert!(tally.is_exact(), "{}", context());
 }

@@ -7,7 +7,9 @@
 //! - **pause**: no byte moves in either direction and nothing is refused (new connections are accepted
 //!   and then hang): a partition, in which the kernels' buffers fill and the peers notice nothing
 //!   until their own time-outs; what was already read is passed on, what is not stays in the
-//!   kernels until the pause ends (or a reset discards it);
+//!   kernels until the pause ends. A client that resets its connection during the pause gave up
+//!   what it sent: a real partition drops packets and leaves the bytes to the sender's
+//!   retransmissions, which a reset ends. So such a connection's unread bytes are dropped;
 //! - **latency**: each chunk waits before it is passed on, in order;
 //! - **resume**: everything held is passed on.
 //!
@@ -46,6 +48,8 @@ struct Counters {
     to_server: AtomicU64,
     to_client: AtomicU64,
     swallowed: AtomicU64,
+    /// Connections the client reset during a pause (what they held was dropped).
+    discarded_by_reset: AtomicUsize,
     /// The id of the last reset fired, so that one arm fires once whichever connection gets there.
     fired: AtomicU64,
 }
@@ -125,6 +129,11 @@ impl FaultProxy {
         self.counters.resets.load(Ordering::SeqCst)
     }
 
+    /// Connections that the client reset during a pause, whose unread bytes were dropped.
+    pub fn resets_during_pause(&self) -> usize {
+        self.counters.discarded_by_reset.load(Ordering::SeqCst)
+    }
+
     /// Bytes swallowed by resets so far.
     pub fn swallowed(&self) -> u64 {
         self.counters.swallowed.load(Ordering::SeqCst)
@@ -163,6 +172,22 @@ enum Direction {
     ToClient,
 }
 
+/// At the end of a pause: what the client's connection holds, read until it would block, or
+/// `None` when the client reset the connection during the pause (a reset shows after the bytes).
+fn after_pause(client: &tokio::net::tcp::OwnedReadHalf) -> Option<Vec<u8>> {
+    let mut buffer = vec![0u8; CHUNK];
+    let mut held = Vec::new();
+    loop {
+        match client.try_read(&mut buffer) {
+            Ok(0) => return Some(held),
+            Ok(n) => held.extend_from_slice(&buffer[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return Some(held),
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return None,
+            Err(_) => return Some(held),
+        }
+    }
+}
+
 /// Proxies one connection until either side closes, or a reset fires.
 async fn proxy(client: TcpStream, server: TcpStream, mut state: watch::Receiver<State>, counters: Arc<Counters>) {
     let _ = client.set_nodelay(true);
@@ -177,6 +202,24 @@ async fn proxy(client: TcpStream, server: TcpStream, mut state: watch::Receiver<
         if current.paused {
             if state.changed().await.is_err() {
                 return;
+            }
+            if !state.borrow().paused {
+                // What the client sent during the partition would have been lost with the
+                // packets and retransmitted by its kernel; a client that reset its connection
+                // meanwhile gave those bytes up. The proxy's kernel holds them only because it
+                // acknowledged them: they are dropped with the connection.
+                match after_pause(&client_read) {
+                    None => {
+                        counters.discarded_by_reset.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    Some(rest) => {
+                        if !rest.is_empty() && server_write.write_all(&rest).await.is_err() {
+                            return;
+                        }
+                        counters.to_server.fetch_add(rest.len() as u64, Ordering::SeqCst);
+                    }
+                }
             }
             continue;
         }
@@ -194,10 +237,36 @@ async fn proxy(client: TcpStream, server: TcpStream, mut state: watch::Receiver<
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        // A chunk read just as a pause began is passed on: the proxy's kernel acknowledged it, as
-        // the server's would have before the partition. What the partition holds is what is not
-        // read yet: the kernels' buffers on both sides (real partitions drop packets in flight and
-        // leave their bytes to the sender's retransmissions).
+        // A chunk read just as a pause began is held until the pause ends: it is in the network,
+        // and lost with the connection if the client resets it meanwhile.
+        if state.borrow().paused {
+            while state.borrow().paused {
+                if state.changed().await.is_err() {
+                    return;
+                }
+            }
+            match after_pause(&client_read) {
+                None => {
+                    counters.discarded_by_reset.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                // Passed on as it came, after the held chunk (not counted against a reset arm).
+                Some(rest) if direction == Direction::ToServer => {
+                    let all = [&up[..n], &rest[..]].concat();
+                    if server_write.write_all(&all).await.is_err() {
+                        return;
+                    }
+                    counters.to_server.fetch_add(all.len() as u64, Ordering::SeqCst);
+                    continue;
+                }
+                Some(rest) => {
+                    if !rest.is_empty() && server_write.write_all(&rest).await.is_err() {
+                        return;
+                    }
+                    counters.to_server.fetch_add(rest.len() as u64, Ordering::SeqCst);
+                }
+            }
+        }
         let latency = state.borrow().latency;
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
@@ -321,6 +390,36 @@ mod tests {
         assert_eq!(proxy.swallowed(), 5);
         wait_for_bytes(&received, b"helloheldabc").await;
         assert_eq!(proxy.bytes_to_server(), 12);
+    }
+
+    #[tokio::test]
+    async fn bytes_sent_during_a_pause_by_a_client_that_resets_are_dropped() {
+        let (upstream, received) = echo().await;
+        let proxy = FaultProxy::start(upstream).await;
+        let mut kept = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+        let reset = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+        kept.write_all(b"a").await.unwrap();
+        let mut echoed = [0u8; 1];
+        kept.read_exact(&mut echoed).await.unwrap();
+        proxy.pause();
+        kept.write_all(b"b").await.unwrap();
+        let mut reset = reset;
+        reset.write_all(b"lost").await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(300), kept.read_exact(&mut echoed)).await;
+        assert!(early.is_err(), "nothing may move during a pause");
+        reset.set_zero_linger().unwrap();
+        drop(reset);
+        proxy.resume();
+        // The connection that was not reset delivers what it sent during the pause.
+        wait_for_bytes(&received, b"ab").await;
+        for _ in 0..250 {
+            if proxy.resets_during_pause() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(proxy.resets_during_pause(), 1);
+        assert_eq!(received.lock().unwrap().as_slice(), b"ab");
     }
 
     async fn wait_for_bytes(received: &std::sync::Mutex<Vec<u8>>, want: &[u8]) {
