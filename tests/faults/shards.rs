@@ -216,6 +216,12 @@ async fn a_stale_describe_table_answer_does_not_follow_an_old_stream_again() {
     let keys = keys(8);
     let old = rig.streams.stream_arn(TABLE);
     rig.start(&[]).await;
+    // The fleet follows a stream from the moment it discovers it: one disabled before that is not
+    // its to read.
+    rig.until("the service to follow the first stream", || async {
+        (rig.followed_streams().await == [old.as_str()]).then_some(())
+    })
+    .await;
     rig.write_all(&keys);
     let current_arn = rig.streams.reenable_stream(TABLE);
     let current = rig.streams.open_shards(TABLE).remove(0);

@@ -9,6 +9,9 @@
 //! - **1000 idle + 8 busy shards**: 8 one-shard tables kept full so the replica publishes at full
 //!   speed, while lease renewal of all 1008 must go on without a lease lost or expired.
 //!
+//! `BENCH_IDLE_TABLES` and `BENCH_IDLE_SHARDS_PER_TABLE` change the idle tables (e.g. 40 × 250 for
+//! 10,000 idle shards).
+//!
 //! Every run counts lease changes (`lease_changes_total{change="lost"|"expired"}`) and samples
 //! `leases_held` through its window: the targets are zero and a constant count.
 
@@ -43,8 +46,21 @@ const BACKLOG: u64 = 10_000;
 /// A busy record's payload: with the key and metadata, an event of about 200 bytes.
 const PAYLOAD_BYTES: usize = 60;
 
+/// The idle tables and their shards: `BENCH_IDLE_TABLES` × `BENCH_IDLE_SHARDS_PER_TABLE`, by
+/// default [`IDLE_TABLES`] × [`SHARDS_PER_TABLE`].
+fn idle_shape() -> (usize, usize) {
+    let number = |name: &str, default: usize| {
+        std::env::var(name).ok().and_then(|value| value.parse().ok()).filter(|n: &usize| *n > 0).unwrap_or(default)
+    };
+    (number("BENCH_IDLE_TABLES", IDLE_TABLES), number("BENCH_IDLE_SHARDS_PER_TABLE", SHARDS_PER_TABLE))
+}
+
 /// The three runs, in the order they run and print.
-const RUNS: [&str; 3] = ["1 shard", "1000 idle shards", "1000 idle + 8 busy shards"];
+fn runs() -> [String; 3] {
+    let (tables, per_table) = idle_shape();
+    let idle = tables * per_table;
+    ["1 shard".to_owned(), format!("{idle} idle shards"), format!("{idle} idle + {BUSY_TABLES} busy shards")]
+}
 
 /// The servers and the replica of one run.
 struct Fleet {
@@ -198,13 +214,14 @@ pub async fn run(binary: &Path) {
         let figures = measure(&fleet, BASE_WINDOW).await;
         stop(fleet, figures).await
     };
+    let (tables, per_table) = idle_shape();
     let idle = {
-        let fleet = start(binary, IDLE_TABLES, SHARDS_PER_TABLE, 0).await;
+        let fleet = start(binary, tables, per_table, 0).await;
         let figures = measure(&fleet, IDLE_WINDOW).await;
         stop(fleet, figures).await
     };
     let busy = {
-        let fleet = start(binary, IDLE_TABLES, SHARDS_PER_TABLE, BUSY_TABLES).await;
+        let fleet = start(binary, tables, per_table, BUSY_TABLES).await;
         let feeder = tokio::spawn(feed(fleet.source.clone(), fleet.port, fleet.busy.clone()));
         // The window opens once every busy shard publishes.
         wait_for("every busy shard publishing", START_DEADLINE, || async {
@@ -234,7 +251,8 @@ fn print(runs: &[Figures; 3]) {
         println!("| {figure} | {} | {target} |", values.join(" | "));
     };
     let rate = |count: u64, figures: &Figures| format!("{:.1}", count as f64 / figures.seconds);
-    println!("| figure | {} | target |", RUNS.join(" | "));
+    let names = runs();
+    println!("| figure | {} | target |", names.join(" | "));
     println!("|---|---:|---:|---:|---|");
     row("shards held", &|f| f.shards.to_string(), "");
     row("start-up until every shard has a reader, s", &|f| format!("{:.1}", f.startup.as_secs_f64()), "");
@@ -267,9 +285,9 @@ fn print(runs: &[Figures; 3]) {
     let per_shard = |f: &Figures| {
         if std::ptr::eq(f, idle) { format!("{per_idle_shard_kib:.1}") } else { "–".into() }
     };
-    row("RSS per idle shard, KiB ((RSS₁₀₀₀ − RSS₁) / 999)", &per_shard, "< 64 KiB");
+    row("RSS per idle shard, KiB ((RSS_idle − RSS₁) / (idle − 1))", &per_shard, "< 64 KiB");
     println!();
-    for (name, figures) in RUNS.into_iter().zip(runs) {
+    for (name, figures) in names.iter().zip(runs) {
         let kinds: Vec<String> = figures
             .kv
             .api_kinds
@@ -278,7 +296,7 @@ fn print(runs: &[Figures; 3]) {
             .collect();
         println!("JetStream API requests / s, {name}: {}", kinds.join(", "));
     }
-    for (name, figures) in RUNS.into_iter().zip(runs) {
+    for (name, figures) in names.iter().zip(runs) {
         // The same message with other fields counts once: the line without its timestamp, shortened.
         let mut distinct: BTreeMap<String, usize> = BTreeMap::new();
         for line in &figures.warnings {
