@@ -56,7 +56,7 @@ fn idle_shape() -> (usize, usize) {
 }
 
 /// The three runs, in the order they run and print.
-fn runs() -> [String; 3] {
+fn run_names() -> [String; 3] {
     let (tables, per_table) = idle_shape();
     let idle = tables * per_table;
     ["1 shard".to_owned(), format!("{idle} idle shards"), format!("{idle} idle + {BUSY_TABLES} busy shards")]
@@ -251,7 +251,7 @@ fn print(runs: &[Figures; 3]) {
         println!("| {figure} | {} | {target} |", values.join(" | "));
     };
     let rate = |count: u64, figures: &Figures| format!("{:.1}", count as f64 / figures.seconds);
-    let names = runs();
+    let names = run_names();
     println!("| figure | {} | target |", names.join(" | "));
     println!("|---|---:|---:|---:|---|");
     row("shards held", &|f| f.shards.to_string(), "");
