@@ -9,8 +9,8 @@
 //! Shutting the client down is not enough for what the kernel still holds: a closed socket goes on
 //! sending its unsent bytes, and a partition that heals delivers them. So, for plain-text servers,
 //! the client connects to a relay of ours on the loopback ([`relay`]), which owns the socket to the
-//! server with a zero linger: when the runtime goes, that socket is reset, its unsent bytes are
-//! discarded, and the server side drops what it received but had not read. (TLS connections are
+//! server with a zero linger: when the runtime goes, that socket is reset and its unsent bytes
+//! (those a partition kept from the server) are discarded, not retransmitted. (TLS connections are
 //! verified against the server's name, so they go direct; for them, bytes on the wire when a
 //! partition began may still arrive: at most one publish per item, see `coordination/DESIGN.md`.)
 //! A batch's publish loop runs on that runtime too (see `Publisher::publish_in_order`), so a record

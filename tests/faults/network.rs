@@ -64,8 +64,9 @@ async fn a_connection_reset_mid_page_keeps_every_items_versions_in_order() {
 /// Nothing reaches the stream late: no send without a valid lease and a connected client, a
 /// timed-out or fenced connection is dropped with what it held, and even the bytes that were on the
 /// wire when the partition began are discarded: the publish connection's socket to the server is
-/// the relay's, reset at the fence (`src/publish/connection/relay.rs`), and a reset makes the server
-/// side drop what it had received but not read. (Over TLS the client connects directly, and those
+/// the relay's, reset at the fence (`src/publish/connection/relay.rs`), which ends the kernel's
+/// retransmissions of what the partition kept from the server (the proxy holds those bytes and drops
+/// them when the client resets: see `FaultProxy`). (Over TLS the client connects directly, and those
 /// bytes, at most one publish per item, may still arrive: see coordination/DESIGN.md.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_partitioned_past_its_lease_and_the_duplicate_window_stores_nothing_stale() {
