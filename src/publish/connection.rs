@@ -67,6 +67,8 @@ pub struct Connection {
 pub enum ConnectError {
     #[error("cannot start the publish connection's runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot start the publish connection's loopback relay: {0}")]
+    Relay(std::io::Error),
     #[error("cannot connect the publish connection: {0}")]
     Nats(String),
     #[error("the publish connection did not connect within {0:?}")]
@@ -132,7 +134,7 @@ impl PublishConnection {
                 Ok(address) => vec![address],
                 Err(err) => {
                     runtime.shutdown_background();
-                    return Err(ConnectError::Runtime(err));
+                    return Err(ConnectError::Relay(err));
                 }
             },
             None => nats::server_addresses(&config),
@@ -170,7 +172,7 @@ impl PublishConnection {
         let connection = Connection { generation, client: client.clone(), js: js.clone(), runtime: handle };
         let live = Live { generation, client, js, runtime: Some(runtime) };
         *self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(live);
-        tracing::debug!(generation, "publish connection made");
+        tracing::debug!(generation, relayed = self.relayed.is_some(), "publish connection made");
         Ok(connection)
     }
 
