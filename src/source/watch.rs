@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use coordination::{LeaseStore, Revision, ShardKey, StoreError, Versioned};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -252,7 +253,8 @@ async fn refresh_table(services: &Services, store: &dyn LeaseStore, table: &str,
     let changes = view.head.as_ref().map_or(0, |head| head.changes);
     let changes = if writes.is_empty() && deletes.is_empty() { changes } else { changes + 1 };
     let head = Head::of(&next, changes);
-    let largest = writes.iter().map(|entry| entry.value.len()).max().unwrap_or(0).max(head.encode().len());
+    let head_value = head.encode();
+    let largest = writes.iter().map(|entry| entry.value.len()).max().unwrap_or(0).max(head_value.len());
     if largest > services.value_limit {
         let message = format!(
             "a value of its shard topology ({largest} bytes) does not fit the checkpoint bucket's max value \
@@ -266,7 +268,7 @@ async fn refresh_table(services: &Services, store: &dyn LeaseStore, table: &str,
         return;
     }
     let (written, deleted, started) = (writes.len(), deletes.len(), Instant::now());
-    match write(store, table, view, writes, deletes, &head).await {
+    match write(store, table, view, writes, deletes, head_value).await {
         Ok(revision) => {
             if written + deleted > 0 {
                 let ms = started.elapsed().as_millis() as u64;
@@ -304,7 +306,7 @@ async fn write(
     view: &mut TableView,
     writes: Vec<layout::Entry>,
     deletes: Vec<String>,
-    head: &Head,
+    head: Bytes,
 ) -> Result<Revision, WriteError> {
     let mut waves: BTreeMap<usize, Vec<layout::Entry>> = BTreeMap::new();
     for entry in writes {
@@ -344,8 +346,8 @@ async fn write(
     }
     let key = layout::head_key(table);
     let revision = match view.seen {
-        None => store.create(&key, head.encode()).await?,
-        Some((revision, _)) => store.update(&key, head.encode(), revision).await?,
+        None => store.create(&key, head).await?,
+        Some((revision, _)) => store.update(&key, head, revision).await?,
     };
     Ok(revision)
 }

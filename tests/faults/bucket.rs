@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::{kv, stream};
 use test_support::ServiceProcess;
 
-use super::harness::{BUCKET, Rig, TABLE, Window, binary, keys};
+use super::harness::{BUCKET, Rig, TABLE, Window, binary, epoch_second, keys};
 
 async fn create_bucket(rig: &Rig, max_value_size: i32) {
     rig.js
@@ -54,10 +54,7 @@ async fn the_original_1_kib_bucket_holds_a_table_whose_shards_roll_over_for_days
         // AWS stops listing shards 24 hours after they closed (they were read to their end here).
         if generations.len() > LISTED_GENERATIONS {
             for shard in generations.remove(0) {
-                rig.until("the shard to be read to its end", || async {
-                    rig.checkpoint(&shard).await.filter(|value| value.starts_with("SHARD_END")).map(drop)
-                })
-                .await;
+                rig.until_finished(&shard).await;
                 rig.streams.drop_shard(TABLE, &shard);
             }
         }
@@ -107,10 +104,6 @@ async fn a_topology_in_the_previous_layout_is_carried_over() {
     let head = kv.get(format!("topology/{TABLE}/table")).await.unwrap().expect("the head in the new layout");
     let head: serde_json::Value = serde_json::from_slice(&head).unwrap();
     assert_eq!(head["since"], since, "{head}");
-}
-
-fn epoch_second() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
 #[tokio::test(flavor = "multi_thread")]

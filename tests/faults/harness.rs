@@ -17,6 +17,11 @@ use test_support::streams_fault::{FaultyStreams, REGION, ViewType};
 use test_support::{NatsServer, ServiceProcess, http_get};
 use tokio::time::Instant;
 
+/// Seconds since the epoch, as DynamoDB's creation times (and so a first sighting) count them.
+pub fn epoch_second() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
 /// The one table every test writes to.
 pub const TABLE: &str = "orders";
 /// The service's stream (and subject prefix), as the seed names it.
@@ -210,6 +215,14 @@ impl Rig {
         let kv = self.js.get_key_value(BUCKET).await.ok()?;
         let value = kv.get(format!("{TABLE}.{shard_id}")).await.ok()??;
         Some(String::from_utf8_lossy(&value).into_owned())
+    }
+
+    /// Waits until `shard_id`'s checkpoint says it was read to its end (`SHARD_END…`).
+    pub async fn until_finished(&self, shard_id: &str) {
+        self.until(&format!("{shard_id} to be read to its end"), || async {
+            self.checkpoint(shard_id).await.filter(|value| value.starts_with("SHARD_END")).map(drop)
+        })
+        .await;
     }
 
     /// Every key of the checkpoint bucket with its value (deleted keys left out), read in one pass.

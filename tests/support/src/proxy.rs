@@ -172,8 +172,31 @@ enum Direction {
     ToClient,
 }
 
-/// At the end of a pause: what the client's connection holds, read until it would block, or
-/// `None` when the client reset the connection during the pause (a reset shows after the bytes).
+/// At the end of a pause: passes on `held` (a chunk towards the server read as the pause began) and
+/// what the client sent meanwhile, not counted against a reset arm; false, passing nothing on, when
+/// the client reset its connection during the pause. What the client sent during the partition
+/// would have been lost with the packets and retransmitted by its kernel; a client that reset its
+/// connection gave those bytes up. The proxy's kernel holds them only because it acknowledged them.
+async fn end_pause(
+    client: &tokio::net::tcp::OwnedReadHalf,
+    server: &mut tokio::net::tcp::OwnedWriteHalf,
+    held: &[u8],
+    counters: &Counters,
+) -> bool {
+    let Some(rest) = after_pause(client) else {
+        counters.discarded_by_reset.fetch_add(1, Ordering::SeqCst);
+        return false;
+    };
+    let all = [held, &rest[..]].concat();
+    if !all.is_empty() && server.write_all(&all).await.is_err() {
+        return false;
+    }
+    counters.to_server.fetch_add(all.len() as u64, Ordering::SeqCst);
+    true
+}
+
+/// What the client's connection holds, read until it would block, or `None` when the client reset
+/// the connection (a reset shows after the bytes).
 fn after_pause(client: &tokio::net::tcp::OwnedReadHalf) -> Option<Vec<u8>> {
     let mut buffer = vec![0u8; CHUNK];
     let mut held = Vec::new();
@@ -203,23 +226,8 @@ async fn proxy(client: TcpStream, server: TcpStream, mut state: watch::Receiver<
             if state.changed().await.is_err() {
                 return;
             }
-            if !state.borrow().paused {
-                // What the client sent during the partition would have been lost with the
-                // packets and retransmitted by its kernel; a client that reset its connection
-                // meanwhile gave those bytes up. The proxy's kernel holds them only because it
-                // acknowledged them: they are dropped with the connection.
-                match after_pause(&client_read) {
-                    None => {
-                        counters.discarded_by_reset.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                    Some(rest) => {
-                        if !rest.is_empty() && server_write.write_all(&rest).await.is_err() {
-                            return;
-                        }
-                        counters.to_server.fetch_add(rest.len() as u64, Ordering::SeqCst);
-                    }
-                }
+            if !state.borrow().paused && !end_pause(&client_read, &mut server_write, &[], &counters).await {
+                return;
             }
             continue;
         }
@@ -245,26 +253,12 @@ async fn proxy(client: TcpStream, server: TcpStream, mut state: watch::Receiver<
                     return;
                 }
             }
-            match after_pause(&client_read) {
-                None => {
-                    counters.discarded_by_reset.fetch_add(1, Ordering::SeqCst);
-                    return;
-                }
-                // Passed on as it came, after the held chunk (not counted against a reset arm).
-                Some(rest) if direction == Direction::ToServer => {
-                    let all = [&up[..n], &rest[..]].concat();
-                    if server_write.write_all(&all).await.is_err() {
-                        return;
-                    }
-                    counters.to_server.fetch_add(all.len() as u64, Ordering::SeqCst);
-                    continue;
-                }
-                Some(rest) => {
-                    if !rest.is_empty() && server_write.write_all(&rest).await.is_err() {
-                        return;
-                    }
-                    counters.to_server.fetch_add(rest.len() as u64, Ordering::SeqCst);
-                }
+            let held = if direction == Direction::ToServer { &up[..n] } else { &[][..] };
+            if !end_pause(&client_read, &mut server_write, held, &counters).await {
+                return;
+            }
+            if direction == Direction::ToServer {
+                continue;
             }
         }
         let latency = state.borrow().latency;
