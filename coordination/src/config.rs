@@ -43,6 +43,10 @@ pub struct Config {
     /// balance leases, so deployments with different shard sets can share one bucket. Empty by
     /// default, which is also how a presence value written before groups existed reads.
     pub group: String,
+    /// Whether held leases live through one session key renewed every renew interval (the default)
+    /// or each through its own renewals, as the previous version did. `false` exists so that the
+    /// simulation can run fleets that mix both versions; see `DESIGN.md`, "Sessions".
+    pub sessions: bool,
 }
 
 /// A setting that breaks the timing argument.
@@ -65,6 +69,7 @@ impl Config {
             op_timeout: ttl / 6,
             max_leases: None,
             group: String::new(),
+            sessions: true,
         }
     }
 

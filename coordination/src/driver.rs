@@ -4,9 +4,11 @@
 //! (where the store can watch) the store's changes, which only bring the next read forward: a lease
 //! released or a replica gone is seen within [`EARLY_READ_GAP`] instead of a poll interval.
 //! Invariants kept: a guard's deadline only ever comes from the *start* time of a successful
-//! compare-and-swap write plus TTL minus the safety margin; a held lease whose deadline passes is
-//! revoked (the guard itself is already invalid by then); a lease is released only after its guard
-//! is revoked.
+//! compare-and-swap write (of the session key, and of the lease itself or the start of a read that
+//! found no replica of the previous version) plus TTL minus the safety margin; a held lease whose
+//! deadline passes is revoked (the guard itself is already invalid by then); a lease is released only
+//! after its guard is revoked; a session that ends (its key deleted by a peer's fence) revokes every
+//! guard before a new session starts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -14,8 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use futures::future::join_all;
-use futures::stream::BoxStream;
+use futures::stream::{self, BoxStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
@@ -33,13 +34,26 @@ use crate::store::{Change, LeaseStore, Revision, StoreError, Versioned};
 pub const EARLY_READ_GAP: Duration = Duration::from_millis(100);
 /// How long starting a watch may take; a slower start is tried again after the next read.
 const WATCH_START_TIMEOUT: Duration = Duration::from_millis(500);
+/// Lease writes (acquisitions, renewals of each lease) in flight at once: thousands at once would
+/// outlast their time-out on a busy connection and come back as lost answers.
+const WRITES_IN_FLIGHT: usize = 64;
+/// The keys read first in each read of the table; the presence keys are read after them (see
+/// [`Driver::read`]).
+const LEASE_PREFIXES: [&str; 2] = [keys::SHARD_PREFIX, keys::LEADER_PREFIX];
 
 /// A lease this replica holds.
 #[derive(Debug)]
 struct Held {
     revision: Revision,
     term: Term,
+    /// When this lease's own renewal is due (only while leases are renewed one by one).
     next_renew: Instant,
+    /// When the last successful write of this lease started.
+    last_write: Instant,
+    /// The bound that keeps a replica of the previous version from taking it while the guard is valid:
+    /// `T − m` after the last write of the lease or after the start of a read that found no such
+    /// replica, whichever is later (see `DESIGN.md`, "Sessions").
+    lease_deadline: Instant,
     guard: GuardHandle,
     handing_over: bool,
 }
@@ -61,6 +75,15 @@ pub(crate) struct Driver {
     absent_since: BTreeMap<ShardKey, Instant>,
     presence: Option<Revision>,
     beat: u64,
+    /// This process's session number (grows when a session ends); unused without sessions.
+    epoch: u64,
+    /// `T − m` after the start of the last successful write of the session key in this session; no
+    /// lease is acquired without it.
+    session_deadline: Option<Instant>,
+    /// Leases are renewed one by one as well: a replica of the previous version is present, or was
+    /// until a read that started at `legacy_gone_at` and not every held lease was rewritten since.
+    mixed: bool,
+    legacy_gone_at: Option<Instant>,
     next_poll: Instant,
     /// When the last read of the lease table started.
     last_read: Instant,
@@ -149,6 +172,10 @@ impl Driver {
             absent_since: BTreeMap::new(),
             presence: None,
             beat: 0,
+            epoch: 1,
+            session_deadline: None,
+            mixed: false,
+            legacy_gone_at: None,
             next_poll: now,
             last_read: now,
             freed: None,
@@ -213,8 +240,12 @@ impl Driver {
 
     fn next_wake(&self) -> Instant {
         let mut wake = self.next_poll.min(self.next_heartbeat);
+        let each_lease = self.renews_each_lease();
         for held in self.held.values() {
-            wake = wake.min(held.next_renew).min(held.guard.deadline());
+            wake = wake.min(held.guard.deadline());
+            if each_lease {
+                wake = wake.min(held.next_renew);
+            }
         }
         self.wake_at.map_or(wake, |at| wake.min(at))
     }
@@ -232,41 +263,83 @@ impl Driver {
         let _ = self.events.send(event);
     }
 
+    /// This process's session number, `None` when it renews each lease (the previous protocol).
+    fn session(&self) -> Option<u64> {
+        self.config.sessions.then_some(self.epoch)
+    }
+
+    /// Whether each held lease is rewritten every renew interval.
+    fn renews_each_lease(&self) -> bool {
+        !self.config.sessions || self.mixed
+    }
+
+    /// A lease value naming `owner` (and this process's session when it is the owner), or free.
     fn lease_value(&self, owner: Option<Owner>, term: Term) -> LeaseValue {
-        LeaseValue { owner, term, ttl_ms: lease::millis(self.config.ttl) }
+        let session = owner.as_ref().and(self.session());
+        LeaseValue { owner, term, ttl_ms: lease::millis(self.config.ttl), session }
     }
 
     fn deadline_after(&self, started: Instant) -> Instant {
         started + self.config.ttl - self.config.safety_margin
     }
 
+    /// The deadline a guard may have now, given its lease's own bound: that bound, and the session's.
+    fn guard_deadline(&self, lease_deadline: Instant) -> Instant {
+        match (self.config.sessions, self.session_deadline) {
+            (false, _) => lease_deadline,
+            (true, Some(session)) => lease_deadline.min(session),
+            // No session write has succeeded in this session: nothing may be held.
+            (true, None) => Instant::now().min(lease_deadline),
+        }
+    }
+
+    fn extend_guards(&self) {
+        for held in self.held.values() {
+            held.guard.extend(self.guard_deadline(held.lease_deadline));
+        }
+    }
+
     fn retry_delay(&self) -> Duration {
         self.config.renew_interval / 4
     }
 
+    /// Runs `work` while keeping the session renewed and the guards fenced, so that a long read of the
+    /// table or a long round of writes never delays the one write every held lease depends on.
+    async fn renewing_while<T>(&mut self, work: impl Future<Output = T>) -> T {
+        let mut work = std::pin::pin!(work);
+        loop {
+            let heartbeat = self.next_heartbeat;
+            tokio::select! {
+                biased;
+                done = &mut work => return done,
+                () = sleep_until(heartbeat) => {
+                    self.fence(Instant::now());
+                    self.heartbeat().await;
+                }
+            }
+        }
+    }
+
     async fn tick(&mut self) {
         self.fence(Instant::now());
-        self.renew_due().await;
         if Instant::now() >= self.next_heartbeat {
             self.heartbeat().await;
         }
+        if self.renews_each_lease() {
+            self.renew_due().await;
+        }
         self.fence(Instant::now());
         self.last_read = Instant::now();
-        let read = bounded(self.config.op_timeout, self.store.scan(&keys::PREFIXES)).await;
+        let read = self.read().await;
         let now = Instant::now();
         self.next_poll = now + self.config.poll_interval;
-        match read {
-            Ok(entries) => {
-                self.store_reachable = true;
-                self.observe(entries, now);
-            }
-            Err(err) => {
-                self.store_reachable = false;
-                warn!(replica = %self.me.replica, error = %err, "cannot read the lease table");
-                self.publish_status();
-                return;
-            }
+        if let Err(err) = read {
+            self.store_reachable = false;
+            warn!(replica = %self.me.replica, error = %err, "cannot read the lease table");
+            self.publish_status();
+            return;
         }
+        self.store_reachable = true;
         let shards: BTreeSet<ShardKey> = self.shards.difference(&self.finished).cloned().collect();
         let held: BTreeSet<ShardKey> = self.held.keys().cloned().collect();
         let handing_over: BTreeSet<ShardKey> =
@@ -277,6 +350,7 @@ impl Driver {
             ttl: self.config.ttl,
             max_leases: self.config.max_leases,
             group: &self.config.group,
+            session: self.session(),
             shards: &shards,
             shards_known: self.shards_known,
             leases: &self.leases,
@@ -298,6 +372,26 @@ impl Driver {
         }
     }
 
+    /// Reads the table: the leases first, then the presence keys. A lease that names a session was
+    /// written after that session's key, so a read of the presence keys that starts after the lease
+    /// was read shows the session, or that it ended: a lease whose session is missing is free.
+    async fn read(&mut self) -> Result<(), StoreError> {
+        // The lease keys grow with the shard count; their read may take longer than one operation
+        // (the session is renewed meanwhile), but not longer than a TTL.
+        let store = Arc::clone(&self.store);
+        let leases = self.renewing_while(bounded(self.config.ttl, store.scan(&LEASE_PREFIXES))).await?;
+        let started = Instant::now();
+        let session_before = (self.epoch, self.presence.is_some());
+        let store = Arc::clone(&self.store);
+        let replicas =
+            self.renewing_while(bounded(self.config.op_timeout, store.scan(&[keys::REPLICA_PREFIX]))).await?;
+        let now = Instant::now();
+        self.observe_replicas(replicas, now, session_before);
+        self.observe_leases(leases, now);
+        self.follow_protocols(started);
+        Ok(())
+    }
+
     /// Revokes every held lease whose deadline has passed.
     fn fence(&mut self, now: Instant) {
         let expired: Vec<ShardKey> =
@@ -309,40 +403,66 @@ impl Driver {
         }
     }
 
-    fn observe(&mut self, entries: Vec<(String, Versioned)>, now: Instant) {
-        let mut leases = BTreeMap::new();
+    /// The session ended (a peer deleted its key: the fence): every guard is revoked, then a new
+    /// session starts, under which this replica takes leases again like any other.
+    fn end_session(&mut self, why: &str) {
+        warn!(replica = %self.me.replica, session = self.epoch, held = self.held.len(), why, "session ended, stopping every shard");
+        for (shard, held) in std::mem::take(&mut self.held) {
+            held.guard.revoke();
+            self.emit(Event::Revoked { shard, reason: RevokeReason::Lost });
+        }
+        self.epoch += 1;
+        self.presence = None;
+        self.session_deadline = None;
+        self.next_heartbeat = Instant::now();
+    }
+
+    /// `session_before`: the session number when the read started, and whether its key had been
+    /// written (and the write answered) by then.
+    fn observe_replicas(&mut self, entries: Vec<(String, Versioned)>, now: Instant, session_before: (u64, bool)) {
         let mut replicas = BTreeMap::new();
         for (key, entry) in entries {
-            if let Some(shard) = keys::shard_of_lease_key(&key) {
-                let first_seen = match self.leases.get(&shard) {
-                    Some(seen) if seen.revision == entry.revision => seen.first_seen,
-                    _ => now,
+            let first_seen = match self.replicas.get(&key) {
+                Some(seen) if seen.revision == entry.revision => seen.first_seen,
+                _ => now,
+            };
+            if let Some(value) = lease::decode::<PresenceValue>(&entry.value) {
+                let seen = ReplicaSeen {
+                    owner: value.owner,
+                    revision: entry.revision,
+                    first_seen,
+                    ttl: Duration::from_millis(value.ttl_ms),
+                    max_leases: value.max_leases,
+                    group: value.group,
+                    session: value.session,
                 };
-                let (holder, term) = match lease::decode::<LeaseValue>(&entry.value) {
-                    Some(LeaseValue { owner: Some(owner), term, ttl_ms }) => {
-                        (Holder::Owned { owner, ttl: Duration::from_millis(ttl_ms) }, term)
-                    }
-                    Some(LeaseValue { owner: None, term, .. }) => (Holder::Free, term),
-                    None => (Holder::Unreadable, Term::default()),
-                };
-                leases.insert(shard, LeaseSeen { revision: entry.revision, first_seen, holder, term });
-            } else if key.starts_with(keys::REPLICA_PREFIX) {
-                let first_seen = match self.replicas.get(&key) {
-                    Some(seen) if seen.revision == entry.revision => seen.first_seen,
-                    _ => now,
-                };
-                if let Some(value) = lease::decode::<PresenceValue>(&entry.value) {
-                    let seen = ReplicaSeen {
-                        owner: value.owner,
-                        revision: entry.revision,
-                        first_seen,
-                        ttl: Duration::from_millis(value.ttl_ms),
-                        max_leases: value.max_leases,
-                        group: value.group,
-                    };
-                    replicas.insert(key, seen);
-                }
+                replicas.insert(key, seen);
             }
+        }
+        let mine = keys::presence_key(&self.me.instance);
+        if self.config.sessions && session_before == (self.epoch, true) && !replicas.contains_key(&mine) {
+            // Written (and answered) before this read started, absent from it: a peer's fence deleted it.
+            self.end_session("the session key was deleted");
+        }
+        self.replicas = replicas;
+    }
+
+    fn observe_leases(&mut self, entries: Vec<(String, Versioned)>, now: Instant) {
+        let mut leases = BTreeMap::new();
+        for (key, entry) in entries {
+            let Some(shard) = keys::shard_of_lease_key(&key) else { continue };
+            let previous = self.leases.get(&shard).filter(|seen| seen.revision == entry.revision);
+            let first_seen = previous.map_or(now, |seen| seen.first_seen);
+            let (holder, term) = match lease::decode::<LeaseValue>(&entry.value) {
+                Some(LeaseValue { owner: Some(owner), term, ttl_ms, session }) => {
+                    (Holder::Owned { owner, ttl: Duration::from_millis(ttl_ms), session }, term)
+                }
+                Some(LeaseValue { owner: None, term, .. }) => (Holder::Free, term),
+                None => (Holder::Unreadable, Term::default()),
+            };
+            let orphaned_since = plan::session_gone(&holder, &self.replicas)
+                .then(|| previous.and_then(|seen| seen.orphaned_since).unwrap_or(now));
+            leases.insert(shard, LeaseSeen { revision: entry.revision, first_seen, holder, term, orphaned_since });
         }
         self.absent_since.retain(|shard, _| self.shards.contains(shard) && !leases.contains_key(shard));
         for shard in &self.shards {
@@ -352,15 +472,58 @@ impl Driver {
         }
         // A held lease read at a newer revision that still names this process: an earlier write
         // whose answer was lost did land. Adopt the revision (the deadline stays as it was).
+        let session = self.session();
         for (shard, held) in &mut self.held {
-            if let Some(LeaseSeen { revision, holder: Holder::Owned { owner, .. }, .. }) = leases.get(shard)
+            if let Some(LeaseSeen { revision, holder: Holder::Owned { owner, session: written, .. }, .. }) =
+                leases.get(shard)
                 && *owner == self.me
+                && *written == session
             {
                 held.revision = *revision;
             }
         }
         self.leases = leases;
-        self.replicas = replicas;
+    }
+
+    /// Switches between renewing the session alone and renewing each lease as well, from the presence
+    /// keys of a read that started at `read_started`, and moves the guards' bounds.
+    fn follow_protocols(&mut self, read_started: Instant) {
+        if !self.config.sessions {
+            return;
+        }
+        // Expired presences count too: a previous-version replica that stalled may wake and act on
+        // what it read before, until its key is deleted.
+        let legacy = self.replicas.values().any(|seen| seen.session.is_none() && seen.owner != self.me);
+        if legacy {
+            if !self.mixed {
+                info!(replica = %self.me.replica, "a replica of the previous version is present: renewing each lease too");
+                self.mixed = true;
+                for held in self.held.values_mut() {
+                    held.next_renew = read_started;
+                }
+            }
+            self.legacy_gone_at = None;
+        } else if self.mixed {
+            // Every lease rewritten since the previous version's last replica was gone: whatever it
+            // read before no longer matches any revision, so its compare-and-swap writes fail.
+            let gone_at = *self.legacy_gone_at.get_or_insert(read_started);
+            if self.held.values().all(|held| held.last_write >= gone_at) {
+                info!(replica = %self.me.replica, "no replica of the previous version left: renewing the session alone");
+                self.mixed = false;
+                self.legacy_gone_at = None;
+            }
+        }
+        if !self.mixed {
+            // A replica of the previous version needs a TTL of an unchanged revision, first read
+            // within a renew interval before its presence key shows (DESIGN.md, "Sessions"): none
+            // showed in this read.
+            // `Config::validate` keeps renew interval + op timeout below TTL − margin.
+            let bound = self.deadline_after(read_started) - self.config.renew_interval;
+            for held in self.held.values_mut() {
+                held.lease_deadline = held.lease_deadline.max(bound);
+            }
+            self.extend_guards();
+        }
     }
 
     async fn renew_due(&mut self) {
@@ -385,7 +548,10 @@ impl Driver {
                 (shard, started, result)
             }
         });
-        for (shard, started, result) in join_all(writes).await {
+        let writes: Vec<_> = writes.collect();
+        let results =
+            self.renewing_while(stream::iter(writes).buffer_unordered(WRITES_IN_FLIGHT).collect::<Vec<_>>()).await;
+        for (shard, started, result) in results {
             self.renewed(shard, started, result).await;
         }
     }
@@ -399,7 +565,11 @@ impl Driver {
                 if let Some(held) = self.held.get_mut(&shard) {
                     held.revision = revision;
                     held.next_renew = next_renew;
-                    held.guard.extend(deadline);
+                    held.last_write = started;
+                    held.lease_deadline = held.lease_deadline.max(deadline);
+                }
+                if let Some(held) = self.held.get(&shard) {
+                    held.guard.extend(self.guard_deadline(held.lease_deadline));
                 }
             }
             Err(StoreError::Conflict { .. }) => {
@@ -432,10 +602,16 @@ impl Driver {
         }
     }
 
+    /// Whether a lease value names this process in its current session.
     fn names_me(&self, entry: &Versioned) -> bool {
-        matches!(lease::decode::<LeaseValue>(&entry.value), Some(LeaseValue { owner: Some(owner), .. }) if owner == self.me)
+        matches!(
+            lease::decode::<LeaseValue>(&entry.value),
+            Some(LeaseValue { owner: Some(owner), session, .. }) if owner == self.me && session == self.session()
+        )
     }
 
+    /// Writes the presence key; with sessions it is the session, and a successful write moves every
+    /// guard's deadline (one write per renew interval, whatever the number of leases held).
     async fn heartbeat(&mut self) {
         self.beat += 1;
         let key = keys::presence_key(&self.me.instance);
@@ -445,6 +621,7 @@ impl Driver {
             max_leases: self.config.max_leases,
             beat: self.beat,
             group: self.config.group.clone(),
+            session: self.session(),
         });
         let started = Instant::now();
         let limit = self.config.op_timeout;
@@ -456,13 +633,27 @@ impl Driver {
             Ok(revision) => {
                 self.presence = Some(revision);
                 self.next_heartbeat = started + self.config.renew_interval;
+                if self.config.sessions {
+                    let deadline = self.deadline_after(started);
+                    self.session_deadline = Some(self.session_deadline.map_or(deadline, |at| at.max(deadline)));
+                    self.extend_guards();
+                }
             }
             Err(StoreError::Conflict { .. }) => {
-                // Our own earlier write landed, or a peer deleted the key while we stalled.
-                self.presence = match bounded(limit, self.store.get(&key)).await {
-                    Ok(entry) => entry.map(|entry| entry.revision),
-                    Err(_) => self.presence,
-                };
+                // Our own earlier write landed (its answer was lost), or a peer deleted the key.
+                match bounded(limit, self.store.get(&key)).await {
+                    Ok(Some(entry))
+                        if lease::decode::<PresenceValue>(&entry.value).is_some_and(|v| v.owner == self.me) =>
+                    {
+                        // Adopted; the deadline moves only with the next write answered.
+                        self.presence = Some(entry.revision);
+                    }
+                    Ok(_) if self.config.sessions && self.presence.is_some() => {
+                        self.end_session("the session key was deleted");
+                    }
+                    Ok(_) => self.presence = None,
+                    Err(_) => {}
+                }
                 self.next_heartbeat = Instant::now();
             }
             Err(err) => {
@@ -474,6 +665,7 @@ impl Driver {
 
     async fn apply(&mut self, actions: Vec<Action>) {
         let mut acquisitions = Vec::new();
+        let mut fenced = false;
         for action in actions {
             match action {
                 Action::Lost { shard } => {
@@ -489,7 +681,7 @@ impl Driver {
                         self.emit(Event::HandOver { shard });
                     }
                 }
-                Action::Acquire { .. } if self.draining => {}
+                Action::Acquire { .. } if self.draining || !self.session_valid() => {}
                 Action::Acquire { shard, expected, term } => acquisitions.push((shard, expected, term)),
                 Action::Release { shard, expected, term } => {
                     let value = lease::encode(&self.lease_value(None, term));
@@ -501,14 +693,29 @@ impl Driver {
                     let _ = bounded(self.config.op_timeout, self.store.delete(&key, expected)).await;
                 }
                 Action::ForgetReplica { key, expected } => {
-                    let _ = bounded(self.config.op_timeout, self.store.delete(&key, expected)).await;
+                    // For a session, this delete is the fence: once it lands, the session's owner can
+                    // renew nothing, and its leases are free.
+                    let deleted = bounded(self.config.op_timeout, self.store.delete(&key, expected)).await;
+                    fenced |= !matches!(deleted, Err(StoreError::Unavailable { .. }));
                 }
             }
         }
         self.acquire(acquisitions).await;
+        if fenced {
+            // Deleted, or someone moved first: read again at once, to take the leases it frees.
+            self.next_poll = Instant::now();
+        }
+    }
+
+    /// Whether a lease acquired now would get a valid guard.
+    fn session_valid(&self) -> bool {
+        !self.config.sessions || self.session_deadline.is_some_and(|deadline| deadline > Instant::now())
     }
 
     async fn acquire(&mut self, wanted: Vec<(ShardKey, Option<Revision>, Term)>) {
+        if wanted.is_empty() {
+            return;
+        }
         let writes = wanted.into_iter().map(|(shard, expected, term)| {
             let store = Arc::clone(&self.store);
             let value = lease::encode(&self.lease_value(Some(self.me.clone()), term));
@@ -523,17 +730,28 @@ impl Driver {
                 (shard, term, started, result)
             }
         });
-        for (shard, term, started, result) in join_all(writes).await {
+        let writes: Vec<_> = writes.collect();
+        let results =
+            self.renewing_while(stream::iter(writes).buffer_unordered(WRITES_IN_FLIGHT).collect::<Vec<_>>()).await;
+        for (shard, term, started, result) in results {
             match result {
                 Ok(revision) => {
-                    let deadline = self.deadline_after(started);
+                    let lease_deadline = self.deadline_after(started);
+                    let deadline = self.guard_deadline(lease_deadline);
                     if Instant::now() >= deadline {
                         // Answered too late to be of use; the next read finds it ours and re-decides.
                         continue;
                     }
                     let (guard_handle, guard) = GuardHandle::issue(shard.clone(), term, deadline);
-                    let next_renew = started + self.config.renew_interval;
-                    let held = Held { revision, term, next_renew, guard: guard_handle, handing_over: false };
+                    let held = Held {
+                        revision,
+                        term,
+                        next_renew: started + self.config.renew_interval,
+                        last_write: started,
+                        lease_deadline,
+                        guard: guard_handle,
+                        handing_over: false,
+                    };
                     self.held.insert(shard.clone(), held);
                     info!(replica = %self.me.replica, shard = %shard, term = term.get(), "lease acquired");
                     self.emit(Event::Acquired { shard, guard });
@@ -589,20 +807,22 @@ impl Driver {
     }
 
     async fn shutdown(&mut self) {
-        // Presence first, so peers stop counting this replica before its leases come free.
-        if let Some(revision) = self.presence.take() {
-            let key = keys::presence_key(&self.me.instance);
-            let _ = bounded(self.config.op_timeout, self.store.delete(&key, revision)).await;
-        }
         let held = std::mem::take(&mut self.held);
         for held in held.values() {
             held.guard.revoke();
         }
-        let writes = held.iter().map(|(shard, held)| {
-            let value = self.lease_value(None, held.term);
-            self.write_own(shard, held.revision, Some(value))
-        });
-        join_all(writes).await;
+        // Presence next (guards first: with sessions, deleting it frees every lease of the session),
+        // so peers stop counting this replica before its leases come free.
+        if let Some(revision) = self.presence.take() {
+            let key = keys::presence_key(&self.me.instance);
+            let _ = bounded(self.config.op_timeout, self.store.delete(&key, revision)).await;
+        }
+        // Released one by one as well, for replicas of the previous version (they read no sessions).
+        let writes: Vec<_> = held
+            .iter()
+            .map(|(shard, held)| self.write_own(shard, held.revision, Some(self.lease_value(None, held.term))))
+            .collect();
+        stream::iter(writes).buffer_unordered(WRITES_IN_FLIGHT).collect::<Vec<()>>().await;
         info!(replica = %self.me.replica, released = held.len(), "coordinator stopped, leases released");
         self.publish_status();
     }

@@ -46,6 +46,11 @@ pub struct LeaseValue {
     pub term: Term,
     /// The holder's TTL in milliseconds: peers judge expiry with the longer of theirs and this.
     pub ttl_ms: u64,
+    /// The holder's session (see [`PresenceValue::session`]) when it was acquired: the lease lives as
+    /// long as that session does. Absent in leases of replicas that renew each lease (the previous
+    /// version), which live as long as their own revision keeps changing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<u64>,
 }
 
 /// The value of `lease/replica.{instance}`: a live replica heartbeats it every renew interval.
@@ -61,6 +66,11 @@ pub struct PresenceValue {
     /// which read as the empty group.
     #[serde(default)]
     pub group: String,
+    /// The replica's session number: present when this key is the replica's session (its renewal keeps
+    /// every lease of this session alive, and deleting it ends them all); absent in values of the
+    /// previous version, whose replicas renew each lease and judge every lease by its own revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<u64>,
 }
 
 pub(crate) fn millis(duration: Duration) -> u64 {
@@ -86,8 +96,13 @@ mod tests {
             owner: Some(Owner { replica: "r1".into(), instance: "u1".into() }),
             term: Term::new(3),
             ttl_ms: 10_000,
+            session: Some(2),
         };
         assert_eq!(decode::<LeaseValue>(&encode(&value)), Some(value.clone()));
+        let previous = br#"{"owner":null,"term":4,"ttl_ms":10000}"#;
+        assert_eq!(decode::<LeaseValue>(previous).map(|lease| lease.session), Some(None));
+        let without = LeaseValue { session: None, ..value.clone() };
+        assert!(!String::from_utf8_lossy(&encode(&without)).contains("session"));
         let newer = br#"{"owner":null,"term":4,"ttl_ms":10000,"reason":"shutdown"}"#;
         let released: LeaseValue = decode(newer).unwrap();
         assert_eq!(released.owner, None);
@@ -103,10 +118,11 @@ mod tests {
             max_leases: None,
             beat: 7,
             group: "0123456789abcdef".into(),
+            session: Some(1),
         };
         assert_eq!(decode::<PresenceValue>(&encode(&value)), Some(value));
         let older = br#"{"owner":{"replica":"r0","instance":"u0"},"ttl_ms":10000,"max_leases":null,"beat":3}"#;
         let older: PresenceValue = decode(older).unwrap();
-        assert_eq!((older.group.as_str(), older.beat), ("", 3));
+        assert_eq!((older.group.as_str(), older.beat, older.session), ("", 3, None));
     }
 }

@@ -1,8 +1,11 @@
 //! The pure decision core: from the observed lease table and `now` to a list of [`Action`]s.
 //!
 //! Owns the assignment rules. No I/O and no clock: the driver passes `now`. Invariants kept:
-//! - a lease held by someone else is taken only when it is free (released or absent) or expired, and
-//!   expired means "its revision has not changed for the longer of both TTLs, as observed locally";
+//! - a lease held by someone else is taken only when it is free (released or absent), when the session
+//!   it names is gone, or (for a lease of the previous version, which names no session) when it expired:
+//!   its revision has not changed for the longer of both TTLs, as observed locally. A lease whose
+//!   session expired is not taken: the session key is deleted first (the fence, see `DESIGN.md`), and
+//!   its leases are free from the read that no longer finds it;
 //! - only live replicas of this replica's group (those that serve the same shards) share them: a
 //!   replica of another group never lowers this one's share, and a lease it holds counts as taken;
 //! - free leases go to the least-loaded live replica of the group (ties by owner), so replicas with the
@@ -26,8 +29,9 @@ use crate::store::Revision;
 pub enum Holder {
     /// Released: may be taken at once.
     Free,
-    /// Held by `owner`, whose TTL is `ttl`.
-    Owned { owner: Owner, ttl: Duration },
+    /// Held by `owner`, whose TTL is `ttl`, in its session `session` (`None`: a lease of the previous
+    /// version, renewed on its own).
+    Owned { owner: Owner, ttl: Duration, session: Option<u64> },
     /// A value this version cannot read: treated as held by an unknown owner.
     Unreadable,
 }
@@ -40,6 +44,9 @@ pub struct LeaseSeen {
     pub first_seen: Instant,
     pub holder: Holder,
     pub term: Term,
+    /// Since when (locally observed) the session this lease names has been missing from the table:
+    /// the lease is free from then on. Kept by the driver with [`session_gone`].
+    pub orphaned_since: Option<Instant>,
 }
 
 /// A presence key as observed by this replica.
@@ -52,6 +59,18 @@ pub struct ReplicaSeen {
     pub max_leases: Option<usize>,
     /// The group its presence value names (empty when written before groups existed).
     pub group: String,
+    /// Its session number; `None` for a replica of the previous version (it renews each lease).
+    pub session: Option<u64>,
+}
+
+/// Whether `holder` names a session that the presence keys read with it no longer show (deleted by a
+/// fence or a shutdown, or replaced by a newer session of the same process). A lease of the previous
+/// version names no session and is never orphaned.
+pub fn session_gone(holder: &Holder, replicas: &BTreeMap<String, ReplicaSeen>) -> bool {
+    let Holder::Owned { owner, session: Some(session), .. } = holder else { return false };
+    !replicas
+        .get(&crate::keys::presence_key(&owner.instance))
+        .is_some_and(|seen| seen.owner == *owner && seen.session == Some(*session))
 }
 
 /// Everything a decision depends on.
@@ -63,6 +82,9 @@ pub struct View<'a> {
     pub max_leases: Option<usize>,
     /// This replica's group: only live replicas of the same group share its shards.
     pub group: &'a str,
+    /// This replica's session number, `None` when it renews each lease (the previous version's
+    /// protocol, which judges every lease by its own revision).
+    pub session: Option<u64>,
     /// The shards the caller wants read (finished ones removed).
     pub shards: &'a BTreeSet<ShardKey>,
     /// Whether the caller has given a shard set yet (no garbage collection before).
@@ -124,11 +146,13 @@ pub fn decide(view: &View<'_>) -> Plan {
     let me = view.me;
     let expiry = |first_seen: Instant, ttl: Duration| first_seen + ttl.max(view.ttl);
 
-    // Held leases the table no longer gives to this process.
+    let sessions = view.session.is_some();
+
+    // Held leases the table no longer gives to this process (in this session).
     for shard in view.held {
         let mine = matches!(
             view.leases.get(shard).map(|seen| &seen.holder),
-            Some(Holder::Owned { owner, .. }) if owner == me
+            Some(Holder::Owned { owner, session, .. }) if owner == me && *session == view.session
         );
         if !mine {
             plan.actions.push(Action::Lost { shard: shard.clone() });
@@ -140,15 +164,19 @@ pub fn decide(view: &View<'_>) -> Plan {
     let mut candidates = Vec::new();
     let mut loads: BTreeMap<&Owner, usize> = BTreeMap::new();
     for (shard, seen) in view.leases {
-        let (owner, ttl) = match &seen.holder {
-            Holder::Free => (None, view.ttl),
-            Holder::Owned { owner, ttl } => (Some(owner), *ttl),
-            Holder::Unreadable => (None, view.ttl),
+        let (owner, ttl, session) = match &seen.holder {
+            Holder::Owned { owner, ttl, session } => (Some(owner), *ttl, *session),
+            Holder::Free | Holder::Unreadable => (None, view.ttl, None),
         };
+        // A session's lease lives and dies with its session; any other lease with its own revision.
+        let by_session = sessions && session.is_some();
+        let gone = by_session && session_gone(&seen.holder, view.replicas);
+        let free = matches!(seen.holder, Holder::Free) || gone;
+        let mine = !free && owner == Some(me) && session == view.session;
+        let foreign = !free && !mine;
         let expires = expiry(seen.first_seen, ttl);
-        let foreign = !matches!(seen.holder, Holder::Free) && owner != Some(me);
-        let expired = foreign && view.now >= expires;
-        if foreign && !expired {
+        let expired = foreign && !by_session && view.now >= expires;
+        if foreign && !by_session && !expired {
             earliest(&mut plan.wake_at, expires);
         }
         if expired && let Some(owner) = owner {
@@ -156,40 +184,45 @@ pub fn decide(view: &View<'_>) -> Plan {
         }
         let in_set = view.shards.contains(shard);
         if !in_set {
-            if view.shards_known && (expired || matches!(seen.holder, Holder::Free)) {
+            if view.shards_known && (expired || free) {
                 plan.actions.push(Action::Forget { shard: shard.clone(), expected: seen.revision });
+            } else if sessions && mine && !view.held.contains(shard) {
+                // Nobody else may take it while the session lives: give it back.
+                plan.actions.push(Action::Release { shard: shard.clone(), expected: seen.revision, term: seen.term });
             }
             continue;
         }
-        match (&seen.holder, owner) {
-            (Holder::Free, _) => candidates.push(Candidate {
+        if free {
+            let free_since = if gone { seen.orphaned_since.unwrap_or(view.now) } else { seen.first_seen };
+            candidates.push(Candidate {
                 shard: shard.clone(),
                 expected: Some(seen.revision),
                 term: seen.term.next(),
                 stale_own: false,
-                free_since: seen.first_seen,
-            }),
-            (_, Some(owner)) if owner == me => {
-                if !view.held.contains(shard) {
-                    candidates.push(Candidate {
-                        shard: shard.clone(),
-                        expected: Some(seen.revision),
-                        term: seen.term.next(),
-                        stale_own: true,
-                        free_since: seen.first_seen,
-                    });
-                }
+                free_since,
+            });
+        } else if mine {
+            if !view.held.contains(shard) {
+                candidates.push(Candidate {
+                    shard: shard.clone(),
+                    expected: Some(seen.revision),
+                    term: seen.term.next(),
+                    stale_own: true,
+                    free_since: seen.first_seen,
+                });
             }
-            _ if expired => candidates.push(Candidate {
+        } else if expired {
+            candidates.push(Candidate {
                 shard: shard.clone(),
                 expected: Some(seen.revision),
                 term: seen.term.next(),
                 stale_own: false,
                 free_since: expires,
-            }),
-            // Counted only if the owner is a live peer of this group (below); otherwise simply taken.
-            (_, Some(owner)) => *loads.entry(owner).or_default() += 1,
-            (_, None) => {}
+            });
+        } else if let Some(owner) = owner {
+            // Counted only if the owner is a live peer of this group (below); otherwise simply taken
+            // (once it expires, or once its session is fenced).
+            *loads.entry(owner).or_default() += 1;
         }
     }
     for shard in view.shards {
@@ -329,8 +362,14 @@ mod tests {
         let mut revision = 0;
         let mut lease = |holder: &Owner| {
             revision += 1;
-            let holder = Holder::Owned { owner: holder.clone(), ttl };
-            LeaseSeen { revision: Revision::new(revision), first_seen: now, holder, term: Term::new(1) }
+            let holder = Holder::Owned { owner: holder.clone(), ttl, session: None };
+            LeaseSeen {
+                revision: Revision::new(revision),
+                first_seen: now,
+                holder,
+                term: Term::new(1),
+                orphaned_since: None,
+            }
         };
         for n in 0..held {
             leases.insert(shard(n), lease(&me));
@@ -347,6 +386,7 @@ mod tests {
                 ttl,
                 max_leases: None,
                 group: (*group).into(),
+                session: None,
             };
             replicas.insert(format!("lease/replica.{name}"), seen);
         }
@@ -357,6 +397,7 @@ mod tests {
             ttl,
             max_leases: None,
             group: "x",
+            session: None,
             shards: &set,
             shards_known: true,
             leases: &leases,
@@ -398,5 +439,132 @@ mod tests {
         assert!(plan.actions.is_empty(), "{:?}", plan.actions);
         let plan = decide_for(5, 2, &[("other", "y", &[2, 3, 4]), ("peer", "x", &[])]);
         assert_eq!(count(&plan, |a| matches!(a, Action::HandOver { .. })), 1);
+    }
+
+    /// Shard 0 held in session 1 by `peer`, whose presence (session `presence_session`, first seen
+    /// `presence_age` ago) is in the table unless `None`; the lease's revision was first seen 10 TTLs
+    /// ago. `me` judges with `my_session` (`None`: the previous protocol) and holds nothing.
+    fn decide_sessions(presence: Option<(u64, Duration)>, my_session: Option<u64>, in_set: bool) -> Plan {
+        let now = Instant::now() + Duration::from_secs(1000);
+        let ttl = Duration::from_secs(10);
+        let (me, peer) = (owner("me"), owner("peer"));
+        let holder = Holder::Owned { owner: peer.clone(), ttl, session: Some(1) };
+        let seen = LeaseSeen {
+            revision: Revision::new(5),
+            first_seen: now - 10 * ttl,
+            holder,
+            term: Term::new(3),
+            orphaned_since: None,
+        };
+        let leases = BTreeMap::from([(shard(0), seen)]);
+        let mut replicas = BTreeMap::new();
+        if let Some((session, age)) = presence {
+            let seen = ReplicaSeen {
+                owner: peer.clone(),
+                revision: Revision::new(9),
+                first_seen: now - age,
+                ttl,
+                max_leases: None,
+                group: String::new(),
+                session: Some(session),
+            };
+            replicas.insert(crate::keys::presence_key(&peer.instance), seen);
+        }
+        let set: BTreeSet<ShardKey> = if in_set { BTreeSet::from([shard(0)]) } else { BTreeSet::new() };
+        decide(&View {
+            now,
+            me: &me,
+            ttl,
+            max_leases: None,
+            group: "",
+            session: my_session,
+            shards: &set,
+            shards_known: true,
+            leases: &leases,
+            replicas: &replicas,
+            held: &BTreeSet::new(),
+            handing_over: &BTreeSet::new(),
+            absent_since: &BTreeMap::new(),
+        })
+    }
+
+    #[test]
+    fn a_lease_lives_as_long_as_its_session_however_old_its_revision() {
+        let plan = decide_sessions(Some((1, Duration::from_secs(1))), Some(1), true);
+        assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+        assert_eq!(plan.live_replicas, 2);
+    }
+
+    #[test]
+    fn a_lease_of_an_expired_session_waits_for_the_fence() {
+        // Only the presence key is deleted (the fence); its leases are taken from the next read on.
+        let plan = decide_sessions(Some((1, Duration::from_secs(11))), Some(1), true);
+        assert_eq!(
+            plan.actions,
+            vec![Action::ForgetReplica { key: crate::keys::presence_key("peer-uuid"), expected: Revision::new(9) }]
+        );
+    }
+
+    #[test]
+    fn a_lease_whose_session_is_gone_or_replaced_is_free_at_once() {
+        for presence in [None, Some((2, Duration::from_secs(1)))] {
+            let plan = decide_sessions(presence, Some(1), true);
+            let acquire = Action::Acquire { shard: shard(0), expected: Some(Revision::new(5)), term: Term::new(4) };
+            assert!(plan.actions.contains(&acquire), "{presence:?}: {:?}", plan.actions);
+            // Out of my set, it is garbage like any free lease.
+            let plan = decide_sessions(presence, Some(1), false);
+            let forget = Action::Forget { shard: shard(0), expected: Revision::new(5) };
+            assert!(plan.actions.contains(&forget), "{presence:?}: {:?}", plan.actions);
+        }
+    }
+
+    #[test]
+    fn the_previous_protocol_judges_a_session_lease_by_its_revision() {
+        // What a replica of the previous version does with a lease nobody rewrote for a TTL: hence
+        // leases are renewed one by one while such a replica is present.
+        let plan = decide_sessions(Some((1, Duration::from_secs(1))), None, true);
+        let acquire = Action::Acquire { shard: shard(0), expected: Some(Revision::new(5)), term: Term::new(4) };
+        assert!(plan.actions.contains(&acquire), "{:?}", plan.actions);
+    }
+
+    #[test]
+    fn my_own_lease_outside_my_set_is_given_back_while_my_session_keeps_it_alive() {
+        let now = Instant::now();
+        let ttl = Duration::from_secs(10);
+        let me = owner("me");
+        let holder = Holder::Owned { owner: me.clone(), ttl, session: Some(1) };
+        let seen =
+            LeaseSeen { revision: Revision::new(5), first_seen: now, holder, term: Term::new(3), orphaned_since: None };
+        let leases = BTreeMap::from([(shard(0), seen)]);
+        let mut replicas = BTreeMap::new();
+        let presence = ReplicaSeen {
+            owner: me.clone(),
+            revision: Revision::new(9),
+            first_seen: now,
+            ttl,
+            max_leases: None,
+            group: String::new(),
+            session: Some(1),
+        };
+        replicas.insert(crate::keys::presence_key(&me.instance), presence);
+        let plan = decide(&View {
+            now,
+            me: &me,
+            ttl,
+            max_leases: None,
+            group: "",
+            session: Some(1),
+            shards: &BTreeSet::new(),
+            shards_known: true,
+            leases: &leases,
+            replicas: &replicas,
+            held: &BTreeSet::new(),
+            handing_over: &BTreeSet::new(),
+            absent_since: &BTreeMap::new(),
+        });
+        assert_eq!(
+            plan.actions,
+            vec![Action::Release { shard: shard(0), expected: Revision::new(5), term: Term::new(3) }]
+        );
     }
 }

@@ -2,17 +2,20 @@
 //! tokio time, a seeded RNG deciding crashes, graceful stops, stalls, joins, shard churn, store
 //! latency and failed writes. A run may mix TTLs in one fleet, give each replica its shard set late
 //! (each by its own delay, as discovery would), and put one or two deployments in the same bucket:
-//! each serves a list of tables and advertises it as its group.
+//! each serves a list of tables and advertises it as its group. A quarter of the chaos runs mix in
+//! replicas of the previous version (each lease renewed on its own, no sessions), and two more tests
+//! upgrade a fleet to sessions and roll it back, one replica at a time.
 //!
 //! Checked on every step and at every acquisition: no two replicas hold a valid guard for the same
 //! shard at the same virtual instant; after a crash in a calm fleet every orphaned shard is owned
 //! again within TTL + one renew interval (of the longest TTL in the fleet); once the fleet is stable,
 //! every shard a live replica serves is owned by a replica that serves it, the loads within each
-//! deployment differ by at most one, and no lease moves at all.
+//! deployment differ by at most one, and no lease moves at all; and, once no replica of the previous
+//! version is left, no lease is written at all (the sessions alone are renewed).
 //!
 //! `SIM_SEED=n` replays one seed; `SIM_RUNS=n` runs n seeds (default 200; the two-deployment tests run a
 //! tenth of that) from a fixed base; `SIM_RANDOM=n` adds n random seeds (default 3). A failing seed is
-//! printed.
+//! printed. `SIM_TRACE=1` prints the coordinators' logs (for a replayed seed).
 #![allow(clippy::unwrap_used)]
 
 #[path = "sim/model.rs"]
@@ -22,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use coordination::keys::shard_lease_key;
+use coordination::keys::{REPLICA_PREFIX, SHARD_PREFIX, shard_lease_key};
 use coordination::store::{Fault, FaultPlan, Op};
 use coordination::{Config, Coordinator, Event, LeaseGuard, MemoryStore, ShardKey};
 use rand::rngs::StdRng;
@@ -75,14 +78,26 @@ struct Faults {
     rng: StdRng,
     chaos: bool,
     stalled_until: BTreeMap<String, Instant>,
+    /// Replicas whose presence (session) writes are lost until then, while everything else works.
+    muted_until: BTreeMap<String, Instant>,
+    /// Writes sent to lease keys (creates, updates, deletes), and to presence keys.
+    lease_writes: u64,
+    presence_writes: u64,
 }
 
 #[derive(Clone)]
 struct SharedFaults(Arc<Mutex<Faults>>);
 
 impl FaultPlan for SharedFaults {
-    fn plan(&mut self, client: &str, _op: Op, _key: &str) -> Fault {
+    fn plan(&mut self, client: &str, op: Op, key: &str) -> Fault {
         let mut faults = self.0.lock().unwrap();
+        if matches!(op, Op::Create | Op::Update | Op::Delete) {
+            if key.starts_with(SHARD_PREFIX) {
+                faults.lease_writes += 1;
+            } else if key.starts_with(REPLICA_PREFIX) {
+                faults.presence_writes += 1;
+            }
+        }
         let now = Instant::now();
         let stall =
             faults.stalled_until.get(client).map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
@@ -92,10 +107,13 @@ impl FaultPlan for SharedFaults {
         }
         let request = Duration::from_millis(faults.rng.random_range(0..=MAX_LATENCY_MS));
         let response = Duration::from_millis(faults.rng.random_range(0..=MAX_LATENCY_MS));
+        let muted = key.starts_with(REPLICA_PREFIX)
+            && !matches!(op, Op::Get | Op::Keys)
+            && faults.muted_until.get(client).is_some_and(|until| *until > now);
         Fault {
             request_delay: request + stall,
             response_delay: response,
-            lose_request: faults.rng.random_bool(FAIL_RATE),
+            lose_request: muted || faults.rng.random_bool(FAIL_RATE),
             lose_response: faults.rng.random_bool(FAIL_RATE),
         }
     }
@@ -124,6 +142,8 @@ struct Replica {
     set_delay: Duration,
     coordinator: Option<Coordinator>,
     caller: tokio::task::JoinHandle<()>,
+    /// A replica of the previous version: it renews each lease and reads no sessions.
+    legacy: bool,
 }
 
 #[derive(Default, Debug, Clone)]
@@ -135,10 +155,18 @@ struct RunStats {
     crashes: u64,
     stops: u64,
     stalls: u64,
+    /// Replicas whose presence writes failed for more than a TTL.
+    mutes: u64,
     joins: u64,
     two_deployments: bool,
     mixed_ttls: bool,
     late_sets: bool,
+    /// Replicas of the previous version that joined.
+    legacy_joins: u64,
+    /// In the stable phase: writes to lease keys and to presence keys, per live replica and renew
+    /// interval (of the longest TTL).
+    stable_lease_writes: u64,
+    stable_presence_writes_per_interval: f64,
     withdrawals: u64,
     /// Withdrawn shards whose lease key was deleted when they came back (it is created anew).
     lease_recreations: u64,
@@ -197,6 +225,8 @@ struct Sim {
     /// The TTLs replicas draw from.
     ttls: Vec<Duration>,
     max_set_delay: Duration,
+    /// The chance that a joining replica is of the previous version.
+    legacy_share: f64,
     replicas: Vec<Replica>,
     /// Every shard in the streams, with its table.
     shards: BTreeMap<ShardKey, &'static str>,
@@ -218,6 +248,9 @@ impl Sim {
             rng: StdRng::seed_from_u64(rng.random()),
             chaos: false,
             stalled_until: BTreeMap::new(),
+            muted_until: BTreeMap::new(),
+            lease_writes: 0,
+            presence_writes: 0,
         })));
         let mixed_ttls = rng.random_bool(0.5);
         let late_sets = rng.random_bool(0.5);
@@ -237,6 +270,7 @@ impl Sim {
             deployments,
             ttls,
             max_set_delay: Duration::from_millis(if late_sets { MAX_SET_DELAY_MS } else { 0 }),
+            legacy_share: 0.0,
             replicas: Vec::new(),
             shards: BTreeMap::new(),
             late_sets: Vec::new(),
@@ -258,12 +292,19 @@ impl Sim {
     }
 
     fn join(&mut self, deployment: usize) {
+        let legacy = self.legacy_share > 0.0 && self.rng.random_bool(self.legacy_share);
+        self.join_as(deployment, legacy);
+    }
+
+    fn join_as(&mut self, deployment: usize, legacy: bool) {
         let index = self.replicas.len();
         let id = format!("r{index:02}");
         let ttl = self.ttls[self.rng.random_range(0..self.ttls.len())];
         let mut config = Config::new(id.clone(), ttl);
         config.instance = format!("{:032x}", self.rng.random::<u128>());
         config.group = self.deployments[deployment].group.to_owned();
+        config.sessions = !legacy;
+        self.stats.legacy_joins += u64::from(legacy);
         let store = Arc::new(self.store.client(&id));
         self.model.add_replica(self.checkpoints.client(&id));
         let (coordinator, events) = Coordinator::start(store, config).unwrap();
@@ -271,7 +312,7 @@ impl Sim {
         let set_delay = self.max_set_delay.mul_f64(self.rng.random());
         let caller = tokio::spawn(caller(index, events, Arc::clone(&self.world), delay));
         let coordinator = Some(coordinator);
-        self.replicas.push(Replica { id, deployment, ttl, set_delay, coordinator, caller });
+        self.replicas.push(Replica { id, deployment, ttl, set_delay, coordinator, caller, legacy });
         self.give_shards(index);
         self.stats.joins += 1;
     }
@@ -596,6 +637,22 @@ impl Sim {
                         self.stats.stalls += 1;
                     }
                 }
+                r if r < 0.012 => {
+                    // Its session writes fail for longer than a TTL while its reads and lease writes
+                    // work: peers fence the session meanwhile. (Not a replica of the previous version:
+                    // the rollback's guarantee assumes its presence shows within a renew interval of
+                    // its first read, see DESIGN.md, "Sessions".)
+                    let sessions: Vec<usize> =
+                        self.live().into_iter().filter(|index| !self.replicas[*index].legacy).collect();
+                    if !sessions.is_empty() {
+                        let index = sessions[self.rng.random_range(0..sessions.len())];
+                        let ttl = self.replicas[index].ttl;
+                        let until = Instant::now() + ttl + ttl.mul_f64(self.rng.random_range(0.2..1.0));
+                        let id = self.replicas[index].id.clone();
+                        self.faults.0.lock().unwrap().muted_until.insert(id, until);
+                        self.stats.mutes += 1;
+                    }
+                }
                 r if r < 0.016 => self.join_if_room(),
                 r if r < 0.026 => self.add_random_shard(),
                 r if r < 0.034 => self.end_shard(),
@@ -613,6 +670,7 @@ impl Sim {
         let mut faults = self.faults.0.lock().unwrap();
         faults.chaos = false;
         faults.stalled_until.clear();
+        faults.muted_until.clear();
         drop(faults);
         self.model.heal_all();
         self.return_shards(true);
@@ -671,19 +729,62 @@ impl Sim {
         self.settle("after the calm crash").await
     }
 
-    /// A stable fleet: no lease moves for 3 TTLs, balance holds on every step.
+    /// Replaces each live replica for which `old` holds by a new one (`legacy` or not) of its
+    /// deployment, one at a time as a rolling update does: the new one joins, the old one stops a
+    /// random while later (up to a TTL).
+    async fn replace_replicas(&mut self, old: impl Fn(usize, &Replica) -> bool, legacy: bool) -> Result<(), String> {
+        let replaced: Vec<usize> =
+            self.live().into_iter().filter(|index| old(*index, &self.replicas[*index])).collect();
+        for index in replaced {
+            self.join_as(self.replicas[index].deployment, legacy);
+            let ready = self.rng.random_range(0..self.max_ttl().as_millis() as u64);
+            for _ in 0..ready / STEP.as_millis() as u64 {
+                self.step().await?;
+            }
+            self.stop(index);
+        }
+        Ok(())
+    }
+
+    fn writes(&self) -> (u64, u64) {
+        let faults = self.faults.0.lock().unwrap();
+        (faults.lease_writes, faults.presence_writes)
+    }
+
+    /// A stable fleet: no lease moves for 3 TTLs, balance holds on every step; without replicas of the
+    /// previous version, not a single lease write either (a TTL in, so that every replica has noticed
+    /// the last of them gone and rewritten its leases once).
     async fn stable(&mut self) -> Result<(), String> {
         let before = self.world.lock().unwrap().acquisitions;
-        let end = Instant::now() + 3 * self.max_ttl();
+        let start = Instant::now();
+        let end = start + 3 * self.max_ttl();
+        let mut counted: Option<(Instant, (u64, u64))> = None;
         while Instant::now() < end {
             self.step().await?;
             if !self.balanced() {
                 return Err(format!("stable fleet lost balance: {:?}", self.loads()));
             }
+            if counted.is_none() && Instant::now() >= start + self.max_ttl() {
+                counted = Some((Instant::now(), self.writes()));
+            }
         }
         self.stats.stable_moves = self.world.lock().unwrap().acquisitions - before;
         if self.stats.stable_moves > 0 {
             return Err(format!("{} lease moves in a stable fleet", self.stats.stable_moves));
+        }
+        let live = self.live();
+        if let Some((since, (leases, presences))) = counted {
+            let (leases_now, presences_now) = self.writes();
+            // One write per replica and its own renew interval (TTL/3) is the target.
+            let elapsed = (Instant::now() - since).as_secs_f64();
+            let intervals: f64 = live.iter().map(|index| elapsed / (self.replicas[*index].ttl / 3).as_secs_f64()).sum();
+            self.stats.stable_presence_writes_per_interval = (presences_now - presences) as f64 / intervals.max(1.0);
+            if live.iter().all(|index| !self.replicas[*index].legacy) {
+                self.stats.stable_lease_writes = leases_now - leases;
+                if leases_now > leases {
+                    return Err(format!("{} lease writes in a stable fleet of sessions", leases_now - leases));
+                }
+            }
         }
         Ok(())
     }
@@ -698,11 +799,22 @@ async fn simulate(seed: u64) -> Result<RunStats, String> {
         _ => ONE_FLEET,
     };
     let mut sim = Sim::new(seed, deployments);
+    // A quarter of the runs mix in replicas of the previous version; half of those finish the upgrade
+    // after the chaos, so that the stable phase runs on sessions alone.
+    let legacy = (seed / 4) % 4 == 3;
+    if legacy {
+        sim.legacy_share = 0.3;
+    }
     sim.populate();
     sim.chaos().await?;
     sim.stats.chaos_takeovers = std::mem::take(&mut sim.world.lock().unwrap().takeovers);
     sim.world.lock().unwrap().orphaned.clear();
     sim.settle("after chaos").await?;
+    if legacy && (seed / 16) % 2 == 1 {
+        sim.legacy_share = 0.0;
+        sim.replace_replicas(|_, replica| replica.legacy, false).await?;
+        sim.settle("after the upgrade").await?;
+    }
     sim.calm_crash().await?;
     sim.stable().await?;
     sim.drain_stream().await?;
@@ -747,9 +859,50 @@ async fn two_deployments(seed: u64, deployments: &'static [Deployment], rolling:
     Ok(sim.stats)
 }
 
+/// A rolling update of a settled fleet between the previous protocol and sessions, without chaos:
+/// `upgrade` from the previous version to this one, otherwise back. Some or all of the replicas are
+/// replaced, one at a time.
+async fn protocol_change(seed: u64, upgrade: bool) -> Result<RunStats, String> {
+    let mut sim = Sim::new(seed, ONE_FLEET);
+    for _ in 0..sim.rng.random_range(1..=30) {
+        sim.add_shard(TABLE_A);
+    }
+    for _ in 0..sim.rng.random_range(2..=5) {
+        sim.join_as(0, upgrade);
+    }
+    sim.settle("before the protocol change").await?;
+    let all = sim.rng.random_bool(0.5);
+    let old = sim.live();
+    let keep = if all { 0 } else { sim.rng.random_range(1..old.len()) };
+    let kept: BTreeSet<usize> = old.iter().copied().take(keep).collect();
+    sim.replace_replicas(|index, replica| replica.legacy == upgrade && !kept.contains(&index), !upgrade).await?;
+    sim.settle("after the protocol change").await?;
+    sim.calm_crash().await?;
+    sim.stable().await?;
+    sim.drain_stream().await?;
+    Ok(sim.stats)
+}
+
 fn run<F: Future<Output = Result<RunStats, String>>>(run: F) -> Result<RunStats, String> {
+    if env_u64("SIM_TRACE").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("coordination=debug")
+            .with_ansi(false)
+            .with_timer(VirtualTime(std::sync::OnceLock::new()))
+            .try_init();
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
     runtime.block_on(run)
+}
+
+/// Log timestamps in the run's virtual time (seconds since the first line).
+struct VirtualTime(std::sync::OnceLock<Instant>);
+
+impl tracing_subscriber::fmt::time::FormatTime for VirtualTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let start = *self.0.get_or_init(Instant::now);
+        write!(w, "{:9.3}", (Instant::now() - start).as_secs_f64())
+    }
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -787,8 +940,13 @@ fn run_seeds<F: Future<Output = Result<RunStats, String>>>(
                 total.crashes += stats.crashes;
                 total.stops += stats.stops;
                 total.stalls += stats.stalls;
+                total.mutes += stats.mutes;
                 total.joins += stats.joins;
                 total.withdrawals += stats.withdrawals;
+                total.legacy_joins += stats.legacy_joins;
+                total.stable_lease_writes += stats.stable_lease_writes;
+                total.stable_presence_writes_per_interval =
+                    total.stable_presence_writes_per_interval.max(stats.stable_presence_writes_per_interval);
                 total.lease_recreations += stats.lease_recreations;
                 let (sum, run) = (&mut total.model, &stats.model);
                 sum.records += run.records;
@@ -827,7 +985,7 @@ fn lease_protocol_survives_seeded_chaos() {
     let total = run_seeds("chaos", &seeds, simulate);
     let worst = |takeovers: &[Duration]| takeovers.iter().max().copied().unwrap_or_default();
     println!(
-        "simulation: {} runs, {} steps, {} crashes, {} graceful stops, {} stalls, {} joins; \
+        "simulation: {} runs, {} steps, {} crashes, {} graceful stops, {} stalls, {} muted presences, {} joins; \
          worst takeover after a calm crash {:?} over {} shards (bound {:?} at the longest TTL); worst under \
          chaos {:?} over {} shards; lease moves in stable phases: {}; wall time {:?}",
         seeds.len(),
@@ -835,6 +993,7 @@ fn lease_protocol_survives_seeded_chaos() {
         total.crashes,
         total.stops,
         total.stalls,
+        total.mutes,
         total.joins,
         worst(&total.calm_takeovers),
         total.calm_takeovers.len(),
@@ -847,6 +1006,11 @@ fn lease_protocol_survives_seeded_chaos() {
     println!(
         "model: {} withdrawals ({} leases deleted and created anew), {:?}",
         total.withdrawals, total.lease_recreations, total.model
+    );
+    println!(
+        "protocols: {} replicas of the previous version joined; in stable phases of sessions alone {} lease \
+         writes, at most {:.2} presence writes per replica and its renew interval",
+        total.legacy_joins, total.stable_lease_writes, total.stable_presence_writes_per_interval
     );
     // The paths the model exists for must be taken (not checked when replaying a few seeds).
     if seeds.len() >= 100 {
@@ -871,6 +1035,18 @@ fn deployments_with_disjoint_tables_in_one_bucket_stop_moving_leases() {
 #[test]
 fn a_rolling_table_list_change_stops_moving_leases() {
     run_seeds("rolling change", &seeds(10), |seed| two_deployments(seed, OVERLAPPING, true));
+}
+
+/// Issue 15: a rolling update from the previous version (each lease renewed) to sessions, and a
+/// rollback; no two valid guards at any instant, and once the previous version is gone, no lease writes.
+#[test]
+fn a_fleet_upgrades_to_sessions_and_rolls_back() {
+    let upgrade = run_seeds("upgrade to sessions", &seeds(10), |seed| protocol_change(seed, true));
+    let rollback = run_seeds("rollback from sessions", &seeds(10), |seed| protocol_change(seed, false));
+    println!(
+        "protocol changes: {} and {} replicas of the previous version joined",
+        upgrade.legacy_joins, rollback.legacy_joins
+    );
 }
 
 #[test]

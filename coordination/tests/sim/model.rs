@@ -14,7 +14,9 @@
 //! Invariant kept, checked on every delivery: **an item's version never goes backwards in the stream
 //! and no record is stored twice**, except the documented residual (DESIGN.md, "Fencing publishes"):
 //! publishes on the wire when a partition began, at most one per item, stored a second time only when
-//! the partition outlasted the duplicate window plus the guard's safety margin. Records re-published after a crash or a hand-over
+//! the partition outlasted the duplicate window plus the guard's safety margin (half the window for a
+//! new tenure's re-publish of a record its predecessor stored: late by the partition plus the time
+//! since that first copy, one of which outlasted half the window). Records re-published after a crash or a hand-over
 //! must land inside the window and are never stored twice.
 #![allow(dead_code)]
 
@@ -419,8 +421,12 @@ impl Model {
                 // (b) the residual: on the wire at a partition that outlasted the window plus the
                 // margin (written before the guard's deadline s + T - m, re-published at s + T at
                 // the earliest, delivered at the heal).
+                // A new tenure's re-publish of a record its predecessor stored is late by the partition
+                // plus the time since that first copy: one of them outlasted half the window, and (a)
+                // below covers the second.
                 let residual = from_wire.or(first.wire);
-                let bound = self.window + self.margin;
+                let republish = entry.reader != first.reader && from_wire.is_some();
+                let bound = if republish { self.window / 2 } else { self.window + self.margin };
                 let long = residual.is_some_and(|p| self.partition_lengths.get(&p).is_some_and(|len| *len > bound));
                 // (a) a new tenure re-publishing the last one's unacknowledged or unchecked tail, whose
                 // takeover (up to its read of the checkpoint) itself took more than half the window (chaos can hold a shard unowned that
