@@ -10,7 +10,8 @@
 //!   speed, while lease renewal of all 1008 must go on without a lease lost or expired.
 //!
 //! `BENCH_IDLE_TABLES` and `BENCH_IDLE_SHARDS_PER_TABLE` change the idle tables (e.g. 40 × 250 for
-//! 10,000 idle shards).
+//! 10,000 idle shards); `BENCH_IDLE_REPLICAS` runs the idle and busy runs on that many replicas (CPU
+//! and RSS are their sums, `leases_held` the fleet's).
 //!
 //! Every run counts lease changes (`lease_changes_total{change="lost"|"expired"}`) and samples
 //! `leases_held` through its window: the targets are zero and a constant count.
@@ -55,19 +56,28 @@ fn idle_shape() -> (usize, usize) {
     (number("BENCH_IDLE_TABLES", IDLE_TABLES), number("BENCH_IDLE_SHARDS_PER_TABLE", SHARDS_PER_TABLE))
 }
 
+/// `BENCH_IDLE_REPLICAS`, 1 by default.
+fn idle_replicas() -> usize {
+    std::env::var("BENCH_IDLE_REPLICAS").ok().and_then(|value| value.parse().ok()).filter(|n: &usize| *n > 0).unwrap_or(1)
+}
+
 /// The three runs, in the order they run and print.
 fn run_names() -> [String; 3] {
     let (tables, per_table) = idle_shape();
     let idle = tables * per_table;
-    ["1 shard".to_owned(), format!("{idle} idle shards"), format!("{idle} idle + {BUSY_TABLES} busy shards")]
+    let on = match idle_replicas() {
+        1 => String::new(),
+        replicas => format!(" on {replicas} replicas"),
+    };
+    ["1 shard".to_owned(), format!("{idle} idle shards{on}"), format!("{idle} idle + {BUSY_TABLES} busy shards{on}")]
 }
 
-/// The servers and the replica of one run.
+/// The servers and the replicas of one run.
 struct Fleet {
     _nats: NatsServer,
     source: FaultyStreams,
-    process: ServiceProcess,
-    port: u16,
+    processes: Vec<ServiceProcess>,
+    ports: Vec<u16>,
     kv: KvTraffic,
     shards: usize,
     busy: Vec<String>,
@@ -75,8 +85,8 @@ struct Fleet {
 }
 
 /// Starts fresh servers, `tables` idle tables of `shards_per_table` shards and `busy` empty one-shard
-/// tables, and one replica with default settings; returns once it holds and reads every shard.
-async fn start(binary: &Path, tables: usize, shards_per_table: usize, busy: usize) -> Fleet {
+/// tables, and `replicas` replicas with default settings; returns once they hold and read every shard.
+async fn start(binary: &Path, tables: usize, shards_per_table: usize, busy: usize, replicas: usize) -> Fleet {
     let nats = NatsServer::start().await;
     let source = FaultyStreams::start().await;
     let idle: Vec<String> = (0..tables).map(|t| format!("idle-{t}")).collect();
@@ -88,14 +98,18 @@ async fn start(binary: &Path, tables: usize, shards_per_table: usize, busy: usiz
         source.create_table(name, "pk", ViewType::NewAndOldImages);
     }
     let kv = KvTraffic::watch(&nats).await;
-    let port = free_port();
     let all: Vec<String> = idle.iter().chain(&busy).cloned().collect();
-    let env = service::env(&nats, &source, &all, port, &[]);
     let started = Instant::now();
-    let process = ServiceProcess::start_ready(binary, &env, port, START_DEADLINE).await;
+    let (mut processes, mut ports) = (Vec::new(), Vec::new());
+    for _ in 0..replicas {
+        let port = free_port();
+        let env = service::env(&nats, &source, &all, port, &[]);
+        processes.push(ServiceProcess::start_ready(binary, &env, port, START_DEADLINE).await);
+        ports.push(port);
+    }
     let shards = tables * shards_per_table + busy.len();
-    wait_for_readers(port, shards).await;
-    Fleet { _nats: nats, source, process, port, kv, shards, busy, startup: started.elapsed() }
+    wait_for_readers(&ports, shards).await;
+    Fleet { _nats: nats, source, processes, ports, kv, shards, busy, startup: started.elapsed() }
 }
 
 /// The counters a window is measured between.
@@ -104,17 +118,26 @@ struct Sample {
     cpu: Duration,
     source_get_records: usize,
     kv: Traffic,
+    /// Every replica's `/metrics`, one after the other (sums add across replicas).
     metrics: String,
 }
 
 async fn sample(fleet: &Fleet) -> Sample {
     Sample {
         at: Instant::now(),
-        cpu: cpu_time(fleet.process.pid()),
+        cpu: fleet.processes.iter().map(|process| cpu_time(process.pid())).sum(),
         source_get_records: fleet.source.calls(Op::GetRecords),
         kv: fleet.kv.snapshot(),
-        metrics: scrape(fleet.port).await,
+        metrics: scrape_all(&fleet.ports).await,
     }
+}
+
+async fn scrape_all(ports: &[u16]) -> String {
+    let mut all = String::new();
+    for port in ports {
+        all.push_str(&scrape(*port).await);
+    }
+    all
 }
 
 /// What one run measured over its window.
@@ -134,7 +157,9 @@ struct Figures {
     lost: f64,
     expired: f64,
     held: (f64, f64),
+    /// Summed over the replicas.
     rss_kib: f64,
+    replicas: usize,
     /// The service's `WARN` and `ERROR` log lines over the whole run.
     warnings: Vec<String>,
 }
@@ -144,7 +169,7 @@ async fn measure(fleet: &Fleet, window: Duration) -> Figures {
     let start = sample(fleet).await;
     let mut held = (f64::INFINITY, f64::NEG_INFINITY);
     while start.at.elapsed() < window {
-        let now = service::metric(fleet.port, "leases_held", "").await;
+        let now = sum(&scrape_all(&fleet.ports).await, "leases_held", "");
         held = (held.0.min(now), held.1.max(now));
         tokio::time::sleep(Duration::from_millis(500).min(window.saturating_sub(start.at.elapsed()))).await;
     }
@@ -170,20 +195,21 @@ async fn measure(fleet: &Fleet, window: Duration) -> Figures {
         lost: delta("lease_changes_total", "{change=\"lost\"}"),
         expired: delta("lease_changes_total", "{change=\"expired\"}"),
         held,
-        rss_kib: rss_kib(fleet.process.pid()).unwrap_or(f64::NAN),
+        rss_kib: fleet.processes.iter().map(|process| rss_kib(process.pid()).unwrap_or(f64::NAN)).sum(),
+        replicas: fleet.processes.len(),
         warnings: Vec::new(),
     }
 }
 
 /// Keeps every busy table `BACKLOG` records ahead of what the service has published from it, and trims
 /// what it has published, so the source's memory stays bounded over a run of a million records.
-async fn feed(source: FaultyStreams, port: u16, tables: Vec<String>) {
+async fn feed(source: FaultyStreams, ports: Vec<u16>, tables: Vec<String>) {
     let payload = json!({"S": "x".repeat(PAYLOAD_BYTES)});
     let mut written = vec![0u64; tables.len()];
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     for round in 0u64.. {
         tick.tick().await;
-        let metrics = scrape(port).await;
+        let metrics = scrape_all(&ports).await;
         for (table, written) in tables.iter().zip(&mut written) {
             let labels = format!("{{event_name=\"INSERT\",table=\"{table}\"}}");
             let published = sum(&metrics, "records_published_total", &labels) as u64;
@@ -199,33 +225,36 @@ async fn feed(source: FaultyStreams, port: u16, tables: Vec<String>) {
     }
 }
 
-/// Stops the replica gracefully and adds what it warned about to its figures.
+/// Stops the replicas gracefully and adds what they warned about to its figures.
 async fn stop(fleet: Fleet, mut figures: Figures) -> Figures {
-    let log = fleet.process.stop_gracefully(Duration::from_secs(30)).await;
-    figures.warnings =
-        log.lines().filter(|line| line.contains("WARN") || line.contains("ERROR")).map(str::to_owned).collect();
+    for process in fleet.processes {
+        let log = process.stop_gracefully(Duration::from_secs(30)).await;
+        figures
+            .warnings
+            .extend(log.lines().filter(|line| line.contains("WARN") || line.contains("ERROR")).map(str::to_owned));
+    }
     figures
 }
 
 /// Runs the three scenarios and prints one table.
 pub async fn run(binary: &Path) {
     let base = {
-        let fleet = start(binary, 1, 1, 0).await;
+        let fleet = start(binary, 1, 1, 0, 1).await;
         let figures = measure(&fleet, BASE_WINDOW).await;
         stop(fleet, figures).await
     };
     let (tables, per_table) = idle_shape();
     let idle = {
-        let fleet = start(binary, tables, per_table, 0).await;
+        let fleet = start(binary, tables, per_table, 0, idle_replicas()).await;
         let figures = measure(&fleet, IDLE_WINDOW).await;
         stop(fleet, figures).await
     };
     let busy = {
-        let fleet = start(binary, tables, per_table, BUSY_TABLES).await;
-        let feeder = tokio::spawn(feed(fleet.source.clone(), fleet.port, fleet.busy.clone()));
+        let fleet = start(binary, tables, per_table, BUSY_TABLES, idle_replicas()).await;
+        let feeder = tokio::spawn(feed(fleet.source.clone(), fleet.ports.clone(), fleet.busy.clone()));
         // The window opens once every busy shard publishes.
         wait_for("every busy shard publishing", START_DEADLINE, || async {
-            let metrics = scrape(fleet.port).await;
+            let metrics = scrape_all(&fleet.ports).await;
             fleet
                 .busy
                 .iter()
@@ -245,7 +274,9 @@ pub async fn run(binary: &Path) {
 
 fn print(runs: &[Figures; 3]) {
     let [base, idle, _] = runs;
-    let per_idle_shard_kib = (idle.rss_kib - base.rss_kib) / (idle.shards - base.shards) as f64;
+    // Each replica has the base's own memory (the binary, its runtime, its connections).
+    let replicas = idle.replicas as f64;
+    let per_idle_shard_kib = (idle.rss_kib - replicas * base.rss_kib) / (idle.shards as f64 - replicas * base.shards as f64);
     let row = |figure: &str, value: &dyn Fn(&Figures) -> String, target: &str| {
         let values: Vec<String> = runs.iter().map(value).collect();
         println!("| {figure} | {} | {target} |", values.join(" | "));
@@ -274,8 +305,12 @@ fn print(runs: &[Figures; 3]) {
         "≤ 1.0 (one per 1 s poll)",
     );
     row("GetRecords / shard / s (at the source)", &|f| format!("{:.3}", f.source_get_records), "");
-    row("lease writes / s (`lease/shard.*`)", &|f| rate(f.kv.leases, f), "≈ shards / 3.33 s renew interval");
-    row("replica heartbeats / s (`lease/replica.*`)", &|f| rate(f.kv.heartbeats, f), "");
+    row("lease writes / s (`lease/shard.*`)", &|f| rate(f.kv.leases, f), "0 (leases move only)");
+    row(
+        "session writes / s (`lease/replica.*`)",
+        &|f| rate(f.kv.heartbeats, f),
+        "≤ 0.3 per replica (1 per 3.33 s renew interval)",
+    );
     row("topology writes / s", &|f| rate(f.kv.topology, f), "");
     row("checkpoint writes / s", &|f| rate(f.kv.checkpoints, f), "");
     row("JetStream API requests / s", &|f| rate(f.kv.api_requests, f), "");
@@ -285,7 +320,7 @@ fn print(runs: &[Figures; 3]) {
     let per_shard = |f: &Figures| {
         if std::ptr::eq(f, idle) { format!("{per_idle_shard_kib:.1}") } else { "–".into() }
     };
-    row("RSS per idle shard, KiB ((RSS_idle − RSS₁) / (idle − 1))", &per_shard, "< 64 KiB");
+    row("RSS per idle shard, KiB ((RSS_idle − n·RSS₁) / (idle − n), n replicas)", &per_shard, "≤ 32 KiB");
     println!();
     for (name, figures) in names.iter().zip(runs) {
         let kinds: Vec<String> = figures

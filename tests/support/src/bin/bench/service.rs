@@ -66,7 +66,7 @@ pub async fn start_one_shard_tables(binary: &Path, shards: usize, poll_interval_
         [("POLL_INTERVAL_MS", poll_interval_ms.to_string()), ("POLL_GAP_MS", poll_interval_ms.min(250).to_string())];
     let env = env(&nats, &source, &tables, port, &polling);
     let process = ServiceProcess::start_ready(binary, &env, port, Duration::from_secs(60)).await;
-    wait_for_readers(port, shards).await;
+    wait_for_readers(&[port], shards).await;
     Running { nats, source, process }
 }
 
@@ -84,11 +84,15 @@ pub async fn status(port: u16) -> Option<Status> {
     Some(Status { leases, readers: status["shards"].as_array()?.len() })
 }
 
-/// Waits until the service on `port` holds `shards` leases and has a reader on each.
-pub async fn wait_for_readers(port: u16, shards: usize) {
+/// Waits until the replicas on `ports` hold `shards` leases between them and have a reader on each.
+pub async fn wait_for_readers(ports: &[u16], shards: usize) {
     wait_for(&format!("{shards} leases and readers"), START_DEADLINE, || async {
-        let status = status(port).await?;
-        (status.leases.len() == shards && status.readers == shards).then_some(())
+        let (mut leases, mut readers) = (0, 0);
+        for port in ports {
+            let status = status(*port).await?;
+            (leases, readers) = (leases + status.leases.len(), readers + status.readers);
+        }
+        (leases == shards && readers == shards).then_some(())
     })
     .await;
 }
@@ -109,7 +113,3 @@ pub fn sum(body: &str, name: &str, labels: &str) -> f64 {
     body.lines().filter(matches).filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
-/// One metric of the service on `port` (see [`sum`]).
-pub async fn metric(port: u16, name: &str, labels: &str) -> f64 {
-    sum(&scrape(port).await, name, labels)
-}
