@@ -97,7 +97,7 @@ impl ShardReader {
     async fn read(&self) -> Outcome {
         let (table, shard_id) = (self.table.as_str(), self.shard_id.as_str());
         let metrics = &self.services.metrics;
-        let Some(mut checkpoint) = self.load_checkpoint().await else { return self.stopped() };
+        let Some(mut checkpoint) = Box::pin(self.load_checkpoint()).await else { return self.stopped() };
         self.services.shards.started(table, shard_id, checkpoint.position());
         metrics.set_shard_lag(table, shard_id, Some(0.0));
         let mut start = match checkpoint.position() {
@@ -129,7 +129,7 @@ impl ShardReader {
                     let current = match iterator.take() {
                         Some(it) => it,
                         None => match self
-                            .unless_stopped(self.services.api.iterator(&self.stream_arn, shard_id, &start))
+                            .unless_stopped(Box::pin(self.services.api.iterator(&self.stream_arn, shard_id, &start)))
                             .await
                         {
                             None => return self.stopped(),
@@ -138,13 +138,13 @@ impl ShardReader {
                                 metrics.get_records_errors.with_label_values(&[table, err.kind()]).inc();
                                 match err {
                                     ReadError::Trimmed(_) => {
-                                        if !self.trimmed(&mut start, &mut delays).await {
+                                        if !Box::pin(self.trimmed(&mut start, &mut delays)).await {
                                             return self.stopped();
                                         }
                                     }
                                     ReadError::NotFound(message) => {
                                         if let Some(outcome) =
-                                            self.not_found(&message, &mut checkpoint, &mut delays).await
+                                            Box::pin(self.not_found(&message, &mut checkpoint, &mut delays)).await
                                         {
                                             return outcome;
                                         }
@@ -160,7 +160,8 @@ impl ShardReader {
                             }
                         },
                     };
-                    let Some(result) = self.unless_stopped(fetch(&self.services, table, shard_id, &current)).await
+                    let Some(result) =
+                        self.unless_stopped(Box::pin(fetch(&self.services, table, shard_id, &current))).await
                     else {
                         return self.stopped();
                     };
@@ -207,13 +208,13 @@ impl ShardReader {
             }
             ReadError::Trimmed(_) => {
                 *iterator = None;
-                if !self.trimmed(start, delays).await {
+                if !Box::pin(self.trimmed(start, delays)).await {
                     return Err(self.stopped());
                 }
             }
             ReadError::NotFound(message) => {
                 *iterator = None;
-                if let Some(outcome) = self.not_found(&message, checkpoint, delays).await {
+                if let Some(outcome) = Box::pin(self.not_found(&message, checkpoint, delays)).await {
                     return Err(outcome);
                 }
             }
@@ -261,7 +262,7 @@ impl ShardReader {
         metrics.set_shard_lag(table, shard_id, Some(lag));
         self.services.shards.read(table, shard_id, lag);
         if !batch.is_empty() {
-            self.publish(batch, checkpoint, start).await?;
+            Box::pin(self.publish(batch, checkpoint, start)).await?;
         }
         if skipped > 0
             && let Some(end) = page_end
@@ -274,10 +275,10 @@ impl ShardReader {
                 "records created before the first sighting skipped (START_FROM_LATEST)"
             );
             *start = StartAt::After(end.to_string());
-            self.checkpoint(checkpoint, Position::After(end)).await?;
+            Box::pin(self.checkpoint(checkpoint, Position::After(end))).await?;
         }
         if page.next_iterator.is_none() {
-            return Err(self.finish(checkpoint).await);
+            return Err(Box::pin(self.finish(checkpoint)).await);
         }
         let wait = if full {
             Duration::ZERO

@@ -58,7 +58,11 @@ fn idle_shape() -> (usize, usize) {
 
 /// `BENCH_IDLE_REPLICAS`, 1 by default.
 fn idle_replicas() -> usize {
-    std::env::var("BENCH_IDLE_REPLICAS").ok().and_then(|value| value.parse().ok()).filter(|n: &usize| *n > 0).unwrap_or(1)
+    std::env::var("BENCH_IDLE_REPLICAS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .filter(|n: &usize| *n > 0)
+        .unwrap_or(1)
 }
 
 /// The three runs, in the order they run and print.
@@ -276,7 +280,8 @@ fn print(runs: &[Figures; 3]) {
     let [base, idle, _] = runs;
     // Each replica has the base's own memory (the binary, its runtime, its connections).
     let replicas = idle.replicas as f64;
-    let per_idle_shard_kib = (idle.rss_kib - replicas * base.rss_kib) / (idle.shards as f64 - replicas * base.shards as f64);
+    let per_idle_shard_kib =
+        (idle.rss_kib - replicas * base.rss_kib) / (idle.shards as f64 - replicas * base.shards as f64);
     let row = |figure: &str, value: &dyn Fn(&Figures) -> String, target: &str| {
         let values: Vec<String> = runs.iter().map(value).collect();
         println!("| {figure} | {} | {target} |", values.join(" | "));

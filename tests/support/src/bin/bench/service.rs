@@ -112,4 +112,3 @@ pub fn sum(body: &str, name: &str, labels: &str) -> f64 {
     };
     body.lines().filter(matches).filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
-
