@@ -7,8 +7,9 @@
 //! scrape also sets the `ready` and `nats_connected` gauges from that same answer.
 //!
 //! `/status` field names are stable: `replica_id`, `serving`, `nats_connected`, `live_replicas`,
-//! `leases` (held shard lease keys), `shards` (see [`crate::status::ShardStatus`]) and
-//! `tables_unreadable` (table → `reason`, `message`).
+//! `lease_renewal` (`session`: one write per renew interval; `each_lease`: while a replica of the
+//! previous version is present), `leases` (held shard lease keys), `shards` (see
+//! [`crate::status::ShardStatus`]) and `tables_unreadable` (table → `reason`, `message`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -112,6 +113,7 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
         "serving": health.serving.load(Ordering::SeqCst),
         "nats_connected": health.nats_connected(),
         "live_replicas": leases.live_replicas,
+        "lease_renewal": if leases.renews_each_lease { "each_lease" } else { "session" },
         "leases": leases.held.iter().map(|shard| shard.as_str()).collect::<Vec<_>>(),
         "shards": health.shards.snapshot(),
         "tables_unreadable": health.unreadable.snapshot(),

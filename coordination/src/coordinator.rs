@@ -50,6 +50,9 @@ pub struct Status {
     pub shards: usize,
     /// Whether the last read of the lease table succeeded.
     pub store_reachable: bool,
+    /// Whether held leases are renewed one by one (a replica of the previous version is or was just
+    /// present, or sessions are off) rather than through the session alone.
+    pub renews_each_lease: bool,
 }
 
 /// Messages from the handle to the driver; few (one per shard state change), hence unbounded.

@@ -731,9 +731,14 @@ impl Driver {
             }
         });
         let writes: Vec<_> = writes.collect();
+        let epoch = self.epoch;
         let results =
             self.renewing_while(stream::iter(writes).buffer_unordered(WRITES_IN_FLIGHT).collect::<Vec<_>>()).await;
         for (shard, term, started, result) in results {
+            if self.epoch != epoch {
+                // The session these leases name ended meanwhile: they are free for everyone, not ours.
+                break;
+            }
             match result {
                 Ok(revision) => {
                     let lease_deadline = self.deadline_after(started);
@@ -833,6 +838,7 @@ impl Driver {
             live_replicas: self.live_replicas,
             shards: self.shards.len(),
             store_reachable: self.store_reachable,
+            renews_each_lease: self.renews_each_lease(),
         });
     }
 }
