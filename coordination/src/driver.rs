@@ -15,8 +15,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::stream::{self, BoxStream};
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
@@ -40,6 +40,68 @@ const WRITES_IN_FLIGHT: usize = 64;
 /// The keys read first in each read of the table; the presence keys are read after them (see
 /// [`Driver::read`]).
 const LEASE_PREFIXES: [&str; 2] = [keys::SHARD_PREFIX, keys::LEADER_PREFIX];
+
+/// How long a mirror of the lease keys is trusted before it is rebuilt from a full read, whatever
+/// its watch says (insurance against a watch that misses a write without ending).
+const MIRROR_RESYNC: Duration = Duration::from_secs(300);
+
+/// The lease keys as a full read found them, kept current by a watch started just before that read:
+/// reading the table then costs what changed since, not the number of shards (with 10,000 leases, a
+/// full read every `T/6` on each of 3 replicas outran the store). A hint like every watch: a write it
+/// has not delivered yet makes a decision stale, and a stale decision's compare-and-swap fails.
+struct Mirror {
+    changes: mpsc::UnboundedReceiver<Change>,
+    entries: BTreeMap<String, Versioned>,
+    built: Instant,
+}
+
+impl Mirror {
+    /// Applies what the watch delivered so far; `false` once the watch ended (the mirror is stale).
+    fn catch_up(&mut self) -> bool {
+        loop {
+            match self.changes.try_recv() {
+                Ok(change) => self.apply(change),
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// A change older than what the full read found for its key (the watch started before the read)
+    /// is skipped; anything newer replaces it.
+    fn apply(&mut self, change: Change) {
+        if self.entries.get(&change.key).is_some_and(|entry| entry.revision >= change.revision) {
+            return;
+        }
+        match change.value {
+            Some(value) => {
+                self.entries.insert(change.key, Versioned { value, revision: change.revision });
+            }
+            None => {
+                self.entries.remove(&change.key);
+            }
+        }
+    }
+}
+
+/// A task moving `changes` into a channel the driver drains at each read; it ends with the watch (the
+/// channel then reports the end) or when the receiver is dropped.
+fn forward(mut changes: BoxStream<'static, Change>) -> mpsc::UnboundedReceiver<Change> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let change = tokio::select! {
+                () = tx.closed() => return,
+                change = changes.next() => change,
+            };
+            let Some(change) = change else { return };
+            if tx.send(change).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
 
 /// A lease this replica holds.
 #[derive(Debug)]
@@ -85,11 +147,17 @@ pub(crate) struct Driver {
     mixed: bool,
     legacy_gone_at: Option<Instant>,
     next_poll: Instant,
-    /// When the last read of the lease table started.
+    /// When the last read of the lease table started, and how long it took.
     last_read: Instant,
+    last_read_took: Duration,
     /// A message whenever a write to the lease table frees a lease (from a task watching the store);
     /// `None` until started (after a read) or if the store cannot watch.
     freed: Option<mpsc::Receiver<()>>,
+    /// `None` while there is none (before the first read, after its watch ended, or when the store
+    /// cannot watch: then every read is a full one).
+    mirror: Option<Mirror>,
+    /// A command taken from the queue while gathering releases, performed next.
+    stashed: Option<Command>,
     next_heartbeat: Instant,
     wake_at: Option<Instant>,
     live_replicas: usize,
@@ -178,7 +246,10 @@ impl Driver {
             legacy_gone_at: None,
             next_poll: now,
             last_read: now,
+            last_read_took: Duration::ZERO,
             freed: None,
+            mirror: None,
+            stashed: None,
             next_heartbeat: now,
             wake_at: None,
             live_replicas: 1,
@@ -190,28 +261,26 @@ impl Driver {
     pub(crate) async fn run(mut self) {
         info!(replica = %self.me.replica, instance = %self.me.instance, "coordinator started");
         loop {
+            if Instant::now() >= self.next_heartbeat {
+                // Before anything else: a burst of commands (a thousand hand-overs released one by
+                // one) must not hold back the one write every held lease depends on.
+                self.fence(Instant::now());
+                self.heartbeat().await;
+            }
+            if let Some(command) = self.stashed.take() {
+                if self.command(Some(command)).await {
+                    return;
+                }
+                continue;
+            }
             let wake = self.next_wake();
             tokio::select! {
                 // Biased: a caller's release or finish is written before a due tick, and a fixed
                 // branch order keeps simulations deterministic.
                 biased;
                 command = self.commands.recv() => {
-                    // Fence first: a lease whose deadline passed while this task did not run (a
-                    // stalled process) is revoked as expired, not released as if it were still ours.
-                    self.fence(Instant::now());
-                    match command {
-                        Some(Command::Shutdown(done)) => {
-                            self.shutdown().await;
-                            let _ = done.send(());
-                            return;
-                        }
-                        Some(Command::Release(shard)) => self.release(&shard).await,
-                        Some(Command::Drain) => {
-                            info!(replica = %self.me.replica, "draining: no more leases are taken");
-                            self.draining = true;
-                        }
-                        Some(Command::Finish(shard)) => self.finish(&shard).await,
-                        None => return,
+                    if self.command(command).await {
+                        return;
                     }
                 }
                 changed = self.shards_rx.changed() => {
@@ -227,6 +296,45 @@ impl Driver {
         }
     }
 
+    /// Performs a caller's command; `true` when the driver stops.
+    async fn command(&mut self, command: Option<Command>) -> bool {
+        // Fence first: a lease whose deadline passed while this task did not run (a stalled process)
+        // is revoked as expired, not released as if it were still ours.
+        self.fence(Instant::now());
+        match command {
+            Some(Command::Shutdown(done)) => {
+                self.shutdown().await;
+                let _ = done.send(());
+                return true;
+            }
+            Some(Command::Release(shard)) => self.give_back_all((shard, false)).await,
+            Some(Command::Drain) => {
+                info!(replica = %self.me.replica, "draining: no more leases are taken");
+                self.draining = true;
+            }
+            Some(Command::Finish(shard)) => self.give_back_all((shard, true)).await,
+            None => return true,
+        }
+        false
+    }
+
+    /// Gives back `first` and every release or finish already waiting behind it, together; the first
+    /// other command met waits for the next turn of the loop.
+    async fn give_back_all(&mut self, first: (ShardKey, bool)) {
+        let mut shards = vec![first];
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Release(shard) => shards.push((shard, false)),
+                Command::Finish(shard) => shards.push((shard, true)),
+                other => {
+                    self.stashed = Some(other);
+                    break;
+                }
+            }
+        }
+        self.give_back(shards).await;
+    }
+
     /// Brings the next read forward when a lease came free.
     fn on_freed(&mut self, freed: Option<()>) {
         if freed.is_none() {
@@ -234,7 +342,7 @@ impl Driver {
             self.freed = None;
             return;
         }
-        let soon = (self.last_read + EARLY_READ_GAP).max(Instant::now());
+        let soon = (self.last_read + EARLY_READ_GAP.max(self.last_read_took)).max(Instant::now());
         self.next_poll = self.next_poll.min(soon);
     }
 
@@ -332,7 +440,11 @@ impl Driver {
         self.last_read = Instant::now();
         let read = self.read().await;
         let now = Instant::now();
-        self.next_poll = now + self.config.poll_interval;
+        // A table so large that reading it takes longer than the poll interval is read less often
+        // (half the time at most), so that reading it does not become all this replica does.
+        self.last_read_took = now - self.last_read;
+        debug!(replica = %self.me.replica, took = ?self.last_read_took, leases = self.leases.len(), mirrored = self.mirror.is_some(), "lease table read");
+        self.next_poll = now + self.config.poll_interval.max(self.last_read_took);
         if let Err(err) = read {
             self.store_reachable = false;
             warn!(replica = %self.me.replica, error = %err, "cannot read the lease table");
@@ -378,18 +490,55 @@ impl Driver {
     async fn read(&mut self) -> Result<(), StoreError> {
         // The lease keys grow with the shard count; their read may take longer than one operation
         // (the session is renewed meanwhile), but not longer than a TTL.
-        let store = Arc::clone(&self.store);
-        let leases = self.renewing_while(bounded(self.config.ttl, store.scan(&LEASE_PREFIXES))).await?;
+        let leases = self.read_leases().await;
+        // Read even when the leases could not be: the presence keys alone keep the guards' second
+        // bound moving (see `follow_protocols`), and they are few.
         let started = Instant::now();
         let session_before = (self.epoch, self.presence.is_some());
         let store = Arc::clone(&self.store);
-        let replicas =
-            self.renewing_while(bounded(self.config.op_timeout, store.scan(&[keys::REPLICA_PREFIX]))).await?;
+        let limit = self.config.renew_interval;
+        let replicas = self.renewing_while(bounded(limit, store.scan(&[keys::REPLICA_PREFIX]))).await?;
         let now = Instant::now();
         self.observe_replicas(replicas, now, session_before);
-        self.observe_leases(leases, now);
         self.follow_protocols(started);
+        self.observe_leases(leases?, now);
         Ok(())
+    }
+
+    /// The lease keys: from the mirror when it is current, otherwise by a full read, which also
+    /// builds a new mirror when the store can watch.
+    async fn read_leases(&mut self) -> Result<Vec<(String, Versioned)>, StoreError> {
+        if let Some(mirror) = &mut self.mirror {
+            if mirror.catch_up() && mirror.built.elapsed() < MIRROR_RESYNC {
+                return Ok(mirror.entries.iter().map(|(key, entry)| (key.clone(), entry.clone())).collect());
+            }
+            self.mirror = None;
+        }
+        // The watch first: what changes during the full read reaches the mirror after it.
+        let watch = timeout(WATCH_START_TIMEOUT, self.store.watch(&LEASE_PREFIXES)).await.ok().flatten();
+        let store = Arc::clone(&self.store);
+        // The lease keys grow with the shard count; a full read may take longer than one operation
+        // (the session is renewed meanwhile), but not longer than a TTL.
+        let entries = self.renewing_while(bounded(self.config.ttl, store.scan(&LEASE_PREFIXES))).await?;
+        if let Some(changes) = watch {
+            let changes = forward(changes);
+            let built = Instant::now();
+            self.mirror = Some(Mirror { changes, entries: entries.iter().cloned().collect(), built });
+        }
+        Ok(entries)
+    }
+
+    /// Reads the presence keys alone, with every session renewal: the guards' second bound (see
+    /// `follow_protocols`) then moves at least once per renew interval, however long the table's
+    /// reads and the rounds of writes between them take.
+    async fn read_presences(&mut self) {
+        let started = Instant::now();
+        let session_before = (self.epoch, self.presence.is_some());
+        let limit = self.config.op_timeout;
+        if let Ok(replicas) = bounded(limit, self.store.scan(&[keys::REPLICA_PREFIX])).await {
+            self.observe_replicas(replicas, Instant::now(), session_before);
+            self.follow_protocols(started);
+        }
     }
 
     /// Revokes every held lease whose deadline has passed.
@@ -453,12 +602,16 @@ impl Driver {
             let Some(shard) = keys::shard_of_lease_key(&key) else { continue };
             let previous = self.leases.get(&shard).filter(|seen| seen.revision == entry.revision);
             let first_seen = previous.map_or(now, |seen| seen.first_seen);
-            let (holder, term) = match lease::decode::<LeaseValue>(&entry.value) {
-                Some(LeaseValue { owner: Some(owner), term, ttl_ms, session }) => {
-                    (Holder::Owned { owner, ttl: Duration::from_millis(ttl_ms), session }, term)
-                }
-                Some(LeaseValue { owner: None, term, .. }) => (Holder::Free, term),
-                None => (Holder::Unreadable, Term::default()),
+            // A revision read before is not decoded again (most of a large table at every read).
+            let (holder, term) = match previous {
+                Some(seen) => (seen.holder.clone(), seen.term),
+                None => match lease::decode::<LeaseValue>(&entry.value) {
+                    Some(LeaseValue { owner: Some(owner), term, ttl_ms, session }) => {
+                        (Holder::Owned { owner, ttl: Duration::from_millis(ttl_ms), session }, term)
+                    }
+                    Some(LeaseValue { owner: None, term, .. }) => (Holder::Free, term),
+                    None => (Holder::Unreadable, Term::default()),
+                },
             };
             let orphaned_since = plan::session_gone(&holder, &self.replicas)
                 .then(|| previous.and_then(|seen| seen.orphaned_since).unwrap_or(now));
@@ -637,6 +790,7 @@ impl Driver {
                     let deadline = self.deadline_after(started);
                     self.session_deadline = Some(self.session_deadline.map_or(deadline, |at| at.max(deadline)));
                     self.extend_guards();
+                    self.read_presences().await;
                 }
             }
             Err(StoreError::Conflict { .. }) => {
@@ -665,7 +819,8 @@ impl Driver {
 
     async fn apply(&mut self, actions: Vec<Action>) {
         let mut acquisitions = Vec::new();
-        let mut fenced = false;
+        let mut writes = Vec::new();
+        let limit = self.config.op_timeout;
         for action in actions {
             match action {
                 Action::Lost { shard } => {
@@ -684,25 +839,33 @@ impl Driver {
                 Action::Acquire { .. } if self.draining || !self.session_valid() => {}
                 Action::Acquire { shard, expected, term } => acquisitions.push((shard, expected, term)),
                 Action::Release { shard, expected, term } => {
-                    let value = lease::encode(&self.lease_value(None, term));
+                    let (store, value) = (Arc::clone(&self.store), lease::encode(&self.lease_value(None, term)));
                     let key = keys::shard_lease_key(&shard);
-                    let _ = bounded(self.config.op_timeout, self.store.update(&key, value, expected)).await;
+                    let write =
+                        async move { (false, bounded(limit, store.update(&key, value, expected)).await.map(|_| ())) };
+                    writes.push(write.boxed());
                 }
                 Action::Forget { shard, expected } => {
+                    let store = Arc::clone(&self.store);
                     let key = keys::shard_lease_key(&shard);
-                    let _ = bounded(self.config.op_timeout, self.store.delete(&key, expected)).await;
+                    writes.push(async move { (false, bounded(limit, store.delete(&key, expected)).await) }.boxed());
                 }
                 Action::ForgetReplica { key, expected } => {
                     // For a session, this delete is the fence: once it lands, the session's owner can
                     // renew nothing, and its leases are free.
-                    let deleted = bounded(self.config.op_timeout, self.store.delete(&key, expected)).await;
-                    fenced |= !matches!(deleted, Err(StoreError::Unavailable { .. }));
+                    let store = Arc::clone(&self.store);
+                    writes.push(async move { (true, bounded(limit, store.delete(&key, expected)).await) }.boxed());
                 }
             }
         }
+        let writes = stream::iter(writes).buffer_unordered(WRITES_IN_FLIGHT).collect::<Vec<_>>();
+        let results = self.renewing_while(writes).await;
+        // A fence that was answered (deleted, or someone moved first): read again at once, to take the
+        // leases it frees.
+        let fenced =
+            results.iter().any(|(fence, result)| *fence && !matches!(result, Err(StoreError::Unavailable { .. })));
         self.acquire(acquisitions).await;
         if fenced {
-            // Deleted, or someone moved first: read again at once, to take the leases it frees.
             self.next_poll = Instant::now();
         }
     }
@@ -766,49 +929,70 @@ impl Driver {
         }
     }
 
-    /// Writes `value` over a lease this process owns: on a conflict, re-reads once and retries if the
-    /// lease still names this process (an earlier write of ours landed).
-    async fn write_own(&self, shard: &ShardKey, revision: Revision, value: Option<LeaseValue>) {
-        let key = keys::shard_lease_key(shard);
-        let limit = self.config.op_timeout;
-        let mut revision = revision;
-        for _ in 0..2 {
-            let result = match &value {
-                Some(value) => {
-                    bounded(limit, self.store.update(&key, lease::encode(value), revision)).await.map(|_| ())
-                }
-                None => bounded(limit, self.store.delete(&key, revision)).await,
-            };
-            match result {
-                Err(StoreError::Conflict { .. }) => match bounded(limit, self.store.get(&key)).await {
-                    Ok(Some(entry)) if self.names_me(&entry) => revision = entry.revision,
-                    _ => return,
-                },
-                Ok(()) => return,
-                Err(err) => {
-                    warn!(replica = %self.me.replica, shard = %shard, error = %err, "cannot write a lease release");
-                    return;
+    /// Writes `value` over a lease this process owns (deletes it for `None`): on a conflict, re-reads
+    /// once and retries if the lease still names this process in this session (an earlier write of
+    /// ours landed). An owned future, so that many run at once while the session is renewed.
+    fn write_own(
+        &self,
+        shard: &ShardKey,
+        revision: Revision,
+        value: Option<LeaseValue>,
+    ) -> impl Future<Output = ()> + use<> {
+        let (store, me, session) = (Arc::clone(&self.store), self.me.clone(), self.session());
+        let (key, shard, limit) = (keys::shard_lease_key(shard), shard.clone(), self.config.op_timeout);
+        let names_me = move |entry: &Versioned| {
+            matches!(
+                lease::decode::<LeaseValue>(&entry.value),
+                Some(LeaseValue { owner: Some(owner), session: written, .. }) if owner == me && written == session
+            )
+        };
+        async move {
+            let mut revision = revision;
+            for _ in 0..2 {
+                let result = match &value {
+                    Some(value) => bounded(limit, store.update(&key, lease::encode(value), revision)).await.map(|_| ()),
+                    None => bounded(limit, store.delete(&key, revision)).await,
+                };
+                match result {
+                    Err(StoreError::Conflict { .. }) => match bounded(limit, store.get(&key)).await {
+                        Ok(Some(entry)) if names_me(&entry) => revision = entry.revision,
+                        _ => return,
+                    },
+                    Ok(()) => return,
+                    Err(err) => {
+                        warn!(shard = %shard, error = %err, "cannot write a lease release");
+                        return;
+                    }
                 }
             }
         }
     }
 
-    async fn release(&mut self, shard: &ShardKey) {
-        let Some(held) = self.held.remove(shard) else { return };
-        held.guard.revoke();
-        let value = self.lease_value(None, held.term);
-        self.write_own(shard, held.revision, Some(value)).await;
-        info!(replica = %self.me.replica, shard = %shard, "lease released");
+    /// Releases (`finished: false`) or deletes (`finished: true`) held leases, guards revoked first;
+    /// the writes go out together while the session is renewed, so a thousand hand-overs do not hold
+    /// back the session or the next read.
+    async fn give_back(&mut self, shards: Vec<(ShardKey, bool)>) {
+        let mut writes = Vec::new();
+        for (shard, finished) in shards {
+            if finished {
+                self.finished.insert(shard.clone());
+            }
+            let Some(held) = self.held.remove(&shard) else { continue };
+            held.guard.revoke();
+            let value = (!finished).then(|| self.lease_value(None, held.term));
+            writes.push(self.write_own(&shard, held.revision, value));
+            if finished {
+                info!(replica = %self.me.replica, shard = %shard, "shard finished, lease deleted");
+            } else {
+                info!(replica = %self.me.replica, shard = %shard, "lease released");
+            }
+        }
+        if writes.is_empty() {
+            return;
+        }
         self.publish_status();
-    }
-
-    async fn finish(&mut self, shard: &ShardKey) {
-        self.finished.insert(shard.clone());
-        let Some(held) = self.held.remove(shard) else { return };
-        held.guard.revoke();
-        self.write_own(shard, held.revision, None).await;
-        info!(replica = %self.me.replica, shard = %shard, "shard finished, lease deleted");
-        self.publish_status();
+        let writes = stream::iter(writes).buffer_unordered(WRITES_IN_FLIGHT).collect::<Vec<()>>();
+        self.renewing_while(writes).await;
     }
 
     async fn shutdown(&mut self) {

@@ -57,11 +57,13 @@ pub enum StoreError {
     Unavailable { reason: String },
 }
 
-/// A write seen by a watch: the key and its new value, `None` when deleted or purged.
+/// A write seen by a watch: the key, its new value (`None` when deleted or purged) and the revision
+/// the write gave it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     pub key: String,
     pub value: Option<Bytes>,
+    pub revision: Revision,
 }
 
 /// A key-value store with compare-and-swap writes: NATS KV in production, [`MemoryStore`] in tests.

@@ -120,6 +120,7 @@ impl LeaseStore for NatsKvStore {
             std::future::ready(entry.ok().map(|entry| Change {
                 value: matches!(entry.operation, Operation::Put).then_some(entry.value),
                 key: entry.key,
+                revision: Revision::new(entry.revision),
             }))
         });
         Some(changes.boxed())
