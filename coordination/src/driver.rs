@@ -495,9 +495,9 @@ impl Driver {
         // bound moving (see `follow_protocols`), and they are few.
         let started = Instant::now();
         let session_before = (self.epoch, self.presence.is_some());
-        let store = Arc::clone(&self.store);
-        let limit = self.config.renew_interval;
-        let replicas = self.renewing_while(bounded(limit, store.scan(&[keys::REPLICA_PREFIX]))).await?;
+        let expected = self.sessions_expected(leases.as_deref().unwrap_or_default());
+        let read = self.read_presence_keys(expected, self.config.renew_interval);
+        let replicas = self.renewing_while(read).await?;
         let now = Instant::now();
         self.observe_replicas(replicas, now, session_before);
         self.follow_protocols(started);
@@ -534,10 +534,57 @@ impl Driver {
     async fn read_presences(&mut self) {
         let started = Instant::now();
         let session_before = (self.epoch, self.presence.is_some());
-        let limit = self.config.op_timeout;
-        if let Ok(replicas) = bounded(limit, self.store.scan(&[keys::REPLICA_PREFIX])).await {
+        let expected = self.sessions_expected(&[]);
+        if let Ok(replicas) = self.read_presence_keys(expected, self.config.op_timeout).await {
             self.observe_replicas(replicas, Instant::now(), session_before);
             self.follow_protocols(started);
+        }
+    }
+
+    /// The presence keys a read must account for: every key of the last read, this process's own, and
+    /// the session of every lease in `leases` (the new lease read) or in the last view.
+    fn sessions_expected(&self, leases: &[(String, Versioned)]) -> BTreeSet<String> {
+        let mut expected: BTreeSet<String> = self.replicas.keys().cloned().collect();
+        expected.insert(keys::presence_key(&self.me.instance));
+        let mut name = |holder: &Holder| {
+            if let Holder::Owned { owner, session: Some(_), .. } = holder {
+                expected.insert(keys::presence_key(&owner.instance));
+            }
+        };
+        for seen in self.leases.values() {
+            name(&seen.holder);
+        }
+        for (key, entry) in leases {
+            let known = keys::shard_of_lease_key(key)
+                .and_then(|shard| self.leases.get(&shard))
+                .is_some_and(|seen| seen.revision == entry.revision);
+            if !known && let Some(LeaseValue { owner: Some(owner), ttl_ms, session, .. }) = lease::decode(&entry.value)
+            {
+                name(&Holder::Owned { owner, ttl: Duration::from_millis(ttl_ms), session });
+            }
+        }
+        expected
+    }
+
+    /// The presence keys, read in one pass; each key of `expected` the pass did not show is read on
+    /// its own. A pass over a bucket that keeps one value per key can miss a key rewritten while it
+    /// runs (the old value is gone, the new one comes after the pass ends), and a session missing
+    /// from the read would make its leases look free: only a key that a direct read finds absent is.
+    fn read_presence_keys(
+        &self,
+        expected: BTreeSet<String>,
+        limit: Duration,
+    ) -> impl Future<Output = Result<Vec<(String, Versioned)>, StoreError>> + use<> {
+        let store = Arc::clone(&self.store);
+        async move {
+            let mut entries = bounded(limit, store.scan(&[keys::REPLICA_PREFIX])).await?;
+            let found: BTreeSet<String> = entries.iter().map(|(key, _)| key.clone()).collect();
+            for key in expected.difference(&found) {
+                if let Some(entry) = bounded(limit, store.get(key)).await? {
+                    entries.push((key.clone(), entry));
+                }
+            }
+            Ok(entries)
         }
     }
 
@@ -627,12 +674,31 @@ impl Driver {
         // whose answer was lost did land. Adopt the revision (the deadline stays as it was).
         let session = self.session();
         for (shard, held) in &mut self.held {
-            if let Some(LeaseSeen { revision, holder: Holder::Owned { owner, session: written, .. }, .. }) =
-                leases.get(shard)
-                && *owner == self.me
-                && *written == session
-            {
-                held.revision = *revision;
+            match leases.get(shard) {
+                Some(LeaseSeen { revision, holder: Holder::Owned { owner, session: written, .. }, .. })
+                    if *owner == self.me && *written == session =>
+                {
+                    held.revision = *revision;
+                }
+                // Older than our own answered write (a mirror whose watch has not delivered it yet),
+                // or not there yet: stale for this key, and our write stands. A write by anyone else
+                // since has a newer revision (revisions never go back), so a lease taken is still
+                // seen as taken; only a delete of a lease we hold goes unseen, and that happens only
+                // once our guard is invalid (a fenced session, or an expired lease for a replica of
+                // the previous version), which the deadline revokes anyway.
+                Some(seen) if seen.revision >= held.revision => {}
+                _ => {
+                    let holder = Holder::Owned { owner: self.me.clone(), ttl: self.config.ttl, session };
+                    let first_seen = leases.get(shard).map_or(now, |seen| seen.first_seen);
+                    let seen = LeaseSeen {
+                        revision: held.revision,
+                        first_seen,
+                        holder,
+                        term: held.term,
+                        orphaned_since: None,
+                    };
+                    leases.insert(shard.clone(), seen);
+                }
             }
         }
         self.leases = leases;
