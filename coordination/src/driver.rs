@@ -1092,3 +1092,43 @@ impl Driver {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn change(key: &str, value: Option<&'static str>, revision: u64) -> Change {
+        Change {
+            key: key.into(),
+            value: value.map(|v| Bytes::from_static(v.as_bytes())),
+            revision: Revision::new(revision),
+        }
+    }
+
+    #[test]
+    fn a_mirror_keeps_the_newest_of_its_full_read_and_its_watch() {
+        let (tx, changes) = mpsc::unbounded_channel();
+        let read = |value: &'static str, revision| Versioned {
+            value: Bytes::from_static(value.as_bytes()),
+            revision: Revision::new(revision),
+        };
+        let entries = BTreeMap::from([("a".to_owned(), read("a5", 5)), ("b".to_owned(), read("b7", 7))]);
+        let mut mirror = Mirror { changes, entries, built: Instant::now() };
+        // The watch started before the full read: what it saw first is older than the read.
+        for older in [change("a", Some("a4"), 4), change("b", None, 6)] {
+            tx.send(older).unwrap();
+        }
+        // Then what came after the read: an update, a delete, a new key.
+        for newer in [change("a", Some("a8"), 8), change("b", None, 9), change("c", Some("c10"), 10)] {
+            tx.send(newer).unwrap();
+        }
+        assert!(mirror.catch_up());
+        let now: Vec<(&str, u64)> =
+            mirror.entries.iter().map(|(key, entry)| (key.as_str(), entry.revision.get())).collect();
+        assert_eq!(now, [("a", 8), ("c", 10)]);
+        drop(tx);
+        assert!(!mirror.catch_up(), "a mirror whose watch ended is stale");
+    }
+}
