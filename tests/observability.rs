@@ -429,9 +429,18 @@ async fn metrics_status_and_logs_show_what_flowed_what_failed_and_where_the_leas
     let (_, body) = http_get(port_a, "/status").await.unwrap();
     let status: serde_json::Value = serde_json::from_str(&body).unwrap();
     let keys: BTreeSet<&str> = status.as_object().unwrap().keys().map(String::as_str).collect();
-    let documented =
-        ["replica_id", "serving", "nats_connected", "live_replicas", "leases", "shards", "tables_unreadable"];
+    let documented = [
+        "replica_id",
+        "serving",
+        "nats_connected",
+        "live_replicas",
+        "lease_renewal",
+        "leases",
+        "shards",
+        "tables_unreadable",
+    ];
     assert_eq!(keys, BTreeSet::from(documented));
+    assert_eq!(status["lease_renewal"], "session", "no replica of the previous version here");
     assert_eq!(status["tables_unreadable"], serde_json::json!({}));
     assert_eq!(status["replica_id"], "replica-a");
     assert_eq!(status["serving"], true);
