@@ -61,10 +61,26 @@ pub fn find_binary(name: &str, override_var: &str) -> PathBuf {
     panic!("`{name}` not found: {INSTALL_HINT}");
 }
 
-/// A free TCP port on 127.0.0.1 (the OS picks it; it is released before the server binds it).
+/// A loopback port no listener holds now, for a server about to start on it. Taken below the
+/// kernel's ephemeral range (32768–60999 by default): a port the kernel hands out (bind to port 0)
+/// may be handed again as the local port of an outgoing connection before the server binds it. (Under
+/// parallel tests a cluster node once did not come up within 30 s; this rules that cause out.) Ports
+/// are handed out in turn from an offset drawn from the process id, so two test binaries rarely start
+/// at the same place.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port on 127.0.0.1");
-    listener.local_addr().expect("local address of a bound listener").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % COUNT;
+    for _ in 0..COUNT {
+        let turn = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(FIRST + (start + turn) % COUNT).expect("below 32,000");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {}", FIRST + COUNT);
 }
 
 /// A plain HTTP/1.0 GET against 127.0.0.1; returns the status code and the body.
