@@ -471,17 +471,29 @@ mod tests {
             replicas.insert(crate::keys::presence_key(&peer.instance), seen);
         }
         let set: BTreeSet<ShardKey> = if in_set { BTreeSet::from([shard(0)]) } else { BTreeSet::new() };
+        decide_holding_nothing(now, &me, my_session, &set, &leases, &replicas)
+    }
+
+    /// `decide` for `me` (group "", TTL 10 s, no cap) holding nothing, with every shard set known.
+    fn decide_holding_nothing(
+        now: Instant,
+        me: &Owner,
+        session: Option<u64>,
+        shards: &BTreeSet<ShardKey>,
+        leases: &BTreeMap<ShardKey, LeaseSeen>,
+        replicas: &BTreeMap<String, ReplicaSeen>,
+    ) -> Plan {
         decide(&View {
             now,
-            me: &me,
-            ttl,
+            me,
+            ttl: Duration::from_secs(10),
             max_leases: None,
             group: "",
-            session: my_session,
-            shards: &set,
+            session,
+            shards,
             shards_known: true,
-            leases: &leases,
-            replicas: &replicas,
+            leases,
+            replicas,
             held: &BTreeSet::new(),
             handing_over: &BTreeSet::new(),
             absent_since: &BTreeMap::new(),
@@ -547,21 +559,7 @@ mod tests {
             session: Some(1),
         };
         replicas.insert(crate::keys::presence_key(&me.instance), presence);
-        let plan = decide(&View {
-            now,
-            me: &me,
-            ttl,
-            max_leases: None,
-            group: "",
-            session: Some(1),
-            shards: &BTreeSet::new(),
-            shards_known: true,
-            leases: &leases,
-            replicas: &replicas,
-            held: &BTreeSet::new(),
-            handing_over: &BTreeSet::new(),
-            absent_since: &BTreeMap::new(),
-        });
+        let plan = decide_holding_nothing(now, &me, Some(1), &BTreeSet::new(), &leases, &replicas);
         assert_eq!(
             plan.actions,
             vec![Action::Release { shard: shard(0), expected: Revision::new(5), term: Term::new(3) }]
