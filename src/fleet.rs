@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::LeaseChange;
 use crate::source::Services;
 use crate::source::shard::{Outcome, ShardReader};
 use crate::source::topology::Readable;
@@ -110,32 +111,32 @@ impl Fleet {
         let metrics = &self.services.metrics;
         match event {
             Event::Acquired { shard, guard } => {
-                metrics.lease_changes.with_label_values(&["acquired"]).inc();
+                metrics.lease_changes.with_label_values(&[LeaseChange::Acquired.as_str()]).inc();
                 match self.readable.as_deref().and_then(|readable| readable.get(&shard)).cloned() {
                     Some(readable) => self.spawn_reader(shard, readable, guard),
                     None => {
                         tracing::info!(shard = %shard, "lease for a shard that is not readable here; releasing it");
-                        metrics.lease_changes.with_label_values(&["released"]).inc();
+                        metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc();
                         self.coordinator.release(&shard);
                     }
                 }
             }
             Event::HandOver { shard } => {
-                metrics.lease_changes.with_label_values(&["handed_over"]).inc();
+                metrics.lease_changes.with_label_values(&[LeaseChange::HandedOver.as_str()]).inc();
                 match self.running.get(&shard) {
                     Some(running) => running.stop.cancel(),
                     None => {
-                        metrics.lease_changes.with_label_values(&["released"]).inc();
+                        metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc();
                         self.coordinator.release(&shard);
                     }
                 }
             }
             Event::Revoked { shard, reason } => {
                 let change = match reason {
-                    RevokeReason::Expired => "expired",
-                    RevokeReason::Lost => "lost",
+                    RevokeReason::Expired => LeaseChange::Expired,
+                    RevokeReason::Lost => LeaseChange::Lost,
                 };
-                metrics.lease_changes.with_label_values(&[change]).inc();
+                metrics.lease_changes.with_label_values(&[change.as_str()]).inc();
                 if let Some(running) = self.running.get(&shard) {
                     running.stop.cancel();
                 }
@@ -181,7 +182,7 @@ impl Fleet {
         self.running.remove(&shard);
         match outcome {
             Outcome::Finished => {
-                self.services.metrics.lease_changes.with_label_values(&["finished"]).inc();
+                self.services.metrics.lease_changes.with_label_values(&[LeaseChange::Finished.as_str()]).inc();
                 self.coordinator.finish(&shard);
                 // Its children may be readable now: refresh the table at once.
                 if let Some(readable) = self.readable.as_deref().and_then(|readable| readable.get(&shard)) {
@@ -192,7 +193,7 @@ impl Fleet {
             // when the lease is already gone), and whoever takes it resumes from the checkpoint.
             Outcome::Stopped | Outcome::LeaseLost | Outcome::Fenced => {
                 if outcome != Outcome::LeaseLost {
-                    self.services.metrics.lease_changes.with_label_values(&["released"]).inc();
+                    self.services.metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc();
                 }
                 self.coordinator.release(&shard);
             }
@@ -222,7 +223,7 @@ impl Fleet {
             }
         }
         let held = self.coordinator.status().held.len() as u64;
-        self.services.metrics.lease_changes.with_label_values(&["released"]).inc_by(held);
+        self.services.metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc_by(held);
         self.coordinator.shutdown().await;
         tracing::info!(released = held, "leases released");
     }

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::status::{ShardStatuses, UnreadableTables};
+use crate::status::UnreadableTables;
 
 /// What the endpoints report on.
 pub struct Health {
@@ -36,8 +36,6 @@ pub struct Health {
     pub replica_id: String,
     /// The coordinator's status, once it runs.
     pub leases: std::sync::OnceLock<watch::Receiver<coordination::Status>>,
-    /// The shards being read.
-    pub shards: Arc<ShardStatuses>,
     /// Configured tables that cannot be read for a reason of ours.
     pub unreadable: Arc<UnreadableTables>,
 }
@@ -50,7 +48,6 @@ impl Health {
             metrics,
             replica_id,
             leases: std::sync::OnceLock::new(),
-            shards: Arc::default(),
             unreadable: Arc::default(),
         }
     }
@@ -115,7 +112,7 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
         "live_replicas": leases.live_replicas,
         "lease_renewal": if leases.renews_each_lease { "each_lease" } else { "session" },
         "leases": leases.held.iter().map(|shard| shard.as_str()).collect::<Vec<_>>(),
-        "shards": health.shards.snapshot(),
+        "shards": health.metrics.progress().snapshot(),
         "tables_unreadable": health.unreadable.snapshot(),
     }))
 }

@@ -149,8 +149,8 @@ async fn start(
         api: StreamsApi::new(&aws),
         publisher: Publisher::new(publish_connection, client, metrics.clone()),
         checkpoints: Checkpoints::new(bucket.clone()),
+        progress: Arc::clone(metrics.progress()),
         metrics,
-        shards: Arc::clone(&health.shards),
         unreadable: Arc::clone(&health.unreadable),
         value_limit,
     });

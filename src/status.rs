@@ -1,10 +1,13 @@
-//! Per-shard progress for `GET /status`: the shards this replica reads, each with its checkpoint, the
-//! time of its last acknowledged publish and its lag. Shard readers report into it; nothing else reads
-//! it, so a poisoned lock only costs the report, never the pipeline.
+//! What `/status` and the metrics report about this replica's work, derived once:
+//! - [`ShardProgress`], the shards this replica reads, each with its checkpoint, the time of its last
+//!   acknowledged publish and how far behind it is. Shard readers report into it; `/status` lists it
+//!   and the metrics' `lag_seconds` and `shard_readers` are computed from it when scraped. Nothing
+//!   else reads it, so a poisoned lock only costs the report, never the pipeline.
+//! - [`UnreadableTables`], the configured tables that cannot be read for a reason of ours (`/readyz`).
 //!
 //! The field names are a stable contract (operators' scripts read them). Lag is computed when the
 //! report is made, from the creation time of the newest record read while behind, so it keeps growing
-//! while a shard's records wait, as `lag_seconds` in the metrics does.
+//! while a shard's records wait (NATS down, publishes failing) instead of freezing at the last read.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -13,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::checkpoint::Position;
+use crate::metrics::UnreadableReason;
 
 /// One shard being read, as `/status` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -31,11 +35,18 @@ pub struct ShardStatus {
     behind_since: Option<f64>,
 }
 
-/// The shards being read, by table and shard id.
-#[derive(Debug, Default)]
-pub struct ShardStatuses(Mutex<BTreeMap<(String, String), ShardStatus>>);
+/// Per table: the largest lag of its shards and how many are read here.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TableProgress {
+    pub lag_seconds: f64,
+    pub readers: usize,
+}
 
-impl ShardStatuses {
+/// The shards being read here, by table and shard id: the one record of their progress.
+#[derive(Debug, Default)]
+pub struct ShardProgress(Mutex<BTreeMap<(String, String), ShardStatus>>);
+
+impl ShardProgress {
     fn update(&self, table: &str, shard_id: &str, change: impl FnOnce(&mut ShardStatus)) {
         let Ok(mut shards) = self.0.lock() else { return };
         let entry = shards.entry((table.to_owned(), shard_id.to_owned())).or_insert_with(|| ShardStatus {
@@ -46,17 +57,18 @@ impl ShardStatuses {
         change(entry);
     }
 
-    /// A reader started from `position`.
+    /// A reader started from `position` (caught up until its first read says otherwise).
     pub fn started(&self, table: &str, shard_id: &str, position: Option<&Position>) {
         self.update(table, shard_id, |status| status.checkpoint = position.map(Position::encode));
     }
 
-    /// A read returned records this old (0: caught up).
-    pub fn read(&self, table: &str, shard_id: &str, lag_seconds: f64) {
-        let behind_since = (lag_seconds > 0.0).then_some(now_secs() - lag_seconds);
+    /// A read returned records, the newest created at `newest` (Unix seconds); `None` when it came
+    /// back empty (caught up).
+    pub fn read(&self, table: &str, shard_id: &str, newest: Option<f64>) {
+        let now = now_secs();
         self.update(table, shard_id, |status| {
-            status.lag_seconds = lag_seconds.max(0.0);
-            status.behind_since = behind_since;
+            status.behind_since = newest.filter(|created| *created < now);
+            status.lag_seconds = lag_at(now, status.behind_since);
         });
     }
 
@@ -71,7 +83,7 @@ impl ShardStatuses {
     }
 
     /// The reader ended.
-    pub fn remove(&self, table: &str, shard_id: &str) {
+    pub fn ended(&self, table: &str, shard_id: &str) {
         if let Ok(mut shards) = self.0.lock() {
             shards.remove(&(table.to_owned(), shard_id.to_owned()));
         }
@@ -83,13 +95,33 @@ impl ShardStatuses {
         let mut shards: Vec<ShardStatus> =
             self.0.lock().map(|shards| shards.values().cloned().collect()).unwrap_or_default();
         for shard in &mut shards {
-            shard.lag_seconds = shard.behind_since.map_or(0.0, |since| (now - since).max(0.0));
+            shard.lag_seconds = lag_at(now, shard.behind_since);
         }
         shards
     }
+
+    /// Per table with a shard read here: its most behind shard's lag as of now, and its readers.
+    pub fn by_table(&self) -> BTreeMap<String, TableProgress> {
+        let now = now_secs();
+        let mut tables: BTreeMap<String, TableProgress> = BTreeMap::new();
+        let Ok(shards) = self.0.lock() else { return tables };
+        for ((table, _), status) in shards.iter() {
+            let entry = tables.entry(table.clone()).or_default();
+            entry.lag_seconds = entry.lag_seconds.max(lag_at(now, status.behind_since));
+            entry.readers += 1;
+        }
+        tables
+    }
 }
 
-fn now_secs() -> f64 {
+/// Seconds behind at `now` for a shard whose newest record read was created at `behind_since`
+/// (`None`: its last read came back empty, so it is caught up).
+fn lag_at(now: f64, behind_since: Option<f64>) -> f64 {
+    behind_since.map_or(0.0, |since| (now - since).max(0.0))
+}
+
+/// Seconds since the Unix epoch, as DynamoDB's `ApproximateCreationDateTime` counts them.
+pub fn now_secs() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
 }
 
@@ -98,31 +130,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lag_grows_while_behind_and_is_zero_when_caught_up() {
-        let statuses = ShardStatuses::default();
-        statuses.read("t", "s", 3600.0);
-        let lag = statuses.snapshot()[0].lag_seconds;
+    fn lag_is_zero_when_caught_up_and_grows_while_behind() {
+        assert_eq!(lag_at(100.0, None), 0.0);
+        assert_eq!(lag_at(100.0, Some(90.0)), 10.0);
+        assert_eq!(lag_at(130.0, Some(90.0)), 40.0);
+        // A creation time ahead of this clock is no lag.
+        assert_eq!(lag_at(100.0, Some(105.0)), 0.0);
+    }
+
+    #[test]
+    fn a_shard_is_behind_by_its_newest_record_until_a_read_comes_back_empty() {
+        let progress = ShardProgress::default();
+        progress.read("t", "s", Some(now_secs() - 3600.0));
+        let lag = progress.snapshot()[0].lag_seconds;
         assert!((3600.0..3700.0).contains(&lag), "{lag}");
-        statuses.read("t", "s", 0.0);
-        assert_eq!(statuses.snapshot()[0].lag_seconds, 0.0);
-        let json = serde_json::to_value(&statuses.snapshot()[0]).unwrap();
+        progress.read("t", "s", None);
+        assert_eq!(progress.snapshot()[0].lag_seconds, 0.0);
+        let json = serde_json::to_value(&progress.snapshot()[0]).unwrap();
         let mut fields: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
         fields.sort_unstable();
         assert_eq!(fields, ["checkpoint", "lag_seconds", "last_publish", "shard_id", "table"]);
     }
-}
 
-/// Why a configured table cannot be read for a reason of the service's own (not AWS's: a missing table
-/// or stream is the table's problem and is reported by `table_errors_total`). A `reason` label value.
-pub const UNREADABLE_REASONS: [&str; 1] = [VALUE_TOO_LARGE];
-/// The table's shard topology does not fit the checkpoint bucket's max value size (or the server's max
-/// payload): it cannot be shared, so its shards are not read.
-pub const VALUE_TOO_LARGE: &str = "value_too_large";
+    #[test]
+    fn a_table_reports_its_most_behind_shard_and_its_readers() {
+        let progress = ShardProgress::default();
+        progress.started("t", "a", None);
+        progress.read("t", "b", Some(now_secs() - 3600.0));
+        let table = progress.by_table()["t"];
+        assert!((3600.0..3700.0).contains(&table.lag_seconds), "{table:?}");
+        assert_eq!(table.readers, 2);
+        progress.read("t", "b", None);
+        progress.ended("t", "a");
+        assert_eq!(progress.by_table()["t"], TableProgress { lag_seconds: 0.0, readers: 1 });
+    }
+}
 
 /// A table that cannot be read for a reason of ours, as `/readyz` and `/status` show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Unreadable {
-    pub reason: &'static str,
+    pub reason: UnreadableReason,
     pub message: String,
 }
 
@@ -133,7 +180,7 @@ pub struct UnreadableTables(Mutex<BTreeMap<String, Unreadable>>);
 
 impl UnreadableTables {
     /// Marks `table` unreadable; true if it was not already (with the same reason).
-    pub fn set(&self, table: &str, reason: &'static str, message: String) -> bool {
+    pub fn set(&self, table: &str, reason: UnreadableReason, message: String) -> bool {
         let Ok(mut tables) = self.0.lock() else { return false };
         let fresh = tables.get(table).is_none_or(|known| known.reason != reason);
         tables.insert(table.to_owned(), Unreadable { reason, message });

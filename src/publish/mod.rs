@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use coordination::LeaseGuard;
 
 use crate::checkpoint::SequenceNumber;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PublishErrorKind as FailureKind};
 use connection::PublishConnection;
 use event::{Event, message_id};
 
@@ -86,8 +86,8 @@ impl Prepared {
 #[derive(Debug)]
 pub struct PublishFailure {
     pub acked: usize,
-    /// A `publish_errors_total` kind ([`crate::metrics::PUBLISH_ERROR_KINDS`]).
-    pub kind: &'static str,
+    /// Its `publish_errors_total` kind.
+    pub kind: FailureKind,
     pub message: String,
     /// The publish connection that may still hold publishes of this batch that were not
     /// acknowledged (queued, unsent, or sent without an answer); `None` when none can be left.
@@ -101,14 +101,9 @@ pub struct PublishFailure {
 impl PublishFailure {
     /// The shard's lease guard stopped the batch.
     pub fn lease_lost(&self) -> bool {
-        self.kind == LEASE_LOST
+        self.kind == FailureKind::LeaseLost
     }
 }
-
-/// `kind` of a batch stopped by its lease guard.
-pub const LEASE_LOST: &str = "lease_lost";
-/// `kind` of a batch stopped because the publish connection is down or cannot be made.
-pub const DISCONNECTED: &str = "disconnected";
 
 /// Where one shard's records go (`subject`), and the names they are counted and logged under.
 #[derive(Clone, Copy, Debug)]
@@ -231,7 +226,7 @@ impl Publisher {
         let Destination { subject, table, shard_id } = shard;
         let connection = match self.connection.get().await {
             Ok(connection) => connection,
-            Err(err) => return Err(self.stop(table, 0, DISCONNECTED, err.to_string(), None)),
+            Err(err) => return Err(self.stop(table, 0, FailureKind::Disconnected, err.to_string(), None)),
         };
         let generation = connection.generation;
         let lent =
@@ -260,7 +255,7 @@ impl Publisher {
             // had not seen acknowledged went with the connection.
             let acked = lent.acked.load(Ordering::Acquire);
             let message = format!("the publish connection was dropped under the batch: {join}");
-            Err(self.stop(table, acked, DISCONNECTED, message, None))
+            Err(self.stop(table, acked, FailureKind::Disconnected, message, None))
         });
         if let Err(PublishFailure { fence: Some(why), .. }) = &result {
             self.fence(generation, table, shard_id, why);
@@ -273,11 +268,11 @@ impl Publisher {
         &self,
         table: &str,
         acked: usize,
-        kind: &'static str,
+        kind: FailureKind,
         message: String,
         unconfirmed: Option<u64>,
     ) -> PublishFailure {
-        self.metrics.publish_errors.with_label_values(&[table, kind]).inc();
+        self.metrics.publish_errors.with_label_values(&[table, kind.as_str()]).inc();
         PublishFailure { acked, kind, message, unconfirmed, fence: None }
     }
 
@@ -289,12 +284,12 @@ impl Publisher {
         unconfirmed: Option<u64>,
     ) -> PublishFailure {
         let kind = match err.kind() {
-            PublishErrorKind::TimedOut => "timed_out",
-            PublishErrorKind::StreamNotFound => "stream_not_found",
-            PublishErrorKind::BrokenPipe => "broken_pipe",
-            PublishErrorKind::MaxAckPending => "max_ack_pending",
-            PublishErrorKind::MaxPayloadExceeded => "max_payload_exceeded",
-            _ => "other",
+            PublishErrorKind::TimedOut => FailureKind::TimedOut,
+            PublishErrorKind::StreamNotFound => FailureKind::StreamNotFound,
+            PublishErrorKind::BrokenPipe => FailureKind::BrokenPipe,
+            PublishErrorKind::MaxAckPending => FailureKind::MaxAckPending,
+            PublishErrorKind::MaxPayloadExceeded => FailureKind::MaxPayloadExceeded,
+            _ => FailureKind::Other,
         };
         self.stop(table, acked, kind, err.to_string(), unconfirmed)
     }
@@ -340,12 +335,12 @@ impl Job {
             if next < batch.len() && pending.len() < window && may_send && !in_flight.contains(&batch[next].item) {
                 if let Err(lost) = guard.check() {
                     let unconfirmed = (!pending.is_empty()).then_some(generation);
-                    return Err(publisher.stop(table, acked, LEASE_LOST, lost.to_string(), unconfirmed));
+                    return Err(publisher.stop(table, acked, FailureKind::LeaseLost, lost.to_string(), unconfirmed));
                 }
                 if connection.client.connection_state() != async_nats::connection::State::Connected {
                     let unconfirmed = (!pending.is_empty()).then_some(generation);
                     let message = "the publish connection is not connected".to_owned();
-                    return Err(publisher.stop(table, acked, DISCONNECTED, message, unconfirmed));
+                    return Err(publisher.stop(table, acked, FailureKind::Disconnected, message, unconfirmed));
                 }
                 saturated = false;
                 let record = &mut batch[next];
@@ -384,7 +379,7 @@ impl Job {
                 answer = ack => answer,
                 lost = &mut lost => {
                     // The lease may move on from now: nothing this shard queued may arrive later.
-                    let mut failure = publisher.stop(table, acked, LEASE_LOST, lost.to_string(), None);
+                    let mut failure = publisher.stop(table, acked, FailureKind::LeaseLost, lost.to_string(), None);
                     failure.fence = Some("lease lost with publishes unacknowledged");
                     return Err(failure);
                 }

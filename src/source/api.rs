@@ -8,6 +8,7 @@ use aws_sdk_dynamodbstreams::types::{Record, ShardIteratorType, StreamViewType};
 
 use super::error::ReadError;
 use crate::config::MAX_RECORDS_PER_CALL;
+use crate::metrics::TableErrorKind;
 
 /// A shard as `DescribeStream` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -41,12 +42,14 @@ pub enum TableError {
 }
 
 impl TableError {
+    /// The bounded `kind` label of `table_errors_total`: a [`TableErrorKind`], or the failed call's
+    /// [`crate::metrics::ReadErrorKind`].
     pub fn kind(&self) -> &'static str {
         match self {
-            TableError::Missing => "missing",
-            TableError::NoStream => "no_stream",
-            TableError::KeysOnly => "keys_only",
-            TableError::Call(err) => err.kind(),
+            TableError::Missing => TableErrorKind::Missing.as_str(),
+            TableError::NoStream => TableErrorKind::NoStream.as_str(),
+            TableError::KeysOnly => TableErrorKind::KeysOnly.as_str(),
+            TableError::Call(err) => err.kind().as_str(),
         }
     }
 }

@@ -39,7 +39,7 @@ pub async fn refresh(services: &Services, table: &str, previous: Option<&Topolog
     let stream = match services.api.table_stream(table).await {
         Ok(stream) => stream,
         Err(TableError::Call(err)) => {
-            metrics.table_errors.with_label_values(&[table, err.kind()]).inc();
+            metrics.table_errors.with_label_values(&[table, err.kind().as_str()]).inc();
             return Err(RefreshError::Aws(err));
         }
         Err(problem) => {
@@ -81,7 +81,7 @@ pub async fn refresh(services: &Services, table: &str, previous: Option<&Topolog
                 tracing::warn!(table, stream = %known.arn, "old stream is gone; following the newer one");
             }
             Err(err) => {
-                metrics.get_records_errors.with_label_values(&[table, err.kind()]).inc();
+                metrics.get_records_errors.with_label_values(&[table, err.kind().as_str()]).inc();
                 return Err(RefreshError::Aws(err));
             }
         }

@@ -7,6 +7,8 @@
 use aws_sdk_dynamodbstreams::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_runtime_api::http::Response;
 
+use crate::metrics::ReadErrorKind;
+
 /// What went wrong with a DynamoDB or DynamoDB Streams call, by what the caller does about it.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum ReadError {
@@ -32,14 +34,14 @@ pub enum ReadError {
 
 impl ReadError {
     /// The bounded `kind` label for metrics.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ReadErrorKind {
         match self {
-            ReadError::IteratorExpired => "iterator_expired",
-            ReadError::Trimmed(_) => "trimmed",
-            ReadError::Throttled(_) => "throttled",
-            ReadError::NotFound(_) => "not_found",
-            ReadError::Transient(_) => "transient",
-            ReadError::Other(_) => "other",
+            ReadError::IteratorExpired => ReadErrorKind::IteratorExpired,
+            ReadError::Trimmed(_) => ReadErrorKind::Trimmed,
+            ReadError::Throttled(_) => ReadErrorKind::Throttled,
+            ReadError::NotFound(_) => ReadErrorKind::NotFound,
+            ReadError::Transient(_) => ReadErrorKind::Transient,
+            ReadError::Other(_) => ReadErrorKind::Other,
         }
     }
 
@@ -88,7 +90,7 @@ mod tests {
 
     #[test]
     fn codes_decide_before_statuses() {
-        let c = |code: Option<&str>, status| classify(code, status, String::new()).kind();
+        let c = |code: Option<&str>, status| classify(code, status, String::new()).kind().as_str();
         assert_eq!(c(Some("ExpiredIteratorException"), Some(400)), "iterator_expired");
         assert_eq!(c(Some("TrimmedDataAccessException"), Some(400)), "trimmed");
         assert_eq!(c(Some("LimitExceededException"), Some(400)), "throttled");

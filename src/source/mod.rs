@@ -18,7 +18,7 @@ use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
-use crate::status::{ShardStatuses, UnreadableTables};
+use crate::status::{ShardProgress, UnreadableTables};
 use api::StreamsApi;
 
 /// What every table watcher and shard reader shares.
@@ -28,8 +28,8 @@ pub struct Services {
     pub publisher: Publisher,
     pub checkpoints: Checkpoints,
     pub metrics: Arc<Metrics>,
-    /// Per-shard progress for `/status`.
-    pub shards: Arc<ShardStatuses>,
+    /// Per-shard progress, for `/status` and the lag metrics.
+    pub progress: Arc<ShardProgress>,
     /// Configured tables that cannot be read for a reason of ours (for `/readyz` and `/status`).
     pub unreadable: Arc<UnreadableTables>,
     /// The largest value the checkpoint bucket takes (its max value size and the server's max

@@ -12,7 +12,7 @@
 //! if the topology lists it closed or no longer lists it.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use coordination::LeaseGuard;
 use tokio::sync::watch;
@@ -88,8 +88,7 @@ enum Listing {
 impl ShardReader {
     pub async fn run(self) -> Outcome {
         let outcome = self.read().await;
-        self.services.metrics.set_shard_lag(&self.table, &self.shard_id, None);
-        self.services.shards.remove(&self.table, &self.shard_id);
+        self.services.progress.ended(&self.table, &self.shard_id);
         tracing::info!(table = %self.table, shard_id = %self.shard_id, ?outcome, "shard reader ended");
         outcome
     }
@@ -98,8 +97,7 @@ impl ShardReader {
         let (table, shard_id) = (self.table.as_str(), self.shard_id.as_str());
         let metrics = &self.services.metrics;
         let Some(mut checkpoint) = Box::pin(self.load_checkpoint()).await else { return self.stopped() };
-        self.services.shards.started(table, shard_id, checkpoint.position());
-        metrics.set_shard_lag(table, shard_id, Some(0.0));
+        self.services.progress.started(table, shard_id, checkpoint.position());
         let mut start = match checkpoint.position() {
             Some(Position::Finished { .. }) => return Outcome::Finished,
             Some(Position::After(seq)) => StartAt::After(seq.to_string()),
@@ -135,7 +133,7 @@ impl ShardReader {
                             None => return self.stopped(),
                             Some(Ok(it)) => it,
                             Some(Err(err)) => {
-                                metrics.get_records_errors.with_label_values(&[table, err.kind()]).inc();
+                                metrics.get_records_errors.with_label_values(&[table, err.kind().as_str()]).inc();
                                 match err {
                                     ReadError::Trimmed(_) => {
                                         if !Box::pin(self.trimmed(&mut start, &mut delays)).await {
@@ -200,7 +198,7 @@ impl ShardReader {
             }
             Err(err) => err,
         };
-        self.services.metrics.get_records_errors.with_label_values(&[table, err.kind()]).inc();
+        self.services.metrics.get_records_errors.with_label_values(&[table, err.kind().as_str()]).inc();
         match err {
             ReadError::IteratorExpired => {
                 tracing::info!(table, shard_id, "shard iterator expired; getting a new one");
@@ -254,13 +252,9 @@ impl ShardReader {
         let mut batch = page.batch;
         let page_end = batch.last().map(|record| record.sequence_number.clone());
         let skipped = skip_before.map_or(0, |before| skip_older(&mut batch, before));
-        let lag = match batch.last().and_then(|p| p.created_at) {
-            Some(created) if count > 0 => now_secs() - created,
-            _ => 0.0,
-        };
+        let newest = batch.last().and_then(|p| p.created_at).filter(|_| count > 0);
         // Reported before publishing, so the lag keeps growing while these records wait.
-        metrics.set_shard_lag(table, shard_id, Some(lag));
-        self.services.shards.read(table, shard_id, lag);
+        self.services.progress.read(table, shard_id, newest);
         if !batch.is_empty() {
             Box::pin(self.publish(batch, checkpoint, start)).await?;
         }
@@ -431,7 +425,7 @@ impl ShardReader {
                 return Err(Outcome::LeaseLost);
             }
             let delay = delays.next().unwrap_or(Duration::from_secs(1));
-            tracing::warn!(table, shard_id, kind = failure.kind, error = %failure.message,
+            tracing::warn!(table, shard_id, kind = %failure.kind, error = %failure.message,
                 retry_in_ms = delay.as_millis() as u64, pending = batch.len() - done, "publish failed; retrying from the first unacknowledged record");
             tokio::select! {
                 _ = self.guard.lost() => {}
@@ -452,7 +446,7 @@ impl ShardReader {
                 Ok(written) => {
                     if written {
                         metrics.checkpoints_written.with_label_values(&[&self.table]).inc();
-                        self.services.shards.checkpointed(&self.table, &self.shard_id, checkpoint.position());
+                        self.services.progress.checkpointed(&self.table, &self.shard_id, checkpoint.position());
                     }
                     return Ok(());
                 }
@@ -537,8 +531,4 @@ fn skip_older(batch: &mut Vec<Prepared>, before: u64) -> usize {
     let count = batch.len();
     batch.retain(|record| record.created_at.is_none_or(|created| created >= before as f64));
     count - batch.len()
-}
-
-fn now_secs() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
 }

@@ -28,7 +28,7 @@ use super::Services;
 use super::discovery;
 use super::layout::{self, Head};
 use super::topology::{Readable, Topology};
-use crate::status;
+use crate::metrics::{ShardState, UnreadableReason};
 
 /// How often the topology keys are read: children of a shard finished on another replica become
 /// readable here within about this long.
@@ -135,9 +135,9 @@ impl TopologyWatch {
             let Some(topology) = &view.topology else { continue };
             let counts = topology.counts();
             let known = &self.services.metrics.shards_known;
-            known.with_label_values(&[table, "reading"]).set(counts.readable);
-            known.with_label_values(&[table, "waiting_for_parent"]).set(counts.waiting_for_parent);
-            known.with_label_values(&[table, "finished"]).set(counts.finished);
+            known.with_label_values(&[table, ShardState::Reading.as_str()]).set(counts.readable);
+            known.with_label_values(&[table, ShardState::WaitingForParent.as_str()]).set(counts.waiting_for_parent);
+            known.with_label_values(&[table, ShardState::Finished.as_str()]).set(counts.finished);
             readable.extend(topology.readable(table).into_iter().map(|shard| (shard.lease_key(), shard)));
         }
         self.readable.send_if_modified(|current| {
@@ -261,10 +261,10 @@ async fn refresh_table(services: &Services, store: &dyn LeaseStore, table: &str,
              size ({} bytes usable); raise it (`nats kv edit {} --max-value-size`) or use a bucket without the limit",
             services.value_limit, services.config.bucket,
         );
-        if services.unreadable.set(table, status::VALUE_TOO_LARGE, message.clone()) {
+        if services.unreadable.set(table, UnreadableReason::ValueTooLarge, message.clone()) {
             tracing::error!(table, bucket = %services.config.bucket, "table cannot be read: {message}");
         }
-        services.metrics.table_unreadable.with_label_values(&[table, status::VALUE_TOO_LARGE]).set(1);
+        services.metrics.table_unreadable.with_label_values(&[table, UnreadableReason::ValueTooLarge.as_str()]).set(1);
         return;
     }
     let (written, deleted, started) = (writes.len(), deletes.len(), Instant::now());
@@ -277,7 +277,11 @@ async fn refresh_table(services: &Services, store: &dyn LeaseStore, table: &str,
             if services.unreadable.clear(table) {
                 tracing::info!(table, "table can be read again: its topology fits the bucket");
             }
-            services.metrics.table_unreadable.with_label_values(&[table, status::VALUE_TOO_LARGE]).set(0);
+            services
+                .metrics
+                .table_unreadable
+                .with_label_values(&[table, UnreadableReason::ValueTooLarge.as_str()])
+                .set(0);
             view.seen = Some((revision, Instant::now()));
             view.read_at = Some(head.changes);
             view.head = Some(head);

@@ -8,45 +8,26 @@
 //! appears at its first increment hides that increment from `rate()` and `increase()`, and a dashboard
 //! or alert rule would query a name that does not exist yet.
 //!
-//! Lag is kept per shard as the creation time of the newest record read while behind, and turned into
-//! seconds when scraped, so it keeps growing while a shard's records wait (NATS down, publishes
-//! failing) instead of freezing at the value of the last read.
+//! `lag_seconds` and `shard_readers` are computed when scraped from the shard-progress registry
+//! ([`ShardProgress`]) that `/status` lists too, so the two never disagree.
 
-use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+mod labels;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
-const PREFIX: &str = "dynamodb_stream_consumer";
+pub use labels::{
+    EventName, LeaseChange, PublishErrorKind, ReadErrorKind, ShardState, TableErrorKind, UnreadableReason,
+};
 
-/// `event_name` values: DynamoDB Streams' three record kinds.
-pub const EVENT_NAMES: [&str; 3] = ["INSERT", "MODIFY", "REMOVE"];
-/// `kind` values of `publish_errors_total` (`src/publish/mod.rs`, `Publisher::failure`).
-/// `disconnected` and `lease_lost` are batches the service stopped itself (`publish::DISCONNECTED`,
-/// `publish::LEASE_LOST`).
-pub const PUBLISH_ERROR_KINDS: [&str; 8] = [
-    "timed_out",
-    "stream_not_found",
-    "broken_pipe",
-    "max_ack_pending",
-    "max_payload_exceeded",
-    "disconnected",
-    "lease_lost",
-    "other",
-];
-/// `kind` values of `get_records_errors_total` (`ReadError::kind`).
-pub const READ_ERROR_KINDS: [&str; 6] = ["iterator_expired", "trimmed", "throttled", "not_found", "transient", "other"];
-/// `kind` values of `table_errors_total` beside the read-error kinds (`TableError::kind`).
-pub const TABLE_ERROR_KINDS: [&str; 3] = ["missing", "no_stream", "keys_only"];
-/// `state` values of `shards_known` (`src/fleet.rs`).
-pub const SHARD_STATES: [&str; 3] = ["reading", "waiting_for_parent", "finished"];
-/// `change` values of `lease_changes_total`. `lost` is a lease the table names another owner for
-/// (stolen); `expired` one this replica could not renew in time.
-pub const LEASE_CHANGES: [&str; 6] = ["acquired", "handed_over", "released", "expired", "lost", "finished"];
+use crate::status::ShardProgress;
+
+const PREFIX: &str = "dynamodb_stream_consumer";
 
 /// Every metric the service exports.
 pub struct Metrics {
@@ -78,9 +59,10 @@ pub struct Metrics {
     pub stream_duplicate_window: Gauge,
     /// 1 when that window is longer than a crash takeover (lease TTL + one renew interval), else 0.
     pub duplicate_window_covers_takeover: IntGauge,
-    /// Per table, the shards being read here, each with the creation time (Unix seconds) of the newest
-    /// record read while behind, `None` once a read came back empty (caught up).
-    shard_lags: Mutex<HashMap<String, HashMap<String, Option<f64>>>>,
+    /// The shards being read here: `lag_seconds` and `shard_readers` are derived from it.
+    progress: Arc<ShardProgress>,
+    /// The configured tables: each has a `lag_seconds` and `shard_readers` series, 0 without readers.
+    tables: Mutex<BTreeSet<String>>,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, name: &str, metric: M) -> M {
@@ -128,16 +110,6 @@ pub fn nats_connection() -> &'static IntGauge {
     &GAUGE
 }
 
-/// Seconds behind at `now` for a shard whose newest record read was created at `behind_since`
-/// (`None`: its last read came back empty, so it is caught up).
-fn lag_at(now: f64, behind_since: Option<f64>) -> f64 {
-    behind_since.map_or(0.0, |since| (now - since).max(0.0))
-}
-
-fn now_secs() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
-}
-
 impl Metrics {
     /// Builds and registers every metric. The names and labels are constants of this file, so a
     /// failure here is a programming error caught by the first test that starts the service.
@@ -162,8 +134,8 @@ impl Metrics {
              replica), finished",
             &["change"],
         );
-        for change in LEASE_CHANGES {
-            lease_changes.with_label_values(&[change]);
+        for change in LeaseChange::ALL {
+            lease_changes.with_label_values(&[change.as_str()]);
         }
 
         Metrics {
@@ -283,7 +255,8 @@ impl Metrics {
                  records re-published after a crash takeover are deduplicated; 0 when they may be stored twice \
                  (set at start-up)",
             ),
-            shard_lags: Mutex::new(HashMap::new()),
+            progress: Arc::default(),
+            tables: Mutex::default(),
             registry,
         }
     }
@@ -292,23 +265,24 @@ impl Metrics {
     pub fn init_tables(&self, tables: &[String]) {
         for table in tables {
             let t = table.as_str();
-            for event_name in EVENT_NAMES {
-                self.records_published.with_label_values(&[t, event_name]);
+            for event_name in EventName::ALL {
+                self.records_published.with_label_values(&[t, event_name.as_str()]);
             }
-            for kind in PUBLISH_ERROR_KINDS {
-                self.publish_errors.with_label_values(&[t, kind]);
+            for kind in PublishErrorKind::ALL {
+                self.publish_errors.with_label_values(&[t, kind.as_str()]);
             }
-            for kind in READ_ERROR_KINDS {
-                self.get_records_errors.with_label_values(&[t, kind]);
+            for kind in ReadErrorKind::ALL {
+                self.get_records_errors.with_label_values(&[t, kind.as_str()]);
+                self.table_errors.with_label_values(&[t, kind.as_str()]);
             }
-            for kind in TABLE_ERROR_KINDS.into_iter().chain(READ_ERROR_KINDS) {
-                self.table_errors.with_label_values(&[t, kind]);
+            for kind in TableErrorKind::ALL {
+                self.table_errors.with_label_values(&[t, kind.as_str()]);
             }
-            for state in SHARD_STATES {
-                self.shards_known.with_label_values(&[t, state]);
+            for state in ShardState::ALL {
+                self.shards_known.with_label_values(&[t, state.as_str()]);
             }
-            for reason in crate::status::UNREADABLE_REASONS {
-                self.table_unreadable.with_label_values(&[t, reason]);
+            for reason in UnreadableReason::ALL {
+                self.table_unreadable.with_label_values(&[t, reason.as_str()]);
             }
             for counter in [
                 &self.duplicate_publishes,
@@ -324,8 +298,8 @@ impl Metrics {
             for histogram in [&self.records_per_get_records, &self.publish_ack_seconds] {
                 histogram.with_label_values(&[t]);
             }
-            if let Ok(mut lags) = self.shard_lags.lock() {
-                lags.entry(table.clone()).or_default();
+            if let Ok(mut known) = self.tables.lock() {
+                known.insert(table.clone());
             }
         }
         self.refresh_lags();
@@ -341,28 +315,19 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
-    /// A shard's reader reports its lag after a read: `Some(seconds)` is the age of the newest record
-    /// read (0 when the read came back empty: caught up); `None` when the reader ended.
-    pub fn set_shard_lag(&self, table: &str, shard_id: &str, lag: Option<f64>) {
-        let now = now_secs();
-        if let Ok(mut lags) = self.shard_lags.lock() {
-            let shards = lags.entry(table.to_owned()).or_default();
-            match lag {
-                Some(lag) => shards.insert(shard_id.to_owned(), (lag > 0.0).then_some(now - lag)),
-                None => shards.remove(shard_id),
-            };
-        }
-        self.refresh_lags();
+    /// The shard-progress registry these metrics derive lag and readers from.
+    pub fn progress(&self) -> &Arc<ShardProgress> {
+        &self.progress
     }
 
     /// Sets each table's lag (the largest of its shards', as of now) and reader count.
     fn refresh_lags(&self) {
-        let now = now_secs();
-        let Ok(lags) = self.shard_lags.lock() else { return };
-        for (table, shards) in lags.iter() {
-            let max = shards.values().map(|since| lag_at(now, *since)).fold(0.0, f64::max);
-            self.lag_seconds.with_label_values(&[table]).set(max);
-            self.shard_readers.with_label_values(&[table]).set(shards.len() as i64);
+        let by_table = self.progress.by_table();
+        let Ok(tables) = self.tables.lock() else { return };
+        for table in tables.iter().chain(by_table.keys().filter(|table| !tables.contains(*table))) {
+            let progress = by_table.get(table).copied().unwrap_or_default();
+            self.lag_seconds.with_label_values(&[table]).set(progress.lag_seconds);
+            self.shard_readers.with_label_values(&[table]).set(progress.readers as i64);
         }
     }
 }
@@ -384,26 +349,18 @@ mod tests {
     }
 
     #[test]
-    fn lag_is_zero_when_caught_up_and_grows_while_behind() {
-        assert_eq!(lag_at(100.0, None), 0.0);
-        assert_eq!(lag_at(100.0, Some(90.0)), 10.0);
-        assert_eq!(lag_at(130.0, Some(90.0)), 40.0);
-        // A creation time ahead of this clock is no lag.
-        assert_eq!(lag_at(100.0, Some(105.0)), 0.0);
-    }
-
-    #[test]
     fn a_table_reports_its_most_behind_shard_and_its_readers() {
         let metrics = Metrics::new();
-        metrics.set_shard_lag("t", "a", Some(0.0));
-        metrics.set_shard_lag("t", "b", Some(3600.0));
+        let progress = metrics.progress();
+        progress.started("t", "a", None);
+        progress.read("t", "b", Some(crate::status::now_secs() - 3600.0));
         let text = metrics.encode();
         let lag = sample(&text, "dynamodb_stream_consumer_lag_seconds{table=\"t\"}").unwrap();
         assert!((3600.0..3700.0).contains(&lag), "{text}");
         assert_eq!(sample(&text, "dynamodb_stream_consumer_shard_readers{table=\"t\"}"), Some(2.0), "{text}");
 
-        metrics.set_shard_lag("t", "b", Some(0.0));
-        metrics.set_shard_lag("t", "a", None);
+        progress.read("t", "b", None);
+        progress.ended("t", "a");
         let text = metrics.encode();
         assert_eq!(sample(&text, "dynamodb_stream_consumer_lag_seconds{table=\"t\"}"), Some(0.0), "{text}");
         assert_eq!(sample(&text, "dynamodb_stream_consumer_shard_readers{table=\"t\"}"), Some(1.0), "{text}");
@@ -456,13 +413,13 @@ mod tests {
                 | ReadError::Throttled(_)
                 | ReadError::NotFound(_)
                 | ReadError::Transient(_)
-                | ReadError::Other(_) => assert!(READ_ERROR_KINDS.contains(&error.kind()), "{error:?}"),
+                | ReadError::Other(_) => assert!(ReadErrorKind::ALL.contains(&error.kind()), "{error:?}"),
             }
         }
         for error in [TableError::Missing, TableError::NoStream, TableError::KeysOnly] {
             match error {
                 TableError::Missing | TableError::NoStream | TableError::KeysOnly | TableError::Call(_) => {
-                    assert!(TABLE_ERROR_KINDS.contains(&error.kind()), "{error:?}")
+                    assert!(TableErrorKind::ALL.iter().any(|kind| kind.as_str() == error.kind()), "{error:?}")
                 }
             }
         }
