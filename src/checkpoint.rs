@@ -5,15 +5,20 @@
 //! to its end gets the value `SHARD_END` (followed by `:{last sequence number}` when it had records).
 //!
 //! Invariants: every write is a compare-and-swap on the revision this process last saw (a mismatch
-//! means another writer moved the key: the caller stops and re-reads, it never overwrites); and a
-//! checkpoint never moves backwards ([`Position::is_after`]).
+//! means another writer moved the key: the caller stops and re-reads, it never overwrites); a
+//! checkpoint never moves backwards ([`Position::is_after`]); and a shard's checkpoint is written
+//! only while its lease guard is valid ([`ShardCheckpoint`] checks it before every write).
 
 use std::cmp::Ordering;
 use std::fmt;
 
-use async_nats::jetstream::kv;
+use std::sync::Arc;
+
+use backon::Retryable;
 use bytes::Bytes;
-use futures::TryStreamExt;
+use coordination::{LeaseGuard, LeaseLost, LeaseStore, Revision, StoreError};
+
+use crate::retry;
 
 /// The marker value of a shard read to its end.
 pub const SHARD_END: &str = "SHARD_END";
@@ -116,16 +121,13 @@ pub fn shard_of<'k>(table: &str, key: &'k str) -> Option<&'k str> {
     key.strip_prefix(table)?.strip_prefix('.').filter(|shard| !shard.is_empty() && !shard.contains(['.', '/']))
 }
 
-/// A KV revision; 0 means "no entry seen".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Revision(pub u64);
-
 /// A checkpoint as read from the bucket.
 #[derive(Debug, Clone)]
 pub struct Stored {
     /// `None` when the key is absent, deleted, or holds a value we cannot read.
     pub position: Option<Position>,
-    pub revision: Revision,
+    /// The key's revision; `None` when it is absent or deleted.
+    pub revision: Option<Revision>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,74 +135,72 @@ pub enum CheckpointError {
     /// Someone else wrote the key since we read it.
     #[error("checkpoint {key} was changed by another writer")]
     Conflict { key: String },
+    /// The bucket did not answer (a write may have landed), or refused the key.
     #[error("checkpoint {key}: {source}")]
-    Nats { key: String, source: async_nats::Error },
+    Store { key: String, source: StoreError },
 }
 
-/// Checkpoint reads and compare-and-swap writes on the bucket.
+impl CheckpointError {
+    fn of(key: &str, source: StoreError) -> CheckpointError {
+        match source {
+            StoreError::Conflict { .. } => CheckpointError::Conflict { key: key.to_owned() },
+            source => CheckpointError::Store { key: key.to_owned(), source },
+        }
+    }
+}
+
+/// Checkpoint reads and compare-and-swap writes, on the bucket's one compare-and-swap wrapper
+/// ([`LeaseStore`], the lease protocol's store).
 #[derive(Clone)]
 pub struct Checkpoints {
-    kv: kv::Store,
+    store: Arc<dyn LeaseStore>,
 }
 
 impl Checkpoints {
-    pub fn new(kv: kv::Store) -> Self {
-        Checkpoints { kv }
+    pub fn new(store: Arc<dyn LeaseStore>) -> Self {
+        Checkpoints { store }
     }
 
     /// Reads a checkpoint and its revision.
     pub async fn load(&self, key: &str) -> Result<Stored, CheckpointError> {
-        let nats = |source: kv::EntryError| CheckpointError::Nats { key: key.to_owned(), source: source.into() };
-        let entry = self.kv.entry(key).await.map_err(nats)?;
+        let entry = self.store.get(key).await.map_err(|err| CheckpointError::of(key, err))?;
         Ok(match entry {
-            None => Stored { position: None, revision: Revision(0) },
+            None => Stored { position: None, revision: None },
             Some(entry) => {
-                let position = match entry.operation {
-                    kv::Operation::Put => {
-                        let text = String::from_utf8_lossy(&entry.value);
-                        let parsed = Position::parse(&text);
-                        if parsed.is_none() {
-                            tracing::error!(key, value = %text, "checkpoint value is neither a sequence number nor SHARD_END; the shard starts as if it had none");
-                        }
-                        parsed
-                    }
-                    _ => None,
-                };
-                Stored { position, revision: Revision(entry.revision) }
+                let text = String::from_utf8_lossy(&entry.value);
+                let position = Position::parse(&text);
+                if position.is_none() {
+                    tracing::error!(key, value = %text, "checkpoint value is neither a sequence number nor SHARD_END; the shard starts as if it had none");
+                }
+                Stored { position, revision: Some(entry.revision) }
             }
         })
     }
 
-    /// Writes `position` if the key is still at `expected`; returns the new revision.
-    pub async fn save(&self, key: &str, position: &Position, expected: Revision) -> Result<Revision, CheckpointError> {
+    /// Writes `position` if the key is still at `expected` (`None`: absent); returns the new revision.
+    pub async fn save(
+        &self,
+        key: &str,
+        position: &Position,
+        expected: Option<Revision>,
+    ) -> Result<Revision, CheckpointError> {
         let value = Bytes::from(position.encode());
-        let result = if expected == Revision(0) {
-            self.kv.create(key, value).await.map_err(|err| match err.kind() {
-                kv::CreateErrorKind::AlreadyExists => CheckpointError::Conflict { key: key.to_owned() },
-                _ => CheckpointError::Nats { key: key.to_owned(), source: err.into() },
-            })
-        } else {
-            self.kv.update(key, value, expected.0).await.map_err(|err| match err.kind() {
-                kv::UpdateErrorKind::WrongLastRevision => CheckpointError::Conflict { key: key.to_owned() },
-                _ => CheckpointError::Nats { key: key.to_owned(), source: err.into() },
-            })
+        let written = match expected {
+            None => self.store.create(key, value).await,
+            Some(revision) => self.store.update(key, value, revision).await,
         };
-        result.map(Revision)
+        written.map_err(|err| CheckpointError::of(key, err))
     }
 
     /// Deletes a checkpoint if it is still at `expected`.
     pub async fn delete(&self, key: &str, expected: Revision) -> Result<(), CheckpointError> {
-        self.kv.delete_expect_revision(key, Some(expected.0)).await.map_err(|err| match err.kind() {
-            kv::DeleteErrorKind::WrongLastRevision => CheckpointError::Conflict { key: key.to_owned() },
-            _ => CheckpointError::Nats { key: key.to_owned(), source: err.into() },
-        })
+        self.store.delete(key, expected).await.map_err(|err| CheckpointError::of(key, err))
     }
 
     /// Every checkpoint key of `table`, with its shard id.
     pub async fn shards_of(&self, table: &str) -> Result<Vec<(String, String)>, CheckpointError> {
-        let nats = |source: async_nats::Error| CheckpointError::Nats { key: format!("{table}.*"), source };
-        let keys: Vec<String> =
-            self.kv.keys().await.map_err(|e| nats(e.into()))?.try_collect().await.map_err(|e| nats(e.into()))?;
+        let prefix = format!("{table}.");
+        let keys = self.store.keys(&prefix).await.map_err(|err| CheckpointError::of(&format!("{prefix}*"), err))?;
         Ok(keys
             .into_iter()
             .filter_map(|key| shard_of(table, &key).map(|shard| (key.clone(), shard.to_owned())))
@@ -208,41 +208,48 @@ impl Checkpoints {
     }
 }
 
-/// The checkpoint of one shard as this process holds it: the only place a checkpoint is advanced.
+/// Attempts of one checkpoint write while the bucket does not answer; after them the write is left to
+/// the next one (the records are published; only progress is unsaved).
+const WRITE_ATTEMPTS: usize = 5;
+
+/// The checkpoint of one shard as this process holds it: the only place a checkpoint is advanced, and
+/// only while the shard's lease allows it.
 pub struct ShardCheckpoint {
     store: Checkpoints,
     key: String,
     position: Option<Position>,
-    revision: Revision,
+    revision: Option<Revision>,
+    /// The shard's lease: checked before every write.
+    guard: LeaseGuard,
 }
 
-/// Why a checkpoint could not be advanced.
+/// Why a checkpoint was not advanced.
 #[derive(Debug, thiserror::Error)]
 pub enum AdvanceError {
-    /// Another writer owns the key now: stop this shard and let its owner go on.
-    #[error("checkpoint {0} moved under us: another writer owns this shard")]
-    Fenced(String),
-    /// NATS did not answer; nothing is known to be written. Retry later.
+    /// The shard's lease ended: nothing more may be written.
+    #[error(transparent)]
+    LeaseLost(#[from] LeaseLost),
+    /// Another writer moved the key: it reads this shard now; stop and let it go on.
+    #[error("checkpoint {0} was moved by another writer")]
+    Taken(String),
+    /// The bucket did not answer [`WRITE_ATTEMPTS`] times; nothing is known to be written.
     #[error(transparent)]
     Unavailable(CheckpointError),
 }
 
 impl ShardCheckpoint {
-    /// Reads the shard's checkpoint.
-    pub async fn load(store: Checkpoints, key: String) -> Result<Self, CheckpointError> {
+    /// Reads the checkpoint at `key` of the shard `guard` is the lease of.
+    pub async fn load(store: Checkpoints, key: String, guard: LeaseGuard) -> Result<Self, CheckpointError> {
         let stored = store.load(&key).await?;
-        Ok(ShardCheckpoint { store, key, position: stored.position, revision: stored.revision })
+        Ok(ShardCheckpoint { store, key, position: stored.position, revision: stored.revision, guard })
     }
 
     pub fn position(&self) -> Option<&Position> {
         self.position.as_ref()
     }
 
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// Writes `next` if it moves forward; a step that would not is skipped.
+    /// Writes `next` if it moves forward (`Ok(false)`: a step that would not is skipped), while the
+    /// lease allows it; retried a few times while the bucket does not answer.
     ///
     /// A write whose answer was lost may have landed: on a revision conflict the key is read again,
     /// and if it already holds `next` that revision is adopted; anything else means another writer.
@@ -250,24 +257,27 @@ impl ShardCheckpoint {
         if !next.is_after(self.position.as_ref()) {
             return Ok(false);
         }
-        match self.store.save(&self.key, &next, self.revision).await {
-            Ok(revision) => {
-                self.revision = revision;
-                self.position = Some(next);
-                Ok(true)
-            }
-            Err(CheckpointError::Conflict { .. }) => {
-                let stored = self.store.load(&self.key).await.map_err(AdvanceError::Unavailable)?;
-                if stored.position.as_ref() == Some(&next) {
-                    self.revision = stored.revision;
-                    self.position = Some(next);
-                    Ok(true)
-                } else {
-                    Err(AdvanceError::Fenced(self.key.clone()))
+        let attempt = || async {
+            self.guard.check()?;
+            match self.store.save(&self.key, &next, self.revision).await {
+                Ok(revision) => Ok(revision),
+                Err(CheckpointError::Conflict { .. }) => {
+                    let stored = self.store.load(&self.key).await.map_err(AdvanceError::Unavailable)?;
+                    match stored.revision {
+                        Some(revision) if stored.position.as_ref() == Some(&next) => Ok(revision),
+                        _ => Err(AdvanceError::Taken(self.key.clone())),
+                    }
                 }
+                Err(other) => Err(AdvanceError::Unavailable(other)),
             }
-            Err(other) => Err(AdvanceError::Unavailable(other)),
-        }
+        };
+        let revision = attempt
+            .retry(retry::policy().with_max_times(WRITE_ATTEMPTS - 1))
+            .when(|err| matches!(err, AdvanceError::Unavailable(_)))
+            .await?;
+        self.revision = Some(revision);
+        self.position = Some(next);
+        Ok(true)
     }
 }
 
@@ -313,5 +323,61 @@ mod tests {
         assert_eq!(shard_of("a.b", &key), Some("shardId-1"));
         assert_eq!(shard_of("a", &key), None);
         assert_eq!(shard_of("a.b", "a.bc.shardId-1"), None);
+    }
+}
+
+#[cfg(test)]
+mod fencing {
+    #![allow(clippy::unwrap_used)]
+
+    use coordination::{Coordinator, Event, MemoryStore, ShardKey};
+
+    use super::*;
+
+    fn after(seq: u64) -> Position {
+        Position::After(SequenceNumber::parse(&seq.to_string()).unwrap())
+    }
+
+    /// A lease of `shard` from a coordinator over `store`.
+    async fn lease(store: Arc<MemoryStore>, shard: &ShardKey) -> (Coordinator, LeaseGuard) {
+        let config = coordination::Config::new("r1", coordination::DEFAULT_TTL);
+        let (coordinator, mut events) = Coordinator::start(store, config).unwrap();
+        coordinator.set_shards([shard.clone()]);
+        match events.recv().await.unwrap() {
+            Event::Acquired { guard, .. } => (coordinator, guard),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_is_written_only_while_the_lease_holds() {
+        let store = Arc::new(MemoryStore::new());
+        let shard = ShardKey::for_shard("t", "s");
+        let (coordinator, guard) = lease(store.clone(), &shard).await;
+        let checkpoints = Checkpoints::new(store);
+        let mut checkpoint = ShardCheckpoint::load(checkpoints.clone(), key("t", "s"), guard).await.unwrap();
+        assert!(checkpoint.advance(after(5)).await.unwrap());
+        assert!(!checkpoint.advance(after(4)).await.unwrap(), "never backwards");
+
+        coordinator.release(&shard);
+        tokio::time::sleep(coordination::DEFAULT_TTL).await;
+        assert!(matches!(checkpoint.advance(after(6)).await, Err(AdvanceError::LeaseLost(_))));
+        assert_eq!(checkpoints.load(&key("t", "s")).await.unwrap().position, Some(after(5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_whose_answer_was_lost_is_adopted_and_anything_else_is_taken() {
+        let store = Arc::new(MemoryStore::new());
+        let shard = ShardKey::for_shard("t", "s");
+        let (_coordinator, guard) = lease(store.clone(), &shard).await;
+        let checkpoints = Checkpoints::new(store);
+        let mut checkpoint = ShardCheckpoint::load(checkpoints.clone(), key("t", "s"), guard).await.unwrap();
+        // Our write of 5 landed but its answer was lost: the key holds 5 at a revision we never saw.
+        checkpoints.save(&key("t", "s"), &after(5), None).await.unwrap();
+        assert!(checkpoint.advance(after(5)).await.unwrap(), "adopted");
+        assert!(checkpoint.advance(after(6)).await.unwrap(), "and written over at the adopted revision");
+        let stored = checkpoints.load(&key("t", "s")).await.unwrap();
+        checkpoints.save(&key("t", "s"), &after(9), stored.revision).await.unwrap();
+        assert!(matches!(checkpoint.advance(after(7)).await, Err(AdvanceError::Taken(_))));
     }
 }

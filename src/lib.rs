@@ -7,11 +7,13 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod nats;
+pub mod pipeline;
 pub mod publish;
+pub mod record;
+pub mod retry;
 pub mod source;
 pub mod status;
 pub mod telemetry;
@@ -27,13 +29,17 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use backon::Retryable;
+
 use checkpoint::Checkpoints;
 use config::Config;
-use fleet::Fleet;
 use metrics::Metrics;
+use pipeline::fleet::Fleet;
+use pipeline::topology::TopologyContext;
+use pipeline::{Pipeline, ReadSettings};
 use publish::Publisher;
-use source::Services;
 use source::api::StreamsApi;
+use source::discovery::Discovery;
 
 /// Longest wait for one attempt of an AWS call; a hung call then counts as transient and is retried.
 const AWS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,7 +80,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
         .map_err(|err| anyhow::anyhow!("cannot listen on {address} (BIND, PORT): {err}"))?;
     let http_task = tokio::spawn(server);
 
-    let (services, store) = tokio::select! {
+    let Started { pipeline, topology, store } = tokio::select! {
         started = start(&config, metrics.clone(), &health) => started?,
         signal = signals.next() => {
             tracing::info!(signal, "stopped during start-up");
@@ -85,7 +91,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
 
     let root = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let (fleet, leases) = Fleet::start(services, store, tracker.clone())?;
+    let (fleet, leases) = Fleet::start(config.clone(), pipeline, topology, store, tracker.clone())?;
     let _ = health.leases.set(leases);
     tracker.spawn(fleet.run(root.clone()));
     health.serving.store(true, Ordering::SeqCst);
@@ -119,13 +125,16 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
-/// Connects to NATS and AWS and makes sure the stream and bucket exist; returns what the readers
-/// share and the lease store (the checkpoint bucket).
-async fn start(
-    config: &Config,
-    metrics: Arc<Metrics>,
-    health: &http::Health,
-) -> anyhow::Result<(Arc<Services>, Arc<dyn coordination::LeaseStore>)> {
+/// What start-up connects: the readers' pipeline, the topology watch's context and the lease store.
+struct Started {
+    pipeline: Arc<Pipeline>,
+    topology: TopologyContext,
+    /// The checkpoint bucket, where leases and checkpoints are kept.
+    store: Arc<dyn coordination::LeaseStore>,
+}
+
+/// Connects to NATS and AWS and makes sure the stream and bucket exist.
+async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) -> anyhow::Result<Started> {
     let client = connect_nats(config).await?;
     let _ = health.nats.set(client.clone());
     metrics.nats_connected.set(1);
@@ -144,44 +153,48 @@ async fn start(
         tracing::warn!(error = %err, "publish connection not made yet; the first publishes make it");
     }
     let aws = aws_config(config).await;
-    let services = Arc::new(Services {
-        config: config.clone(),
-        api: StreamsApi::new(&aws),
-        publisher: Publisher::new(publish_connection, client, metrics.clone()),
-        checkpoints: Checkpoints::new(bucket.clone()),
+    let api = StreamsApi::new(&aws);
+    let store: Arc<dyn coordination::LeaseStore> = Arc::new(coordination::NatsKvStore::new(bucket));
+    let checkpoints = Checkpoints::new(Arc::clone(&store));
+    let pipeline = Arc::new(Pipeline {
+        source: Arc::new(api.clone()),
+        sink: Arc::new(Publisher::new(publish_connection, client, metrics.clone())),
+        checkpoints: checkpoints.clone(),
+        metrics: metrics.clone(),
         progress: Arc::clone(metrics.progress()),
-        metrics,
-        unreadable: Arc::clone(&health.unreadable),
-        value_limit,
+        settings: ReadSettings {
+            poll_interval: config.poll_interval,
+            poll_gap: config.poll_gap,
+            max_in_flight: config.max_in_flight,
+        },
     });
-    Ok((services, Arc::new(coordination::NatsKvStore::new(bucket))))
+    let topology = TopologyContext {
+        discovery: Discovery { api, checkpoints, metrics, start_from_latest: config.start_from_latest },
+        tables: config.tables.clone(),
+        refresh_interval: config.shard_refresh_interval,
+        bucket: config.bucket.clone(),
+        value_limit,
+        unreadable: Arc::clone(&health.unreadable),
+    };
+    Ok(Started { pipeline, topology, store })
 }
 
 /// Connects to NATS, retrying with backoff while no server can be reached. A refusal that a retry
 /// cannot fix (credentials, TLS, a malformed address) ends start-up (exit 1) with its reason and the
 /// settings to fix.
 async fn connect_nats(config: &Config) -> anyhow::Result<async_nats::Client> {
-    let mut delays = source::backoff();
-    loop {
-        match nats::connect(config).await {
-            Ok(client) => {
-                let urls: Vec<String> = config.nats_urls.iter().map(|url| config::redact_url(url)).collect();
-                tracing::info!(
-                    ?urls,
-                    auth = config.nats_auth.mode(),
-                    tls = config.nats_tls.required(),
-                    "connected to NATS"
-                );
-                return Ok(client);
-            }
-            Err(nats::SetupError::Unreachable { source, urls }) => {
-                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+    let client = (|| nats::connect(config))
+        .retry(retry::policy())
+        .when(|err| matches!(err, nats::SetupError::Unreachable { .. }))
+        .notify(|err, delay| {
+            if let nats::SetupError::Unreachable { source, urls } = err {
                 tracing::warn!(urls, error = %source, retry_in_ms = delay.as_millis() as u64, "NATS unreachable; retrying");
-                tokio::time::sleep(delay).await;
             }
-            Err(other) => return Err(other.into()),
-        }
-    }
+        })
+        .await?;
+    let urls: Vec<String> = config.nats_urls.iter().map(|url| config::redact_url(url)).collect();
+    tracing::info!(?urls, auth = config.nats_auth.mode(), tls = config.nats_tls.required(), "connected to NATS");
+    Ok(client)
 }
 
 /// The AWS configuration: region and credentials from the standard chain, endpoints from the

@@ -7,14 +7,13 @@
 //! dropped: it is written as a string (or `null`) and reported in [`Encoded::lossy`] so the caller can
 //! log and count it.
 //!
-//! The JSON is written straight from the SDK's attributes into the payload buffer: no intermediate
+//! The JSON is written straight from the record's attributes into the payload buffer: no intermediate
 //! tree, no copy of any string (this is the hot path: one call per record).
 
-use std::collections::HashMap;
-
-use aws_sdk_dynamodbstreams::types::{AttributeValue, Record};
 use base64::Engine as _;
 use bytes::Bytes;
+
+use crate::record::{ChangeRecord, Map, Value};
 
 /// The JSON number grammar (RFC 8259 §6): `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
 pub fn is_json_number(text: &str) -> bool {
@@ -83,9 +82,9 @@ impl JsonWriter {
     }
 
     /// A JSON string of base64 text (whose alphabet needs no escaping).
-    fn base64(&mut self, blob: &aws_smithy_types::Blob) {
-        let mut text = String::with_capacity(blob.as_ref().len().div_ceil(3) * 4);
-        base64::engine::general_purpose::STANDARD.encode_string(blob.as_ref(), &mut text);
+    fn base64(&mut self, blob: &[u8]) {
+        let mut text = String::with_capacity(blob.len().div_ceil(3) * 4);
+        base64::engine::general_purpose::STANDARD.encode_string(blob, &mut text);
         self.out.push(b'"');
         self.raw(&text);
         self.out.push(b'"');
@@ -113,31 +112,30 @@ impl JsonWriter {
         self.out.push(b']');
     }
 
-    fn value(&mut self, value: &AttributeValue) {
+    fn value(&mut self, value: &Value) {
         match value {
-            AttributeValue::S(text) => self.string(text),
-            AttributeValue::N(text) => self.number(text),
-            AttributeValue::Bool(flag) => self.raw(if *flag { "true" } else { "false" }),
-            AttributeValue::Null(_) => self.raw("null"),
-            AttributeValue::M(map) => self.map(map),
-            AttributeValue::L(items) => self.array(items, |w, item| w.value(item)),
-            AttributeValue::Ss(items) => self.array(items, |w, item| w.string(item)),
-            AttributeValue::Ns(items) => self.array(items, |w, item| w.number(item)),
-            AttributeValue::B(blob) => self.base64(blob),
-            AttributeValue::Bs(blobs) => self.array(blobs, |w, blob| w.base64(blob)),
-            other => {
-                self.lossy.push(format!("attribute type unknown to this version: {other:?}; written as null"));
+            Value::S(text) => self.string(text),
+            Value::N(text) => self.number(text),
+            Value::Bool(flag) => self.raw(if *flag { "true" } else { "false" }),
+            Value::Null => self.raw("null"),
+            Value::M(map) => self.map(map),
+            Value::L(items) => self.array(items, |w, item| w.value(item)),
+            Value::Ss(items) => self.array(items, |w, item| w.string(item)),
+            Value::Ns(items) => self.array(items, |w, item| w.number(item)),
+            Value::B(blob) => self.base64(blob),
+            Value::Bs(blobs) => self.array(blobs, |w, blob| w.base64(blob)),
+            Value::Unknown(what) => {
+                self.lossy.push(format!("attribute type unknown to this version: {what}; written as null"));
                 self.raw("null");
             }
         }
     }
 
-    /// An object with its keys sorted, as the seed wrote them (Go sorts map keys).
-    fn map(&mut self, map: &HashMap<String, AttributeValue>) {
-        let mut fields: Vec<(&String, &AttributeValue)> = map.iter().collect();
-        fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    /// An object with its keys sorted, as the seed wrote them (Go sorts map keys; a [`Map`] is kept
+    /// sorted).
+    fn map(&mut self, map: &Map) {
         self.out.push(b'{');
-        for (i, (key, value)) in fields.into_iter().enumerate() {
+        for (i, (key, value)) in map.fields().iter().enumerate() {
             if i > 0 {
                 self.out.push(b',');
             }
@@ -155,7 +153,7 @@ impl JsonWriter {
         self.out.push(b':');
     }
 
-    fn image(&mut self, image: Option<&HashMap<String, AttributeValue>>) {
+    fn image(&mut self, image: Option<&Map>) {
         match image {
             Some(map) => self.map(map),
             None => self.raw("null"),
@@ -213,15 +211,6 @@ fn escape(out: &mut Vec<u8>, byte: u8) {
     out.push(short);
 }
 
-/// Why a stream record could not become an event at all (it lacks what the contract requires).
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum EventError {
-    #[error("record has no `dynamodb` section")]
-    NoStreamRecord,
-    #[error("record has no sequence number")]
-    NoSequenceNumber,
-}
-
 /// `userIdentity` of a record (TTL deletions are made by `dynamodb.amazonaws.com`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct UserIdentity<'r> {
@@ -237,9 +226,9 @@ pub struct Event<'r> {
     pub table_name: &'r str,
     pub sequence_number: &'r str,
     pub approximate_creation_time: String,
-    pub keys: Option<&'r HashMap<String, AttributeValue>>,
-    pub new_image: Option<&'r HashMap<String, AttributeValue>>,
-    pub old_image: Option<&'r HashMap<String, AttributeValue>>,
+    pub keys: Option<&'r Map>,
+    pub new_image: Option<&'r Map>,
+    pub old_image: Option<&'r Map>,
     pub user_identity: Option<UserIdentity<'r>>,
     /// Set on a reduced event: the images were dropped because the full event exceeds the server's
     /// max payload.
@@ -259,43 +248,41 @@ pub struct Encoded {
 }
 
 impl<'r> Event<'r> {
-    /// The event of one stream record of `table`.
-    pub fn from_record(table: &'r str, record: &'r Record) -> Result<Event<'r>, EventError> {
-        let stream = record.dynamodb().ok_or(EventError::NoStreamRecord)?;
-        let sequence_number = stream.sequence_number().ok_or(EventError::NoSequenceNumber)?;
+    /// The event of one change record of `table`.
+    pub fn from_record(table: &'r str, record: &'r ChangeRecord) -> Event<'r> {
         let mut problems = Vec::new();
-        let keys = stream.keys.as_ref().filter(|keys| !keys.is_empty());
+        let keys = record.keys.as_ref().filter(|keys| !keys.is_empty());
         if keys.is_none() {
             problems.push("record has no Keys; keys left empty".to_owned());
         }
-        let approximate_creation_time = match stream.approximate_creation_date_time() {
+        let approximate_creation_time = match record.created_at {
             Some(time) => rfc3339(time),
             None => {
                 problems.push("record has no ApproximateCreationDateTime".to_owned());
                 String::new()
             }
         };
-        Ok(Event {
-            event_id: record.event_id().unwrap_or_default(),
-            event_name: record.event_name().map(|name| name.as_str()).unwrap_or_default(),
+        Event {
+            event_id: &record.event_id,
+            event_name: &record.event_name,
             table_name: table,
-            sequence_number,
+            sequence_number: &record.sequence_number,
             approximate_creation_time,
             keys,
-            new_image: stream.new_image.as_ref(),
-            old_image: stream.old_image.as_ref(),
-            user_identity: record.user_identity().map(|identity| UserIdentity {
-                kind: identity.r#type().unwrap_or_default(),
-                principal_id: identity.principal_id().unwrap_or_default(),
-            }),
+            new_image: record.new_image.as_ref(),
+            old_image: record.old_image.as_ref(),
+            user_identity: record
+                .user_identity
+                .as_ref()
+                .map(|identity| UserIdentity { kind: &identity.kind, principal_id: &identity.principal_id }),
             images_omitted: false,
             problems,
-        })
+        }
     }
 
     /// The JSON payload, fields in the seed's order.
     pub fn encode(&self) -> Encoded {
-        let images = self.new_image.map_or(0, HashMap::len) + self.old_image.map_or(0, HashMap::len);
+        let images = self.new_image.map_or(0, Map::len) + self.old_image.map_or(0, Map::len);
         let mut w = JsonWriter { out: Vec::with_capacity(256 + 64 * images), lossy: self.problems.clone() };
         w.raw("{\"event_id\":");
         w.string(self.event_id);
@@ -347,27 +334,38 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(OFFSET, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(PRIME))
 }
 
-/// RFC 3339 in UTC with a `Z`; milliseconds only when non-zero. The SDK parses DynamoDB's epoch
-/// seconds through a float (`.715` arrives as `.714999…`), so the time is rounded to the millisecond.
-pub fn rfc3339(time: &aws_smithy_types::DateTime) -> String {
-    let millis = (time.as_secs_f64() * 1000.0).round() as i64;
-    let rounded = aws_smithy_types::DateTime::from_millis(millis);
-    let seconds = rounded.secs();
-    let fraction = millis.rem_euclid(1000);
-    // `Format::DateTime` writes `YYYY-MM-DDTHH:MM:SS[.fff]Z`; rebuild the seconds part ourselves.
-    let whole = aws_smithy_types::DateTime::from_secs(seconds)
-        .fmt(aws_smithy_types::date_time::Format::DateTime)
-        .unwrap_or_default();
-    if fraction == 0 {
-        whole
-    } else {
-        let mut text = whole.trim_end_matches('Z').to_owned();
+/// RFC 3339 in UTC with a `Z` (`YYYY-MM-DDTHH:MM:SS[.fff]Z`) of `secs` since the Unix epoch;
+/// milliseconds only when non-zero. DynamoDB's epoch seconds are parsed through a float (`.715`
+/// arrives as `.714999…`), so the time is rounded to the millisecond.
+pub fn rfc3339(secs: f64) -> String {
+    let millis = (secs * 1000.0).round() as i64;
+    let (seconds, fraction) = (millis.div_euclid(1000), millis.rem_euclid(1000));
+    let (days, of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    let (year, month, day) = civil_from_days(days);
+    let (hour, minute, second) = (of_day / 3600, of_day % 3600 / 60, of_day % 60);
+    let mut text = format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}");
+    if fraction != 0 {
         let digits = format!("{fraction:03}");
         text.push('.');
         text.push_str(digits.trim_end_matches('0'));
-        text.push('Z');
-        text
     }
+    text.push('Z');
+    text
+}
+
+/// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard Hinnant's `civil_from_days`,
+/// exact for every `i64` day a timestamp can name).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 /// The `Nats-Msg-Id` of a record: table, shard and sequence number together, because sequence
@@ -379,7 +377,7 @@ pub fn message_id(table: &str, shard_id: &str, sequence_number: &str) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aws_sdk_dynamodbstreams::types::{Identity, OperationType, StreamRecord};
+    use crate::record::UserIdentity as Identity;
     use proptest::prelude::*;
     use serde_json::value::RawValue;
     use std::collections::BTreeMap;
@@ -395,33 +393,34 @@ mod tests {
         Object(BTreeMap<String, Json>),
     }
 
-    fn key(pk: &str) -> HashMap<String, AttributeValue> {
-        HashMap::from([("pk".to_owned(), AttributeValue::S(pk.to_owned()))])
+    fn map<const N: usize>(fields: [(&str, Value); N]) -> Map {
+        fields.into_iter().map(|(name, value)| (name.to_owned(), value)).collect()
     }
 
-    fn record(name: OperationType, new: Option<HashMap<String, AttributeValue>>) -> Record {
-        Record::builder()
-            .event_id("e1")
-            .event_name(name)
-            .dynamodb(
-                StreamRecord::builder()
-                    .set_keys(Some(key("a")))
-                    .set_new_image(new)
-                    .sequence_number("000000000000000000001")
-                    .approximate_creation_date_time(aws_smithy_types::DateTime::from_secs(1_767_225_600))
-                    .build(),
-            )
-            .build()
+    fn key(pk: &str) -> Map {
+        map([("pk", Value::S(pk.to_owned()))])
+    }
+
+    fn record(name: &str, new: Option<Map>) -> ChangeRecord {
+        ChangeRecord {
+            event_id: "e1".to_owned(),
+            event_name: name.to_owned(),
+            sequence_number: "000000000000000000001".to_owned(),
+            created_at: Some(1_767_225_600.0),
+            keys: Some(key("a")),
+            new_image: new,
+            ..ChangeRecord::default()
+        }
     }
 
     #[test]
     fn seed_shape_for_an_insert() {
-        let image = HashMap::from([
-            ("pk".to_owned(), AttributeValue::S("a".to_owned())),
-            ("n".to_owned(), AttributeValue::N("12345678901234567890123456789012345678".to_owned())),
+        let image = map([
+            ("pk", Value::S("a".to_owned())),
+            ("n", Value::N("12345678901234567890123456789012345678".to_owned())),
         ]);
-        let record = record(OperationType::Insert, Some(image));
-        let encoded = Event::from_record("my.table", &record).expect("event").encode();
+        let record = record("INSERT", Some(image));
+        let encoded = Event::from_record("my.table", &record).encode();
         let json = String::from_utf8(encoded.payload.to_vec()).expect("utf8");
         assert_eq!(
             json,
@@ -432,10 +431,10 @@ mod tests {
 
     #[test]
     fn ttl_deletion_carries_user_identity() {
-        let mut rec = record(OperationType::Remove, None);
-        rec.user_identity = Some(Identity::builder().r#type("Service").principal_id("dynamodb.amazonaws.com").build());
-        let json =
-            String::from_utf8(Event::from_record("t", &rec).expect("event").encode().payload.to_vec()).expect("utf8");
+        let mut rec = record("REMOVE", None);
+        rec.user_identity =
+            Some(Identity { kind: "Service".to_owned(), principal_id: "dynamodb.amazonaws.com".to_owned() });
+        let json = String::from_utf8(Event::from_record("t", &rec).encode().payload.to_vec()).expect("utf8");
         assert!(
             json.ends_with(r#""user_identity":{"type":"Service","principal_id":"dynamodb.amazonaws.com"}}"#),
             "{json}"
@@ -444,8 +443,8 @@ mod tests {
 
     #[test]
     fn reduced_event_drops_images_and_says_so() {
-        let record = record(OperationType::Insert, Some(key("a")));
-        let event = Event::from_record("t", &record).expect("event");
+        let record = record("INSERT", Some(key("a")));
+        let event = Event::from_record("t", &record);
         let json: serde_json::Value = serde_json::from_slice(&event.reduced().encode().payload).expect("json");
         assert_eq!(json["new_image"], serde_json::Value::Null);
         assert_eq!(json["images_omitted"], true);
@@ -454,7 +453,7 @@ mod tests {
 
     #[test]
     fn times_are_rfc3339_with_fraction_only_when_non_zero() {
-        let t = |secs: f64| rfc3339(&aws_smithy_types::DateTime::from_secs_f64(secs));
+        let t = rfc3339;
         assert_eq!(t(1_795_593_789.0), "2026-11-25T08:03:09Z");
         assert_eq!(t(1_795_593_789.67), "2026-11-25T08:03:09.67Z");
         assert_eq!(t(1_795_593_789.715), "2026-11-25T08:03:09.715Z");
@@ -473,9 +472,8 @@ mod tests {
 
     #[test]
     fn unrepresentable_number_is_kept_as_text_and_reported() {
-        let image = HashMap::from([("n".to_owned(), AttributeValue::N("+1".to_owned()))]);
-        let record = record(OperationType::Insert, Some(image));
-        let encoded = Event::from_record("t", &record).expect("event").encode();
+        let record = record("INSERT", Some(map([("n", Value::N("+1".to_owned()))])));
+        let encoded = Event::from_record("t", &record).encode();
         assert_eq!(encoded.lossy.len(), 1);
         let json: serde_json::Value = serde_json::from_slice(&encoded.payload).expect("json");
         assert_eq!(json["new_image"]["n"], "+1");
@@ -483,16 +481,16 @@ mod tests {
 
     #[test]
     fn object_keys_are_written_sorted_at_every_depth() {
-        let inner = HashMap::from([
-            ("z".to_owned(), AttributeValue::Bool(true)),
-            ("a".to_owned(), AttributeValue::Null(true)),
-            ("m".to_owned(), AttributeValue::Ns(vec!["1".to_owned(), "-2.5E+3".to_owned()])),
+        let inner = map([
+            ("z", Value::Bool(true)),
+            ("a", Value::Null),
+            ("m", Value::Ns(vec!["1".to_owned(), "-2.5E+3".to_owned()])),
         ]);
-        let image = HashMap::from([
-            ("pk".to_owned(), AttributeValue::S("a\"b".to_owned())),
-            ("b".to_owned(), AttributeValue::M(inner)),
-            ("bin".to_owned(), AttributeValue::B(aws_smithy_types::Blob::new(b"hi".to_vec()))),
-            ("L".to_owned(), AttributeValue::L(vec![AttributeValue::Ss(vec!["x".to_owned()])])),
+        let image = map([
+            ("pk", Value::S("a\"b".to_owned())),
+            ("b", Value::M(inner)),
+            ("bin", Value::B(b"hi".to_vec())),
+            ("L", Value::L(vec![Value::Ss(vec!["x".to_owned()])])),
         ]);
         let mut writer = JsonWriter { out: Vec::new(), lossy: Vec::new() };
         writer.map(&image);
@@ -504,9 +502,12 @@ mod tests {
 
     #[test]
     fn record_without_keys_or_time_is_written_with_empty_values_and_reported() {
-        let mut record = record(OperationType::Modify, None);
-        record.dynamodb = Some(StreamRecord::builder().sequence_number("5").build());
-        let encoded = Event::from_record("t", &record).expect("event").encode();
+        let record = ChangeRecord {
+            event_name: "MODIFY".to_owned(),
+            sequence_number: "5".to_owned(),
+            ..ChangeRecord::default()
+        };
+        let encoded = Event::from_record("t", &record).encode();
         let json: serde_json::Value = serde_json::from_slice(&encoded.payload).expect("json");
         assert_eq!(json["keys"], serde_json::json!({}));
         assert_eq!(json["approximate_creation_time"], "");
@@ -535,20 +536,21 @@ mod tests {
             })
     }
 
-    fn attribute() -> impl Strategy<Value = AttributeValue> {
+    fn attribute() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
-            any::<String>().prop_map(AttributeValue::S),
-            dynamo_number().prop_map(AttributeValue::N),
-            any::<bool>().prop_map(AttributeValue::Bool),
-            Just(AttributeValue::Null(true)),
-            proptest::collection::vec(any::<u8>(), 0..40).prop_map(|b| AttributeValue::B(b.into())),
-            proptest::collection::vec(dynamo_number(), 1..4).prop_map(AttributeValue::Ns),
-            proptest::collection::vec(any::<String>(), 1..4).prop_map(AttributeValue::Ss),
+            any::<String>().prop_map(Value::S),
+            dynamo_number().prop_map(Value::N),
+            any::<bool>().prop_map(Value::Bool),
+            Just(Value::Null),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::B),
+            proptest::collection::vec(dynamo_number(), 1..4).prop_map(Value::Ns),
+            proptest::collection::vec(any::<String>(), 1..4).prop_map(Value::Ss),
         ];
         leaf.prop_recursive(4, 48, 6, |inner| {
             prop_oneof![
-                proptest::collection::vec(inner.clone(), 0..6).prop_map(AttributeValue::L),
-                proptest::collection::hash_map(any::<String>(), inner, 0..6).prop_map(AttributeValue::M),
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::L),
+                proptest::collection::hash_map(any::<String>(), inner, 0..6)
+                    .prop_map(|fields| Value::M(fields.into_iter().collect())),
             ]
         })
     }
@@ -573,23 +575,23 @@ mod tests {
     }
 
     /// Checks JSON parsed back against the attribute it came from; numbers compared as text.
-    fn matches(attribute: &AttributeValue, json: &Json) -> bool {
-        let b64 = |b: &aws_smithy_types::Blob| base64::engine::general_purpose::STANDARD.encode(b.as_ref());
+    fn matches(attribute: &Value, json: &Json) -> bool {
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
         match (attribute, json) {
-            (AttributeValue::S(s), Json::String(j)) => s == j,
-            (AttributeValue::N(n), Json::Number(j)) => n == j,
-            (AttributeValue::Bool(b), Json::Bool(j)) => b == j,
-            (AttributeValue::Null(_), Json::Null) => true,
-            (AttributeValue::B(b), Json::String(j)) => b64(b) == *j,
-            (AttributeValue::Ss(s), Json::Array(j)) => {
+            (Value::S(s), Json::String(j)) => s == j,
+            (Value::N(n), Json::Number(j)) => n == j,
+            (Value::Bool(b), Json::Bool(j)) => b == j,
+            (Value::Null, Json::Null) => true,
+            (Value::B(b), Json::String(j)) => b64(b) == *j,
+            (Value::Ss(s), Json::Array(j)) => {
                 s.len() == j.len() && s.iter().zip(j).all(|(s, j)| *j == Json::String(s.clone()))
             }
-            (AttributeValue::Ns(n), Json::Array(j)) => {
+            (Value::Ns(n), Json::Array(j)) => {
                 n.len() == j.len() && n.iter().zip(j).all(|(n, j)| *j == Json::Number(n.clone()))
             }
-            (AttributeValue::L(l), Json::Array(j)) => l.len() == j.len() && l.iter().zip(j).all(|(a, j)| matches(a, j)),
-            (AttributeValue::M(m), Json::Object(j)) => {
-                m.len() == j.len() && m.iter().all(|(k, a)| j.get(k).is_some_and(|j| matches(a, j)))
+            (Value::L(l), Json::Array(j)) => l.len() == j.len() && l.iter().zip(j).all(|(a, j)| matches(a, j)),
+            (Value::M(m), Json::Object(j)) => {
+                m.len() == j.len() && m.fields().iter().all(|(k, a)| j.get(k).is_some_and(|j| matches(a, j)))
             }
             _ => false,
         }
@@ -611,12 +613,23 @@ mod tests {
         /// number's digits exactly as DynamoDB sent them.
         #[test]
         fn conversion_round_trips(image in proptest::collection::hash_map("[a-z]{1,8}", attribute(), 1..8)) {
+            let image: Map = image.into_iter().collect();
             let mut writer = JsonWriter { out: Vec::new(), lossy: Vec::new() };
             writer.map(&image);
             prop_assert!(writer.lossy.is_empty());
             let text = String::from_utf8(writer.out).expect("utf8");
             let raw: Box<RawValue> = serde_json::from_str(&text).expect("valid JSON");
-            prop_assert!(matches(&AttributeValue::M(image), &parse_exact(&raw)), "{}", text);
+            prop_assert!(matches(&Value::M(image), &parse_exact(&raw)), "{}", text);
+        }
+
+        /// Times are written as the SDK's own RFC 3339 formatter writes whole seconds, across the
+        /// whole range a creation time can take (leap years and centuries included).
+        #[test]
+        fn times_match_the_sdk_formatter(secs in -62_135_596_800i64..253_402_300_799i64) {
+            let expected = aws_smithy_types::DateTime::from_secs(secs)
+                .fmt(aws_smithy_types::date_time::Format::DateTime)
+                .expect("in range");
+            prop_assert_eq!(rfc3339(secs as f64), expected);
         }
     }
 }

@@ -4,9 +4,12 @@
 //! Each returns our own types and a classified [`ReadError`], so the rest of the service never sees
 //! an SDK error. The IAM policy in `deploy/` lists exactly these actions.
 
-use aws_sdk_dynamodbstreams::types::{Record, ShardIteratorType, StreamViewType};
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::StreamViewType;
+use aws_sdk_dynamodbstreams::types::ShardIteratorType;
 
 use super::error::ReadError;
+use super::{Page, ShardSource, StartAt, convert};
 use crate::config::MAX_RECORDS_PER_CALL;
 use crate::metrics::TableErrorKind;
 
@@ -21,11 +24,10 @@ pub struct ShardInfo {
     pub closed: bool,
 }
 
-/// A table's current stream.
+/// A table's current stream (checked to carry images).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableStream {
     pub stream_arn: String,
-    pub view_type: Option<String>,
 }
 
 /// Why a table cannot be read right now (reported per table; the other tables go on).
@@ -52,21 +54,6 @@ impl TableError {
             TableError::Call(err) => err.kind().as_str(),
         }
     }
-}
-
-/// Where a shard iterator starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StartAt {
-    TrimHorizon,
-    Latest,
-    After(String),
-}
-
-/// A page of records and the iterator for the next call (`None`: the shard has ended).
-#[derive(Debug)]
-pub struct Page {
-    pub records: Vec<Record>,
-    pub next_iterator: Option<String>,
 }
 
 /// `GetShardIterator` and `GetRecords` calls in flight at once, across every shard of the replica.
@@ -112,11 +99,10 @@ impl StreamsApi {
         if specification.as_ref().is_some_and(|s| !s.stream_enabled) {
             return Err(TableError::NoStream);
         }
-        let view_type = specification.and_then(|s| s.stream_view_type).map(|v| v.as_str().to_owned());
-        if view_type.as_deref() == Some(StreamViewType::KeysOnly.as_str()) {
+        if specification.and_then(|s| s.stream_view_type) == Some(StreamViewType::KeysOnly) {
             return Err(TableError::KeysOnly);
         }
-        Ok(TableStream { stream_arn, view_type })
+        Ok(TableStream { stream_arn })
     }
 
     /// Every shard of a stream, paging through `DescribeStream`.
@@ -146,9 +132,12 @@ impl StreamsApi {
             }
         }
     }
+}
 
+#[async_trait]
+impl ShardSource for StreamsApi {
     /// A shard iterator at `start`.
-    pub async fn iterator(&self, stream_arn: &str, shard_id: &str, start: &StartAt) -> Result<String, ReadError> {
+    async fn iterator(&self, stream_arn: &str, shard_id: &str, start: &StartAt) -> Result<String, ReadError> {
         let request = self.streams.get_shard_iterator().stream_arn(stream_arn).shard_id(shard_id);
         let request = match start {
             StartAt::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
@@ -165,7 +154,7 @@ impl StreamsApi {
     }
 
     /// Up to [`MAX_RECORDS_PER_CALL`] records.
-    pub async fn records(&self, iterator: &str) -> Result<Page, ReadError> {
+    async fn records(&self, iterator: &str) -> Result<Page, ReadError> {
         let turn = self.turn().await;
         let output = self
             .streams
@@ -176,6 +165,13 @@ impl StreamsApi {
             .await
             .map_err(ReadError::from_sdk)?;
         drop(turn);
-        Ok(Page { records: output.records.unwrap_or_default(), next_iterator: output.next_shard_iterator })
+        let mut page = Page { next_iterator: output.next_shard_iterator, ..Page::default() };
+        for record in output.records.unwrap_or_default() {
+            match convert::change_record(record) {
+                Ok(record) => page.records.push(record),
+                Err(unusable) => page.unusable.push(unusable),
+            }
+        }
+        Ok(page)
     }
 }

@@ -17,11 +17,22 @@
 use std::collections::{BTreeSet, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::Services;
-use super::api::TableError;
+use std::sync::Arc;
+
+use super::api::{StreamsApi, TableError};
 use super::error::ReadError;
 use super::topology::{Problem, StreamShards, Topology};
-use crate::checkpoint::{self, CheckpointError, Position};
+use crate::checkpoint::{self, CheckpointError, Checkpoints, Position};
+use crate::metrics::Metrics;
+
+/// What discovery reads from and counts with.
+pub struct Discovery {
+    pub api: StreamsApi,
+    pub checkpoints: Checkpoints,
+    pub metrics: Arc<Metrics>,
+    /// `START_FROM_LATEST`: a table seen for the first time starts at the stream's end.
+    pub start_from_latest: bool,
+}
 
 /// Why a refresh produced nothing to write.
 #[derive(Debug, thiserror::Error)]
@@ -33,10 +44,14 @@ pub enum RefreshError {
 }
 
 /// Discovers `table`'s shards, starting from what the fleet knew (`None`: never seen).
-pub async fn refresh(services: &Services, table: &str, previous: Option<&Topology>) -> Result<Topology, RefreshError> {
-    let metrics = &services.metrics;
+pub async fn refresh(
+    discovery: &Discovery,
+    table: &str,
+    previous: Option<&Topology>,
+) -> Result<Topology, RefreshError> {
+    let metrics = &discovery.metrics;
     let mut next = previous.cloned().unwrap_or_default();
-    let stream = match services.api.table_stream(table).await {
+    let stream = match discovery.api.table_stream(table).await {
         Ok(stream) => stream,
         Err(TableError::Call(err)) => {
             metrics.table_errors.with_label_values(&[table, err.kind().as_str()]).inc();
@@ -75,7 +90,7 @@ pub async fn refresh(services: &Services, table: &str, previous: Option<&Topolog
 
     let mut listed = Vec::with_capacity(next.streams.len());
     for (index, known) in next.streams.iter().enumerate() {
-        match services.api.shards(&known.arn).await {
+        match discovery.api.shards(&known.arn).await {
             Ok(shards) => listed.push(StreamShards { arn: known.arn.clone(), shards }),
             Err(ReadError::NotFound(_)) if index + 1 < next.streams.len() => {
                 tracing::warn!(table, stream = %known.arn, "old stream is gone; following the newer one");
@@ -88,7 +103,7 @@ pub async fn refresh(services: &Services, table: &str, previous: Option<&Topolog
     }
     next.streams = listed;
 
-    learn_finished(services, table, &mut next).await?;
+    learn_finished(discovery, table, &mut next).await?;
     // An old stream whose shards are all finished is done with.
     while next.streams.len() > 1
         && next.streams[0].shards.iter().all(|s| s.closed && next.finished.contains(&s.shard_id))
@@ -96,10 +111,10 @@ pub async fn refresh(services: &Services, table: &str, previous: Option<&Topolog
         tracing::info!(table, stream = %next.streams[0].arn, "old stream finished");
         next.streams.remove(0);
     }
-    if previous.is_none() && services.config.start_from_latest {
-        start_at_latest(services, table, &mut next).await?;
+    if previous.is_none() && discovery.start_from_latest {
+        start_at_latest(discovery, table, &mut next).await?;
     }
-    clean_up(services, table, &mut next).await;
+    clean_up(discovery, table, &mut next).await;
     Ok(next)
 }
 
@@ -155,7 +170,7 @@ fn keep_in_order(streams: &mut Vec<StreamShards>) -> bool {
 /// Adds the listed closed shards whose checkpoint says finished. Open shards are not read: only a
 /// closed shard has children waiting on it, and a thousand idle open shards would cost a thousand
 /// reads per refresh.
-async fn learn_finished(services: &Services, table: &str, topology: &mut Topology) -> Result<(), CheckpointError> {
+async fn learn_finished(discovery: &Discovery, table: &str, topology: &mut Topology) -> Result<(), CheckpointError> {
     let unfinished: Vec<String> = topology
         .streams
         .iter()
@@ -164,7 +179,7 @@ async fn learn_finished(services: &Services, table: &str, topology: &mut Topolog
         .map(|s| s.shard_id.clone())
         .collect();
     for shard_id in unfinished {
-        let stored = services.checkpoints.load(&checkpoint::key(table, &shard_id)).await?;
+        let stored = discovery.checkpoints.load(&checkpoint::key(table, &shard_id)).await?;
         if matches!(stored.position, Some(Position::Finished { .. })) {
             topology.finished.insert(shard_id);
         }
@@ -181,8 +196,8 @@ async fn learn_finished(services: &Services, table: &str, topology: &mut Topolog
 /// DynamoDB rounds `ApproximateCreationDateTime` down to the second, so the sighting is rounded down
 /// too: a record written in the same second just before the sighting is published rather than one
 /// just after it being lost.
-async fn start_at_latest(services: &Services, table: &str, topology: &mut Topology) -> Result<(), CheckpointError> {
-    if !services.checkpoints.shards_of(table).await?.is_empty() {
+async fn start_at_latest(discovery: &Discovery, table: &str, topology: &mut Topology) -> Result<(), CheckpointError> {
+    if !discovery.checkpoints.shards_of(table).await?.is_empty() {
         return Ok(());
     }
     let since = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
@@ -194,23 +209,26 @@ async fn start_at_latest(services: &Services, table: &str, topology: &mut Topolo
 /// Deletes finished checkpoints of shards that have left every stream followed: those the topology
 /// knows as finished, and those finished after they stopped being listed (a shard that vanished while
 /// it was read ends with a finished checkpoint the topology never saw).
-async fn clean_up(services: &Services, table: &str, topology: &mut Topology) {
+async fn clean_up(discovery: &Discovery, table: &str, topology: &mut Topology) {
     let present: HashSet<String> = topology.present().into_iter().map(str::to_owned).collect();
     topology.start_latest.retain(|id| present.contains(id));
     let mut gone: BTreeSet<String> = topology.finished.iter().filter(|id| !present.contains(*id)).cloned().collect();
-    match services.checkpoints.shards_of(table).await {
+    match discovery.checkpoints.shards_of(table).await {
         Ok(keys) => gone.extend(keys.into_iter().map(|(_, shard)| shard).filter(|shard| !present.contains(shard))),
         Err(err) => tracing::warn!(table, error = %err, "cannot list checkpoints; clean-up retried later"),
     }
     for shard_id in gone {
         let key = checkpoint::key(table, &shard_id);
         let result = async {
-            let stored = services.checkpoints.load(&key).await?;
-            let finished = matches!(stored.position, Some(Position::Finished { .. }));
-            if finished {
-                services.checkpoints.delete(&key, stored.revision).await?;
+            let stored = discovery.checkpoints.load(&key).await?;
+            let finished = match (stored.position, stored.revision) {
+                (Some(Position::Finished { .. }), Some(revision)) => Some(revision),
+                _ => None,
+            };
+            if let Some(revision) = finished {
+                discovery.checkpoints.delete(&key, revision).await?;
             }
-            Ok::<bool, CheckpointError>(finished)
+            Ok::<bool, CheckpointError>(finished.is_some())
         }
         .await;
         match result {

@@ -1,56 +1,47 @@
-//! The DynamoDB Streams side: which shards exist ([`discovery`]), reading one shard ([`shard`]),
-//! the AWS calls ([`api`]) and their error classification ([`error`]).
+//! The DynamoDB Streams side: which shards exist ([`discovery`], [`topology`], [`layout`]), the AWS
+//! calls ([`api`]) and their error classification ([`error`]), and the records they return turned
+//! into the service's own [`ChangeRecord`]s ([`convert`]). Nothing here knows how records are
+//! published: the shard reader (`crate::pipeline`) reads through [`ShardSource`].
 
 pub mod api;
+pub mod convert;
 pub mod discovery;
 pub mod error;
 pub mod layout;
-pub mod shard;
+#[cfg(test)]
+pub mod memory;
 pub mod topology;
-pub mod watch;
 
-use std::sync::Arc;
-use std::time::Duration;
+use async_trait::async_trait;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use crate::record::ChangeRecord;
+use convert::Unusable;
+use error::ReadError;
 
-use crate::checkpoint::Checkpoints;
-use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::publish::Publisher;
-use crate::status::{ShardProgress, UnreadableTables};
-use api::StreamsApi;
-
-/// What every table watcher and shard reader shares.
-pub struct Services {
-    pub config: Config,
-    pub api: StreamsApi,
-    pub publisher: Publisher,
-    pub checkpoints: Checkpoints,
-    pub metrics: Arc<Metrics>,
-    /// Per-shard progress, for `/status` and the lag metrics.
-    pub progress: Arc<ShardProgress>,
-    /// Configured tables that cannot be read for a reason of ours (for `/readyz` and `/status`).
-    pub unreadable: Arc<UnreadableTables>,
-    /// The largest value the checkpoint bucket takes (its max value size and the server's max
-    /// payload, less room for the headers of a compare-and-swap write).
-    pub value_limit: usize,
+/// Where a shard iterator starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAt {
+    TrimHorizon,
+    Latest,
+    After(String),
 }
 
-/// First retry delay after a failure (throttling, 5xx, NATS down).
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest retry delay: long enough to relieve a throttled shard, short enough to recover quickly.
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A page of records and the iterator for the next call (`None`: the shard has ended).
+#[derive(Debug, Default)]
+pub struct Page {
+    pub records: Vec<ChangeRecord>,
+    /// Records that could not be converted (DynamoDB always sends what they lack): the reader logs
+    /// and counts them.
+    pub unusable: Vec<Unusable>,
+    pub next_iterator: Option<String>,
+}
 
-/// A sequence of retry delays.
-pub type Backoff = backon::ExponentialBackoff;
+/// Reading one shard: DynamoDB Streams in the service ([`api::StreamsApi`]), memory in unit tests.
+#[async_trait]
+pub trait ShardSource: Send + Sync {
+    /// An iterator at `start` of `shard_id`.
+    async fn iterator(&self, stream_arn: &str, shard_id: &str, start: &StartAt) -> Result<String, ReadError>;
 
-/// Exponential delays with jitter, without end; start a new one after a success.
-pub fn backoff() -> Backoff {
-    ExponentialBuilder::default()
-        .with_min_delay(BACKOFF_MIN)
-        .with_max_delay(BACKOFF_MAX)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    /// The page at `iterator`.
+    async fn records(&self, iterator: &str) -> Result<Page, ReadError>;
 }

@@ -11,7 +11,8 @@ use std::collections::{BTreeSet, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::api::{ShardInfo, StartAt};
+use super::StartAt;
+use super::api::ShardInfo;
 
 /// One stream of a table and its shards, as `DescribeStream` listed them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

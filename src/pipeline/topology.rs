@@ -1,9 +1,9 @@
 //! Keeps every table's [`Topology`] fresh in the bucket and publishes the shards that may be read now.
 //!
-//! A topology is kept as many small keys ([`super::layout`]). Every second the watch reads each
+//! A topology is kept as many small keys ([`crate::source::layout`]). Every second the watch reads each
 //! table's head (one KV get per table), and the table's other keys only when the head says they
 //! changed. A table whose head has not changed for `SHARD_REFRESH_INTERVAL_SEC`, as this replica
-//! observed it, is refreshed from AWS ([`super::discovery::refresh`]); what changed is written, then
+//! observed it, is refreshed from AWS ([`discovery::refresh`]); what changed is written, then
 //! the head by compare-and-swap at the revision it was read at, so about one replica per interval
 //! pays for `DescribeStream`, whatever the size of the fleet (`coordination/DESIGN.md`, "Discovery
 //! in the service"). A table can be refreshed at once on
@@ -24,11 +24,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::Services;
-use super::discovery;
-use super::layout::{self, Head};
-use super::topology::{Readable, Topology};
 use crate::metrics::{ShardState, UnreadableReason};
+use crate::source::discovery::{self, Discovery};
+use crate::source::layout::{self, Head};
+use crate::source::topology::{Readable, Topology};
+use crate::status::UnreadableTables;
 
 /// How often the topology keys are read: children of a shard finished on another replica become
 /// readable here within about this long.
@@ -41,6 +41,20 @@ pub const REFRESHES_PER_TICK: usize = 5;
 /// Topology writes of one wave (shards whose parents are written) sent at once: a table of
 /// thousands of shards is written in seconds, not one round trip per shard.
 const WRITES_IN_FLIGHT: usize = 64;
+
+/// What the topology watch reads, writes and reports with.
+pub struct TopologyContext {
+    pub discovery: Discovery,
+    /// The configured tables.
+    pub tables: Vec<String>,
+    /// `SHARD_REFRESH_INTERVAL_SEC`.
+    pub refresh_interval: Duration,
+    /// The checkpoint bucket's name, for the message of a table whose topology does not fit it.
+    pub bucket: String,
+    /// The largest value the bucket takes (see `crate::nats::VALUE_HEADROOM`).
+    pub value_limit: usize,
+    pub unreadable: Arc<UnreadableTables>,
+}
 
 /// The shards that may be read now, by lease key; `None` until every table was read once.
 pub type ReadableShards = Option<Arc<BTreeMap<ShardKey, Readable>>>;
@@ -65,6 +79,13 @@ struct TableView {
 pub struct Force(mpsc::UnboundedSender<String>);
 
 impl Force {
+    /// A handle not tied to a watch, and the receiving end of its requests (for tests).
+    #[cfg(test)]
+    pub fn detached() -> (Force, mpsc::UnboundedReceiver<String>) {
+        let (force, forced) = mpsc::unbounded_channel();
+        (Force(force), forced)
+    }
+
     pub fn refresh(&self, table: &str) {
         // The watch is gone only during shutdown, when nothing needs refreshing.
         let _ = self.0.send(table.to_owned());
@@ -73,7 +94,7 @@ impl Force {
 
 /// The task that keeps the topologies fresh.
 pub struct TopologyWatch {
-    services: Arc<Services>,
+    context: Arc<TopologyContext>,
     store: Arc<dyn LeaseStore>,
     tables: BTreeMap<String, TableView>,
     readable: watch::Sender<ReadableShards>,
@@ -82,11 +103,14 @@ pub struct TopologyWatch {
 
 impl TopologyWatch {
     /// The watch, a receiver of the readable shards, and the handle that forces a refresh.
-    pub fn new(services: Arc<Services>, store: Arc<dyn LeaseStore>) -> (Self, watch::Receiver<ReadableShards>, Force) {
-        let tables = services.config.tables.iter().map(|table| (table.clone(), TableView::default())).collect();
+    pub fn new(
+        context: Arc<TopologyContext>,
+        store: Arc<dyn LeaseStore>,
+    ) -> (Self, watch::Receiver<ReadableShards>, Force) {
+        let tables = context.tables.iter().map(|table| (table.clone(), TableView::default())).collect();
         let (readable, readable_rx) = watch::channel(None);
         let (force, forced) = mpsc::unbounded_channel();
-        (TopologyWatch { services, store, tables, readable, forced }, readable_rx, Force(force))
+        (TopologyWatch { context, store, tables, readable, forced }, readable_rx, Force(force))
     }
 
     pub async fn run(mut self, stop: CancellationToken) {
@@ -117,7 +141,7 @@ impl TopologyWatch {
     /// [`REFRESHES_PER_TICK`]), and publishes the readable shards.
     async fn read(&mut self) {
         let now = Instant::now();
-        let interval = self.services.config.shard_refresh_interval;
+        let interval = self.context.refresh_interval;
         for (table, view) in &mut self.tables {
             read_table(self.store.as_ref(), table, view, now).await;
         }
@@ -128,13 +152,13 @@ impl TopologyWatch {
             .collect();
         due.sort_by_key(|(_, view)| (!view.force, view.seen.map(|(_, since)| since)));
         for (table, view) in due.into_iter().take(REFRESHES_PER_TICK) {
-            refresh_table(&self.services, self.store.as_ref(), table, view).await;
+            refresh_table(&self.context, self.store.as_ref(), table, view).await;
         }
         let mut readable = BTreeMap::new();
         for (table, view) in &self.tables {
             let Some(topology) = &view.topology else { continue };
             let counts = topology.counts();
-            let known = &self.services.metrics.shards_known;
+            let known = &self.context.discovery.metrics.shards_known;
             known.with_label_values(&[table, ShardState::Reading.as_str()]).set(counts.readable);
             known.with_label_values(&[table, ShardState::WaitingForParent.as_str()]).set(counts.waiting_for_parent);
             known.with_label_values(&[table, ShardState::Finished.as_str()]).set(counts.finished);
@@ -241,8 +265,8 @@ impl From<StoreError> for WriteError {
 
 /// Refreshes one table from AWS and writes what changed: the stream and shard keys (parents first),
 /// then the head by compare-and-swap at the revision last read, which claims the refresh.
-async fn refresh_table(services: &Services, store: &dyn LeaseStore, table: &str, view: &mut TableView) {
-    let next = match discovery::refresh(services, table, view.topology.as_ref()).await {
+async fn refresh_table(context: &TopologyContext, store: &dyn LeaseStore, table: &str, view: &mut TableView) {
+    let next = match discovery::refresh(&context.discovery, table, view.topology.as_ref()).await {
         Ok(next) => next,
         Err(err) => {
             tracing::warn!(table, error = %err, "shard discovery failed; retrying at the next refresh");
@@ -255,16 +279,21 @@ async fn refresh_table(services: &Services, store: &dyn LeaseStore, table: &str,
     let head = Head::of(&next, changes);
     let head_value = head.encode();
     let largest = writes.iter().map(|entry| entry.value.len()).max().unwrap_or(0).max(head_value.len());
-    if largest > services.value_limit {
+    if largest > context.value_limit {
         let message = format!(
             "a value of its shard topology ({largest} bytes) does not fit the checkpoint bucket's max value \
              size ({} bytes usable); raise it (`nats kv edit {} --max-value-size`) or use a bucket without the limit",
-            services.value_limit, services.config.bucket,
+            context.value_limit, context.bucket,
         );
-        if services.unreadable.set(table, UnreadableReason::ValueTooLarge, message.clone()) {
-            tracing::error!(table, bucket = %services.config.bucket, "table cannot be read: {message}");
+        if context.unreadable.set(table, UnreadableReason::ValueTooLarge, message.clone()) {
+            tracing::error!(table, bucket = %context.bucket, "table cannot be read: {message}");
         }
-        services.metrics.table_unreadable.with_label_values(&[table, UnreadableReason::ValueTooLarge.as_str()]).set(1);
+        context
+            .discovery
+            .metrics
+            .table_unreadable
+            .with_label_values(&[table, UnreadableReason::ValueTooLarge.as_str()])
+            .set(1);
         return;
     }
     let (written, deleted, started) = (writes.len(), deletes.len(), Instant::now());
@@ -274,10 +303,11 @@ async fn refresh_table(services: &Services, store: &dyn LeaseStore, table: &str,
                 let ms = started.elapsed().as_millis() as u64;
                 tracing::info!(table, written, deleted, ms, shards = next.present().len(), "shard topology changed");
             }
-            if services.unreadable.clear(table) {
+            if context.unreadable.clear(table) {
                 tracing::info!(table, "table can be read again: its topology fits the bucket");
             }
-            services
+            context
+                .discovery
                 .metrics
                 .table_unreadable
                 .with_label_values(&[table, UnreadableReason::ValueTooLarge.as_str()])

@@ -20,11 +20,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::Pipeline;
+use super::reader::{Outcome, ShardReader};
+use super::topology::{Force, ReadableShards, TopologyContext, TopologyWatch};
+use crate::config::Config;
 use crate::metrics::LeaseChange;
-use crate::source::Services;
-use crate::source::shard::{Outcome, ShardReader};
 use crate::source::topology::Readable;
-use crate::source::watch::{Force, ReadableShards, TopologyWatch};
 
 /// A running reader: its generation (a re-acquired shard gets a new reader) and how to stop it.
 struct Running {
@@ -34,7 +35,8 @@ struct Running {
 
 /// Owns the coordinator and the shard readers of this replica.
 pub struct Fleet {
-    services: Arc<Services>,
+    config: Config,
+    pipeline: Arc<Pipeline>,
     coordinator: Coordinator,
     events: Events,
     status: watch::Receiver<Status>,
@@ -55,17 +57,20 @@ pub struct Fleet {
 impl Fleet {
     /// Starts the coordinator (its settings were validated with the rest of the configuration).
     pub fn start(
-        services: Arc<Services>,
+        config: Config,
+        pipeline: Arc<Pipeline>,
+        topology: TopologyContext,
         store: Arc<dyn LeaseStore>,
         tracker: TaskTracker,
     ) -> Result<(Fleet, watch::Receiver<Status>), coordination::ConfigError> {
-        let (coordinator, events) = Coordinator::start(Arc::clone(&store), services.config.lease.clone())?;
-        services.metrics.init_tables(&services.config.tables);
+        let (coordinator, events) = Coordinator::start(Arc::clone(&store), config.lease.clone())?;
+        pipeline.metrics.init_tables(&config.tables);
         let status = coordinator.watch_status();
-        let (topology, readable_rx, force) = TopologyWatch::new(Arc::clone(&services), store);
+        let (topology, readable_rx, force) = TopologyWatch::new(Arc::new(topology), store);
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
         let fleet = Fleet {
-            services,
+            config,
+            pipeline,
             coordinator,
             events,
             status: status.clone(),
@@ -99,8 +104,8 @@ impl Fleet {
                 Ok(()) = self.readable_rx.changed() => self.shards_changed(),
                 Ok(()) = self.status.changed() => {
                     let status = self.status.borrow_and_update();
-                    self.services.metrics.leases_held.set(status.held.len() as i64);
-                    self.services.metrics.replicas_live.set(status.live_replicas as i64);
+                    self.pipeline.metrics.leases_held.set(status.held.len() as i64);
+                    self.pipeline.metrics.replicas_live.set(status.live_replicas as i64);
                 }
             }
         }
@@ -108,7 +113,7 @@ impl Fleet {
     }
 
     fn on_event(&mut self, event: Event) {
-        let metrics = &self.services.metrics;
+        let metrics = &self.pipeline.metrics;
         match event {
             Event::Acquired { shard, guard } => {
                 metrics.lease_changes.with_label_values(&[LeaseChange::Acquired.as_str()]).inc();
@@ -154,13 +159,9 @@ impl Fleet {
         let generation = self.generation;
         let stop = self.readers.child_token();
         let reader = ShardReader {
-            services: Arc::clone(&self.services),
-            subject: self.services.config.subject_for(&readable.table),
-            table: readable.table,
-            stream_arn: readable.stream_arn,
-            shard_id: readable.shard_id,
-            fresh_start: readable.fresh_start,
-            skip_before: readable.skip_before,
+            pipeline: Arc::clone(&self.pipeline),
+            subject: self.config.subject_for(&readable.table),
+            shard: readable,
             cancel: stop.clone(),
             guard,
             readable: self.readable_rx.clone(),
@@ -182,7 +183,7 @@ impl Fleet {
         self.running.remove(&shard);
         match outcome {
             Outcome::Finished => {
-                self.services.metrics.lease_changes.with_label_values(&[LeaseChange::Finished.as_str()]).inc();
+                self.pipeline.metrics.lease_changes.with_label_values(&[LeaseChange::Finished.as_str()]).inc();
                 self.coordinator.finish(&shard);
                 // Its children may be readable now: refresh the table at once.
                 if let Some(readable) = self.readable.as_deref().and_then(|readable| readable.get(&shard)) {
@@ -191,9 +192,9 @@ impl Fleet {
             }
             // Handed over, or its lease lost, or its checkpoint moved by someone else: release (a no-op
             // when the lease is already gone), and whoever takes it resumes from the checkpoint.
-            Outcome::Stopped | Outcome::LeaseLost | Outcome::Fenced => {
+            Outcome::Stopped | Outcome::LeaseLost | Outcome::CheckpointTaken => {
                 if outcome != Outcome::LeaseLost {
-                    self.services.metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc();
+                    self.pipeline.metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc();
                 }
                 self.coordinator.release(&shard);
             }
@@ -223,7 +224,7 @@ impl Fleet {
             }
         }
         let held = self.coordinator.status().held.len() as u64;
-        self.services.metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc_by(held);
+        self.pipeline.metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc_by(held);
         self.coordinator.shutdown().await;
         tracing::info!(released = held, "leases released");
     }

@@ -1,0 +1,517 @@
+//! Reading one shard: iterator → `GetRecords` → publish in order → checkpoint, until the shard ends
+//! or the reader is told to stop, as an explicit state machine ([`State`]):
+//!
+//! ```text
+//! Positioning ──iterator──▶ Reading ──page, next iterator──▶ Reading
+//!     ▲                        │ └──last page (no next iterator)──▶ Finishing ──▶ Ended(Finished)
+//!     └──expired / trimmed─────┘
+//! any state ──stop or lease lost──▶ Ended(Stopped | LeaseLost)   (a page in hand is drained first)
+//! ```
+//!
+//! Invariants: records are published in the shard's order; the checkpoint only covers records the
+//! sink acknowledged (or skipped as older than a `START_FROM_LATEST` first sighting); a failed
+//! publish is retried from the first unacknowledged record (never skipped); once reading has stopped,
+//! the page in hand is still published and checkpointed (it drains), so a graceful stop leaves nothing
+//! to publish twice, while a read in flight is abandoned (nothing is in hand yet). Fencing: the
+//! shard's [`LeaseGuard`] is checked by the sink before every record it hands on and by the
+//! checkpoint before every write; once it fails the reader ends at once, writing nothing more, and a
+//! publish connection that may still hold its publishes is fenced. A shard AWS calls missing has
+//! ended only if the topology lists it closed or no longer lists it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use coordination::LeaseGuard;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::Pipeline;
+use super::topology::{Force, ReadableShards};
+use crate::checkpoint::{self, AdvanceError, Position, ShardCheckpoint};
+use crate::config::MAX_RECORDS_PER_CALL;
+use crate::publish::{Destination, Prepared};
+use crate::retry::{self, Backoff};
+use crate::source::error::ReadError;
+use crate::source::topology::Readable;
+use crate::source::{Page, StartAt};
+
+/// How a reader ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Read to its end (or gone from the stream) and checkpointed as finished.
+    Finished,
+    /// Told to stop; its progress is checkpointed.
+    Stopped,
+    /// Its checkpoint was moved by another writer (which reads the shard now); it stopped without
+    /// writing.
+    CheckpointTaken,
+    /// Its lease was lost (expired or taken): it stopped without publishing or writing more.
+    LeaseLost,
+}
+
+/// Where a reader is in its shard's life.
+enum State {
+    /// Needs an iterator at the cursor's start.
+    Positioning,
+    /// Holds an iterator, and maybe the page at it already being read (after a full page).
+    Reading {
+        iterator: String,
+        prefetch: Option<Prefetch>,
+    },
+    /// The shard has ended: its checkpoint is marked finished so its children may be read.
+    Finishing,
+    Ended(Outcome),
+}
+
+/// A `GetRecords` page made ready to publish: its records converted, the page itself dropped.
+struct Fetched {
+    /// Records the page held (some may have been unusable).
+    count: usize,
+    /// The sum of the records' `SizeBytes`.
+    bytes: i64,
+    next_iterator: Option<String>,
+    batch: Vec<Prepared>,
+}
+
+/// A prefetch in flight: the task reading and converting the page at the state's iterator.
+type Prefetch = AbortOnDropHandle<Result<Fetched, ReadError>>;
+
+/// What a reader carries from state to state.
+struct Cursor {
+    /// Where a new iterator starts: after the last record published, or the shard's fresh start.
+    start: StartAt,
+    checkpoint: ShardCheckpoint,
+    /// Delays between attempts while calls fail; reset by a page read.
+    delays: Backoff,
+    /// `START_FROM_LATEST`: records created before this second are skipped (only for a shard read
+    /// without a checkpoint).
+    skip_before: Option<u64>,
+}
+
+/// Reads one shard of one table's stream.
+pub struct ShardReader {
+    pub pipeline: Arc<Pipeline>,
+    pub shard: Readable,
+    pub subject: String,
+    /// Told to stop gracefully (hand-over, shutdown): the page in hand is still published.
+    pub cancel: CancellationToken,
+    /// The permission to publish and checkpoint this shard.
+    pub guard: LeaseGuard,
+    /// The shards that may be read now, as the fleet last saw them: tells whether a shard AWS calls
+    /// missing is closed or gone (then it has ended) or still listed open (then NotFound is transient).
+    pub readable: watch::Receiver<ReadableShards>,
+    /// Asks for a refresh of the table's topology at once.
+    pub force: Force,
+}
+
+/// Where the topology puts a shard that an AWS call said does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listing {
+    /// Listed and open: AWS answers NotFound transiently (e.g. just after a stream is enabled).
+    Open,
+    /// Listed closed, or no longer listed: the shard has ended.
+    Ended,
+}
+
+/// `GetRecords` stops at 1000 records or 1 MB. A page whose records' `SizeBytes` add up to half of that
+/// was most likely cut by the size limit (the answer's bytes count more than the items'), so the shard
+/// is read on at once instead of after `POLL_GAP_MS`; a wrong guess costs one empty call.
+const FULL_PAGE_BYTES: i64 = 512 * 1024;
+
+impl ShardReader {
+    pub async fn run(self) -> Outcome {
+        let outcome = self.read().await;
+        self.pipeline.progress.ended(&self.shard.table, &self.shard.shard_id);
+        tracing::info!(table = %self.shard.table, shard_id = %self.shard.shard_id, ?outcome, "shard reader ended");
+        outcome
+    }
+
+    async fn read(&self) -> Outcome {
+        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
+        let Some(checkpoint) = Box::pin(self.load_checkpoint()).await else { return self.stopped() };
+        self.pipeline.progress.started(table, shard_id, checkpoint.position());
+        let start = match checkpoint.position() {
+            Some(Position::Finished { .. }) => return Outcome::Finished,
+            Some(Position::After(seq)) => StartAt::After(seq.to_string()),
+            None => self.shard.fresh_start.clone(),
+        };
+        // Only a shard read from its start skips: one with a checkpoint resumes after it, whoever wrote
+        // it (the Go service during an upgrade included).
+        let skip_before = self.shard.skip_before.filter(|_| checkpoint.position().is_none());
+        tracing::info!(table, shard_id, ?start, skip_before, "shard reader started");
+        let mut cursor = Cursor { start, checkpoint, delays: retry::backoff(), skip_before };
+        let mut state = State::Positioning;
+        loop {
+            state = match state {
+                State::Ended(outcome) => return outcome,
+                State::Finishing => State::Ended(Box::pin(self.finish(&mut cursor.checkpoint)).await),
+                _ if self.cancel.is_cancelled() || !self.guard.is_valid() => State::Ended(self.stopped()),
+                State::Positioning => Box::pin(self.position(&mut cursor)).await,
+                State::Reading { iterator, prefetch } => {
+                    Box::pin(self.read_page(&mut cursor, iterator, prefetch)).await
+                }
+            };
+        }
+    }
+
+    /// `Positioning`: gets an iterator at the cursor's start.
+    async fn position(&self, cursor: &mut Cursor) -> State {
+        let (stream_arn, shard_id) = (&self.shard.stream_arn, &self.shard.shard_id);
+        let call = self.pipeline.source.iterator(stream_arn, shard_id, &cursor.start);
+        match self.unless_stopped(call).await {
+            None => State::Ended(self.stopped()),
+            Some(Ok(iterator)) => State::Reading { iterator, prefetch: None },
+            Some(Err(err)) => {
+                self.count_error(&err);
+                self.after_error(err, cursor, State::Positioning, "cannot get a shard iterator; retrying").await
+            }
+        }
+    }
+
+    /// `Reading`: reads the page at `iterator` (or takes the prefetched one), publishes and
+    /// checkpoints it, and sets up the next read.
+    async fn read_page(&self, cursor: &mut Cursor, iterator: String, prefetch: Option<Prefetch>) -> State {
+        let result = match prefetch {
+            // A fetch that panicked is a failed call: the same iterator is asked again.
+            Some(fetch) => match self.unless_stopped(fetch).await {
+                None => return State::Ended(self.stopped()),
+                Some(joined) => joined.unwrap_or_else(|err| Err(ReadError::Transient(err.to_string()))),
+            },
+            None => match self.unless_stopped(fetch(&self.pipeline, &self.shard, &iterator)).await {
+                None => return State::Ended(self.stopped()),
+                Some(result) => result,
+            },
+        };
+        self.pipeline.metrics.get_records_calls.with_label_values(&[&self.shard.table]).inc();
+        match result {
+            Ok(page) => {
+                cursor.delays = retry::backoff();
+                self.handle(cursor, page).await
+            }
+            Err(ReadError::IteratorExpired) => {
+                self.count_error(&ReadError::IteratorExpired);
+                tracing::info!(table = %self.shard.table, shard_id = %self.shard.shard_id, "shard iterator expired; getting a new one");
+                State::Positioning
+            }
+            Err(err) => {
+                self.count_error(&err);
+                let retry = State::Reading { iterator, prefetch: None };
+                self.after_error(err, cursor, retry, "GetRecords failed; retrying").await
+            }
+        }
+    }
+
+    /// What follows a failed call: a trimmed position moves on to `TRIM_HORIZON`, a shard not found
+    /// may have ended, anything else is retried (`retry`) after a pause.
+    async fn after_error(&self, err: ReadError, cursor: &mut Cursor, retry: State, message: &str) -> State {
+        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
+        match err {
+            ReadError::Trimmed(_) => Box::pin(self.trimmed(cursor)).await,
+            ReadError::NotFound(message) => Box::pin(self.not_found(&message, cursor)).await,
+            other => {
+                tracing::warn!(table, shard_id, error = %other, "{message}");
+                if self.pause(cursor.delays.next()).await { retry } else { State::Ended(self.stopped()) }
+            }
+        }
+    }
+
+    /// Publishes a page and checkpoints it; sets up the next read (prefetched after a full page) and
+    /// waits as the polling rules say.
+    async fn handle(&self, cursor: &mut Cursor, page: Fetched) -> State {
+        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
+        let count = page.count;
+        tracing::debug!(table, shard_id, records = count, ended = page.next_iterator.is_none(), "GetRecords");
+        self.pipeline.metrics.records_per_get_records.with_label_values(&[table]).observe(count as f64);
+        let full = count >= MAX_RECORDS_PER_CALL as usize || page.bytes >= FULL_PAGE_BYTES;
+        // The next page, asked for and converted while this one is published (only after a full page,
+        // when the next call would be made at once anyway): reading and publishing overlap.
+        let prefetch = match &page.next_iterator {
+            Some(next) if full => {
+                let (pipeline, shard, next) = (Arc::clone(&self.pipeline), self.shard.clone(), next.clone());
+                Some(AbortOnDropHandle::new(tokio::spawn(async move { fetch(&pipeline, &shard, &next).await })))
+            }
+            _ => None,
+        };
+        let mut batch = page.batch;
+        let page_end = batch.last().map(|record| record.sequence_number.clone());
+        let skipped = cursor.skip_before.map_or(0, |before| skip_older(&mut batch, before));
+        let newest = batch.last().and_then(|p| p.created_at).filter(|_| count > 0);
+        // Reported before publishing, so the lag keeps growing while these records wait.
+        self.pipeline.progress.read(table, shard_id, newest);
+        if !batch.is_empty()
+            && let Err(outcome) = Box::pin(self.publish(batch, cursor)).await
+        {
+            return State::Ended(outcome);
+        }
+        if skipped > 0
+            && let Some(end) = page_end
+        {
+            // Every record of the page is published or skipped: the checkpoint covers the page.
+            tracing::debug!(
+                table,
+                shard_id,
+                skipped,
+                "records created before the first sighting skipped (START_FROM_LATEST)"
+            );
+            cursor.start = StartAt::After(end.to_string());
+            if let Err(outcome) = self.checkpoint(&mut cursor.checkpoint, Position::After(end)).await {
+                return State::Ended(outcome);
+            }
+        }
+        let Some(iterator) = page.next_iterator else { return State::Finishing };
+        let wait = if full {
+            Duration::ZERO
+        } else if count > 0 {
+            self.pipeline.settings.poll_gap
+        } else {
+            self.pipeline.settings.poll_interval
+        };
+        if !wait.is_zero() && !self.pause(Some(wait)).await {
+            return State::Ended(self.stopped());
+        }
+        State::Reading { iterator, prefetch }
+    }
+
+    /// How a reader that was told to stop (or lost its lease) ends.
+    fn stopped(&self) -> Outcome {
+        if self.guard.is_valid() { Outcome::Stopped } else { Outcome::LeaseLost }
+    }
+
+    fn count_error(&self, err: &ReadError) {
+        let labels = [self.shard.table.as_str(), err.kind().as_str()];
+        self.pipeline.metrics.get_records_errors.with_label_values(&labels).inc();
+    }
+
+    /// Reads the checkpoint, retrying while NATS is unavailable; `None` if told to stop meanwhile.
+    async fn load_checkpoint(&self) -> Option<ShardCheckpoint> {
+        let key = checkpoint::key(&self.shard.table, &self.shard.shard_id);
+        let mut delays = retry::backoff();
+        loop {
+            let checkpoints = self.pipeline.checkpoints.clone();
+            match ShardCheckpoint::load(checkpoints, key.clone(), self.guard.clone()).await {
+                Ok(checkpoint) => return Some(checkpoint),
+                Err(err) => {
+                    tracing::warn!(table = %self.shard.table, shard_id = %self.shard.shard_id, error = %err, "cannot read checkpoint; retrying");
+                    if !self.pause(delays.next()).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The checkpoint is older than the stream's retention: the records between are gone, so reading
+    /// goes on from `TRIM_HORIZON`, and the gap is counted once. Trimmed again at `TRIM_HORIZON` (the
+    /// horizon moved on between the iterator and the read) is no new gap: retried after a pause.
+    async fn trimmed(&self, cursor: &mut Cursor) -> State {
+        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
+        if cursor.start == StartAt::TrimHorizon {
+            tracing::info!(table, shard_id, "trimmed at TRIM_HORIZON as well; retrying");
+            return if self.pause(cursor.delays.next()).await {
+                State::Positioning
+            } else {
+                State::Ended(self.stopped())
+            };
+        }
+        self.pipeline.metrics.trimmed_data_gaps.with_label_values(&[table]).inc();
+        tracing::error!(table, shard_id, start = ?cursor.start,
+            "records after the checkpoint were trimmed from the stream (older than its 24 h retention) and are lost; continuing from TRIM_HORIZON");
+        cursor.start = StartAt::TrimHorizon;
+        State::Positioning
+    }
+
+    /// AWS says the shard (or its stream) does not exist. That is its end only if the topology lists
+    /// it closed or no longer lists it; a shard listed open is asked again after a pause, and the
+    /// table's topology is refreshed meanwhile.
+    async fn not_found(&self, message: &str, cursor: &mut Cursor) -> State {
+        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
+        if self.listing() == Listing::Ended {
+            tracing::info!(table, shard_id, error = message, "shard is closed or gone from the stream; it has ended");
+            return State::Finishing;
+        }
+        let delay = cursor.delays.next();
+        tracing::warn!(
+            table,
+            shard_id,
+            error = message,
+            retry_in_ms = delay.map(|d| d.as_millis() as u64),
+            "shard not found although listed open; retrying"
+        );
+        self.force.refresh(table);
+        let resumed = self.pause(delay).await;
+        // The refresh may have found it gone: the fleet then stops this reader, which ends it instead,
+        // so its children need not wait and its checkpoint is cleaned up like any finished shard's.
+        if self.listing() == Listing::Ended {
+            tracing::info!(table, shard_id, "shard is gone from the stream; it has ended");
+            return State::Finishing;
+        }
+        if resumed { State::Positioning } else { State::Ended(self.stopped()) }
+    }
+
+    fn listing(&self) -> Listing {
+        let readable = self.readable.borrow();
+        match readable.as_deref().map(|shards| shards.get(self.guard.shard())) {
+            // No topology yet: nothing says it ended.
+            None => Listing::Open,
+            Some(Some(shard)) if !shard.closed => Listing::Open,
+            Some(_) => Listing::Ended,
+        }
+    }
+
+    /// Publishes a batch until every record is acknowledged, checkpointing each acknowledged prefix.
+    /// Waits (with backoff) while the sink refuses; never skips a record. Not interrupted by a stop:
+    /// the records in hand are published before the reader ends (the drain). When the lease is lost
+    /// while a failed attempt may have left publishes in the publish connection, that connection is
+    /// fenced before the reader ends, so none of them can arrive after the next owner's.
+    async fn publish(&self, mut batch: Vec<Prepared>, cursor: &mut Cursor) -> Result<(), Outcome> {
+        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
+        let sink = &self.pipeline.sink;
+        let window = self.pipeline.settings.max_in_flight;
+        let mut delays = retry::backoff();
+        let mut done = 0;
+        // The publish connection that may still hold unacknowledged publishes of this batch.
+        let mut unconfirmed: Option<u64> = None;
+        let destination = Destination { subject: &self.subject, table, shard_id };
+        let lease_lost = |unconfirmed: Option<u64>| {
+            if let Some(generation) = unconfirmed {
+                sink.fence(generation, table, shard_id, "lease lost with publishes unacknowledged");
+            }
+            Outcome::LeaseLost
+        };
+        while done < batch.len() {
+            if let Err(lost) = self.guard.check() {
+                tracing::warn!(table, shard_id, reason = %lost, "lease lost: this reader stops publishing");
+                return Err(lease_lost(unconfirmed));
+            }
+            let result = sink.publish_in_order(destination, &mut batch, done, window, &self.guard).await;
+            let acked = match &result {
+                Ok(()) => batch.len() - done,
+                Err(failure) => failure.acked,
+            };
+            if acked > 0 {
+                let last = batch[done + acked - 1].sequence_number.clone();
+                cursor.start = StartAt::After(last.to_string());
+                self.checkpoint(&mut cursor.checkpoint, Position::After(last)).await?;
+            }
+            done += acked;
+            let failure = match result {
+                // Everything sent was acknowledged, so nothing of an earlier attempt is left either:
+                // it went out before these on the same connection, or its connection is gone.
+                Ok(()) => {
+                    unconfirmed = None;
+                    continue;
+                }
+                Err(failure) => failure,
+            };
+            unconfirmed = failure.unconfirmed.or(unconfirmed);
+            if failure.lease_lost() {
+                tracing::warn!(table, shard_id, reason = %failure.message, "lease lost: this reader stops publishing");
+                return Err(lease_lost(unconfirmed));
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(1));
+            tracing::warn!(table, shard_id, kind = %failure.kind, error = %failure.message,
+                retry_in_ms = delay.as_millis() as u64, pending = batch.len() - done, "publish failed; retrying from the first unacknowledged record");
+            tokio::select! {
+                _ = self.guard.lost() => {}
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint; a lost lease or a key taken by another writer ends the reader; a bucket
+    /// that does not answer leaves the write to the next one (the records are published; only
+    /// progress is unsaved).
+    async fn checkpoint(&self, checkpoint: &mut ShardCheckpoint, position: Position) -> Result<(), Outcome> {
+        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
+        match checkpoint.advance(position).await {
+            Ok(written) => {
+                if written {
+                    self.pipeline.metrics.checkpoints_written.with_label_values(&[table]).inc();
+                    self.pipeline.progress.checkpointed(table, shard_id, checkpoint.position());
+                }
+                Ok(())
+            }
+            Err(AdvanceError::LeaseLost(lost)) => {
+                tracing::warn!(table, shard_id, reason = %lost, "lease lost: this reader stops publishing");
+                Err(Outcome::LeaseLost)
+            }
+            Err(AdvanceError::Taken(key)) => {
+                self.pipeline.metrics.checkpoint_conflicts.with_label_values(&[table]).inc();
+                tracing::error!(table, shard_id, key, "checkpoint was moved by another writer; this reader stops");
+                Err(Outcome::CheckpointTaken)
+            }
+            Err(AdvanceError::Unavailable(err)) => {
+                tracing::warn!(table, shard_id, error = %err, "checkpoint not written; the next one will cover it");
+                Ok(())
+            }
+        }
+    }
+
+    /// `Finishing`: marks the shard finished so its children may be read.
+    async fn finish(&self, checkpoint: &mut ShardCheckpoint) -> Outcome {
+        let last = checkpoint.position().and_then(|p| p.last().cloned());
+        let mut delays = retry::backoff();
+        loop {
+            match self.checkpoint(checkpoint, Position::Finished { last: last.clone() }).await {
+                Err(outcome) => return outcome,
+                Ok(()) if matches!(checkpoint.position(), Some(Position::Finished { .. })) => {
+                    tracing::info!(table = %self.shard.table, shard_id = %self.shard.shard_id, "shard read to its end");
+                    return Outcome::Finished;
+                }
+                // Not written yet: the children wait on this marker, so keep trying.
+                Ok(()) => {
+                    if !self.pause(delays.next()).await {
+                        return self.stopped();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a read (an AWS call) unless told to stop first: no page is in hand while one is read, so
+    /// a hung call (up to `AWS_OPERATION_TIMEOUT` with the SDK's retries) must not hold up a hand-over
+    /// or a shutdown. `None` when told to stop.
+    async fn unless_stopped<T>(&self, read: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            // Biased: a stop wins over an answer arriving at the same moment (nothing is lost: the
+            // checkpoint stands before this page).
+            biased;
+            () = self.cancel.cancelled() => None,
+            value = read => Some(value),
+        }
+    }
+
+    /// Sleeps for `delay` unless told to stop (or the lease is lost) first; false then.
+    async fn pause(&self, delay: Option<Duration>) -> bool {
+        let delay = delay.unwrap_or(Duration::from_secs(1));
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = self.guard.lost() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+/// Reads the page at `iterator` and prepares its records; unusable records are logged and counted.
+async fn fetch(pipeline: &Pipeline, shard: &Readable, iterator: &str) -> Result<Fetched, ReadError> {
+    let (table, shard_id) = (shard.table.as_str(), shard.shard_id.as_str());
+    let Page { records, unusable, next_iterator } = pipeline.source.records(iterator).await?;
+    for record in &unusable {
+        tracing::error!(table, shard_id, error = %record, "record cannot be published: skipped");
+        pipeline.metrics.unrepresentable_records.with_label_values(&[table]).inc();
+    }
+    let count = records.len() + unusable.len();
+    let bytes = records.iter().filter_map(|record| record.size_bytes).sum();
+    let batch = records.into_iter().map(|record| pipeline.sink.prepare(table, shard_id, record)).collect();
+    Ok(Fetched { count, bytes, next_iterator, batch })
+}
+
+/// Drops the records created before second `before` (epoch; DynamoDB's creation times are whole
+/// seconds); returns how many. A record without a creation time is kept.
+fn skip_older(batch: &mut Vec<Prepared>, before: u64) -> usize {
+    let count = batch.len();
+    batch.retain(|record| record.created_at.is_none_or(|created| created >= before as f64));
+    count - batch.len()
+}

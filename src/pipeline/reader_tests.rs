@@ -1,0 +1,270 @@
+//! The shard reader on paused time, over the in-memory source, sink and store, with a lease from a
+//! real coordinator: what it publishes and checkpoints, and how each way a shard can go wrong ends.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use coordination::{Coordinator, Event, LeaseGuard, LeaseStore, MemoryStore, ShardKey};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::reader::{Outcome, ShardReader};
+use super::topology::{Force, ReadableShards};
+use super::{Pipeline, ReadSettings};
+use crate::checkpoint::{self, Checkpoints, Position};
+use crate::metrics::{Metrics, PublishErrorKind as FailureKind};
+use crate::publish::memory::{MemorySink, Planned};
+use crate::source::StartAt;
+use crate::source::error::ReadError;
+use crate::source::memory::{MemorySource, record};
+use crate::source::topology::Readable;
+use crate::status::ShardProgress;
+
+const TABLE: &str = "t";
+const SHARD: &str = "shardId-1";
+/// Longest a test waits for anything, in virtual time.
+const DEADLINE: Duration = Duration::from_secs(600);
+/// Records are created at this second (epoch) unless a test says otherwise.
+const CREATED: f64 = 1_767_225_600.0;
+
+struct Harness {
+    source: Arc<MemorySource>,
+    sink: Arc<MemorySink>,
+    store: Arc<MemoryStore>,
+    metrics: Arc<Metrics>,
+    coordinator: Coordinator,
+    guard: LeaseGuard,
+    readable: watch::Sender<ReadableShards>,
+    forced: mpsc::UnboundedReceiver<String>,
+}
+
+fn shard() -> Readable {
+    Readable {
+        table: TABLE.to_owned(),
+        stream_arn: "arn:stream".to_owned(),
+        shard_id: SHARD.to_owned(),
+        fresh_start: StartAt::TrimHorizon,
+        closed: false,
+        skip_before: None,
+    }
+}
+
+impl Harness {
+    /// A source with pages of `page_size` records and the lease of the shard.
+    async fn new(page_size: usize) -> Harness {
+        let store = Arc::new(MemoryStore::new());
+        let config = coordination::Config::new("r1", coordination::DEFAULT_TTL);
+        let (coordinator, mut events) = Coordinator::start(store.clone(), config).unwrap();
+        coordinator.set_shards([ShardKey::for_shard(TABLE, SHARD)]);
+        let guard = match tokio::time::timeout(DEADLINE, events.recv()).await.unwrap().unwrap() {
+            Event::Acquired { guard, .. } => guard,
+            other => panic!("unexpected {other:?}"),
+        };
+        let (readable, _) = watch::channel(None);
+        let (_, forced) = Force::detached();
+        Harness {
+            source: Arc::new(MemorySource::new(page_size)),
+            sink: Arc::new(MemorySink::default()),
+            store,
+            metrics: Arc::new(Metrics::new()),
+            coordinator,
+            guard,
+            readable,
+            forced,
+        }
+    }
+
+    /// Starts a reader of the shard as `shard` describes it.
+    fn start(&mut self, shard: Readable) -> (JoinHandle<Outcome>, CancellationToken) {
+        let pipeline = Arc::new(Pipeline {
+            source: self.source.clone(),
+            sink: self.sink.clone(),
+            checkpoints: Checkpoints::new(self.store.clone()),
+            metrics: self.metrics.clone(),
+            progress: Arc::new(ShardProgress::default()),
+            settings: ReadSettings {
+                poll_interval: Duration::from_millis(500),
+                poll_gap: Duration::from_millis(100),
+                max_in_flight: 64,
+            },
+        });
+        let (force, forced) = Force::detached();
+        self.forced = forced;
+        let cancel = CancellationToken::new();
+        let reader = ShardReader {
+            pipeline,
+            shard,
+            subject: "dynamodb_streams.t".to_owned(),
+            cancel: cancel.clone(),
+            guard: self.guard.clone(),
+            readable: self.readable.subscribe(),
+            force,
+        };
+        (tokio::spawn(reader.run()), cancel)
+    }
+
+    async fn checkpoint(&self) -> Option<Position> {
+        Checkpoints::new(self.store.clone()).load(&checkpoint::key(TABLE, SHARD)).await.unwrap().position
+    }
+
+    /// Waits (in virtual time, up to [`DEADLINE`]) until the sink holds `count` events.
+    async fn until_stored(&self, count: usize) {
+        let waited = tokio::time::timeout(DEADLINE, async {
+            while self.sink.stored().len() < count {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "{} of {count} events stored", self.sink.stored().len());
+    }
+}
+
+/// Records `first_seq..first_seq + count` of a stream cycling over `items` items from sequence number
+/// 1, each item's versions counting up from 0.
+fn records(first_seq: u64, count: u64, items: u64) -> Vec<crate::record::ChangeRecord> {
+    let at = |seq: u64| record(seq, &format!("item-{}", (seq - 1) % items), (seq - 1) / items, CREATED);
+    (first_seq..first_seq + count).map(at).collect()
+}
+
+/// Every record stored once, in sequence order, and per item its versions never going backwards.
+fn assert_complete_and_ordered(sink: &MemorySink, first_seq: u64, count: u64) {
+    let stored = sink.stored();
+    let seqs: Vec<u64> = stored.iter().map(|event| event.sequence_number.parse().unwrap()).collect();
+    assert_eq!(seqs, (first_seq..first_seq + count).collect::<Vec<_>>());
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for event in &stored {
+        let json: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+        let item = json["keys"]["pk"].as_str().unwrap().to_owned();
+        let version = json["new_image"]["v"].as_u64().unwrap();
+        if let Some(previous) = last.insert(item.clone(), version) {
+            assert!(version > previous, "{item}: version {version} after {previous}");
+        }
+    }
+}
+
+async fn outcome(task: JoinHandle<Outcome>) -> Outcome {
+    tokio::time::timeout(DEADLINE, task).await.expect("reader ended in time").unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_shard_is_published_in_order_and_checkpointed_as_finished() {
+    let mut h = Harness::new(1000).await;
+    // Full pages: the next page is prefetched while one is published.
+    h.source.append(SHARD, records(1, 2500, 7));
+    h.source.close(SHARD);
+    let (task, _) = h.start(shard());
+    assert_eq!(outcome(task).await, Outcome::Finished);
+    assert_complete_and_ordered(&h.sink, 1, 2500);
+    let last = crate::checkpoint::SequenceNumber::parse(&format!("{:021}", 2500)).unwrap();
+    assert_eq!(h.checkpoint().await, Some(Position::Finished { last: Some(last) }));
+    assert_eq!(h.sink.duplicates(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_publish_is_retried_from_the_first_unacknowledged_record() {
+    let mut h = Harness::new(100).await;
+    h.source.append(SHARD, records(1, 300, 3));
+    h.source.close(SHARD);
+    // The fourth record of the first page is stored but its ack is lost; then a refusal.
+    h.sink.plan(Planned { acked: 3, kind: FailureKind::TimedOut, stored_anyway: true });
+    h.sink.plan(Planned { acked: 10, kind: FailureKind::BrokenPipe, stored_anyway: false });
+    let (task, _) = h.start(shard());
+    assert_eq!(outcome(task).await, Outcome::Finished);
+    assert_complete_and_ordered(&h.sink, 1, 300);
+    assert_eq!(h.sink.duplicates(), 1, "the record whose ack was lost is sent again and deduplicated");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_iterator_resumes_after_the_last_published_record() {
+    let mut h = Harness::new(1000).await;
+    h.source.append(SHARD, records(1, 10, 2));
+    let (task, stop) = h.start(shard());
+    h.until_stored(10).await;
+    h.source.plan_records(ReadError::IteratorExpired);
+    h.source.append(SHARD, records(11, 10, 2));
+    h.until_stored(20).await;
+    stop.cancel();
+    assert_eq!(outcome(task).await, Outcome::Stopped);
+    assert_complete_and_ordered(&h.sink, 1, 20);
+    let last = crate::checkpoint::SequenceNumber::parse(&format!("{:021}", 20)).unwrap();
+    assert_eq!(h.checkpoint().await, Some(Position::After(last)));
+    let expired = h.metrics.get_records_errors.with_label_values(&[TABLE, "iterator_expired"]).get();
+    assert_eq!(expired, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trimmed_checkpoint_goes_on_from_trim_horizon_and_counts_the_gap_once() {
+    let mut h = Harness::new(1000).await;
+    h.source.append(SHARD, records(1, 30, 3));
+    h.source.trim(SHARD, 10);
+    h.source.close(SHARD);
+    let key = checkpoint::key(TABLE, SHARD);
+    h.store.create(&key, Bytes::from(format!("{:021}", 5))).await.unwrap();
+    let (task, _) = h.start(shard());
+    assert_eq!(outcome(task).await, Outcome::Finished);
+    assert_complete_and_ordered(&h.sink, 11, 20);
+    assert_eq!(h.metrics.trimmed_data_gaps.with_label_values(&[TABLE]).get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_checkpoint_moved_by_another_writer_ends_the_reader_without_writing() {
+    let mut h = Harness::new(1000).await;
+    h.source.append(SHARD, records(1, 10, 2));
+    let (task, _) = h.start(shard());
+    h.until_stored(10).await;
+    // Another writer (a Go service during an upgrade, say) moves the checkpoint.
+    let key = checkpoint::key(TABLE, SHARD);
+    let stored = h.store.get(&key).await.unwrap().unwrap();
+    let theirs = Bytes::from(format!("{:021}", 99));
+    h.store.update(&key, theirs.clone(), stored.revision).await.unwrap();
+    h.source.append(SHARD, records(11, 5, 2));
+    assert_eq!(outcome(task).await, Outcome::CheckpointTaken);
+    assert_eq!(h.store.get(&key).await.unwrap().unwrap().value, theirs, "their checkpoint stands");
+    assert_eq!(h.metrics.checkpoint_conflicts.with_label_values(&[TABLE]).get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_ends_the_reader_and_nothing_more_is_published_or_checkpointed() {
+    let mut h = Harness::new(1000).await;
+    h.source.append(SHARD, records(1, 10, 2));
+    let (task, _) = h.start(shard());
+    h.until_stored(10).await;
+    let before = h.checkpoint().await;
+    h.coordinator.release(&ShardKey::for_shard(TABLE, SHARD));
+    assert_eq!(outcome(task).await, Outcome::LeaseLost);
+    h.source.append(SHARD, records(11, 10, 2));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.sink.stored().len(), 10);
+    assert_eq!(h.checkpoint().await, before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_from_latest_skips_records_created_before_the_first_sighting() {
+    let mut h = Harness::new(1000).await;
+    let old = (1..=5).map(|seq| record(seq, "a", seq, CREATED - 10.0));
+    let new = (6..=8).map(|seq| record(seq, "a", seq, CREATED));
+    h.source.append(SHARD, old.chain(new));
+    h.source.close(SHARD);
+    let (task, _) = h.start(Readable { skip_before: Some(CREATED as u64), ..shard() });
+    assert_eq!(outcome(task).await, Outcome::Finished);
+    assert_complete_and_ordered(&h.sink, 6, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shard_not_found_has_ended_only_once_the_topology_no_longer_lists_it_open() {
+    let mut h = Harness::new(1000).await;
+    let key = ShardKey::for_shard(TABLE, SHARD);
+    h.readable.send_replace(Some(Arc::new(BTreeMap::from([(key.clone(), shard())]))));
+    // No such shard at the source: AWS answers NotFound.
+    let (task, _) = h.start(shard());
+    let refresh = tokio::time::timeout(DEADLINE, h.forced.recv()).await.unwrap();
+    assert_eq!(refresh.as_deref(), Some(TABLE), "a refresh of the table is asked for");
+    assert!(!task.is_finished(), "listed open: NotFound is transient");
+    h.readable.send_replace(Some(Arc::new(BTreeMap::from([(key, Readable { closed: true, ..shard() })]))));
+    assert_eq!(outcome(task).await, Outcome::Finished);
+    assert_eq!(h.checkpoint().await, Some(Position::Finished { last: None }));
+}

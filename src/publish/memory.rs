@@ -1,0 +1,137 @@
+//! An in-memory [`EventSink`] for unit tests of the shard reader: it stores events in the order it
+//! is given them, deduplicates by message id within its whole life (as JetStream does within its
+//! duplicate window), acknowledges at once, and fails when a test plans it.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use coordination::LeaseGuard;
+
+use super::{Destination, EventSink, FailureKind, Prepared, PublishFailure};
+use crate::metrics::Metrics;
+use crate::record::ChangeRecord;
+
+/// An event as the sink stored it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub subject: String,
+    pub message_id: String,
+    pub sequence_number: String,
+    pub payload: Bytes,
+}
+
+/// A failure a test plans for a coming publish.
+#[derive(Debug, Clone, Copy)]
+pub struct Planned {
+    /// Records acknowledged by the failing call before it fails.
+    pub acked: usize,
+    pub kind: FailureKind,
+    /// The failing record was stored although its ack never came (a lost ack).
+    pub stored_anyway: bool,
+}
+
+#[derive(Default)]
+struct State {
+    stored: Vec<Stored>,
+    ids: HashSet<String>,
+    duplicates: usize,
+    planned: VecDeque<Planned>,
+    fences: usize,
+}
+
+/// The in-memory sink.
+#[derive(Default)]
+pub struct MemorySink {
+    metrics: Metrics,
+    state: Mutex<State>,
+}
+
+impl MemorySink {
+    /// The next publish call fails as planned (calls after it follow the next plan, if any).
+    pub fn plan(&self, failure: Planned) {
+        self.lock().planned.push_back(failure);
+    }
+
+    /// Every event stored, in order.
+    pub fn stored(&self) -> Vec<Stored> {
+        self.lock().stored.clone()
+    }
+
+    /// Publishes that were dropped as duplicates of a stored message id.
+    pub fn duplicates(&self) -> usize {
+        self.lock().duplicates
+    }
+
+    /// How many times a connection was fenced.
+    pub fn fences(&self) -> usize {
+        self.lock().fences
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn store(state: &mut State, subject: &str, record: &Prepared) {
+        if state.ids.insert(record.message_id.clone()) {
+            state.stored.push(Stored {
+                subject: subject.to_owned(),
+                message_id: record.message_id.clone(),
+                sequence_number: record.record.sequence_number.clone(),
+                payload: record.payload.clone(),
+            });
+        } else {
+            state.duplicates += 1;
+        }
+    }
+}
+
+/// The generation of the one "connection" this sink has.
+const GENERATION: u64 = 1;
+
+#[async_trait]
+impl EventSink for MemorySink {
+    fn prepare(&self, table: &str, shard_id: &str, record: ChangeRecord) -> Prepared {
+        Prepared::new(table, shard_id, record, usize::MAX, &self.metrics)
+    }
+
+    async fn publish_in_order(
+        &self,
+        shard: Destination<'_>,
+        batch: &mut Vec<Prepared>,
+        from: usize,
+        _window: usize,
+        guard: &LeaseGuard,
+    ) -> Result<(), PublishFailure> {
+        let mut state = self.lock();
+        let planned = state.planned.pop_front();
+        for (acked, record) in batch[from..].iter().enumerate() {
+            if let Err(lost) = guard.check() {
+                let kind = FailureKind::LeaseLost;
+                return Err(PublishFailure::counted(&self.metrics, shard.table, acked, kind, lost.to_string(), None));
+            }
+            if let Some(plan) = planned.filter(|plan| plan.acked == acked) {
+                if plan.stored_anyway {
+                    Self::store(&mut state, shard.subject, record);
+                }
+                let message = "planned failure".to_owned();
+                let unconfirmed = Some(GENERATION);
+                return Err(PublishFailure::counted(
+                    &self.metrics,
+                    shard.table,
+                    acked,
+                    plan.kind,
+                    message,
+                    unconfirmed,
+                ));
+            }
+            Self::store(&mut state, shard.subject, record);
+        }
+        Ok(())
+    }
+
+    fn fence(&self, _generation: u64, _table: &str, _shard_id: &str, _why: &'static str) {
+        self.lock().fences += 1;
+    }
+}

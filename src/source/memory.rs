@@ -1,0 +1,140 @@
+//! An in-memory [`ShardSource`] for unit tests of the shard reader: each shard is a list of records,
+//! an iterator is a position in it, and errors are served when a test plans them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+
+use super::error::ReadError;
+use super::{Page, ShardSource, StartAt};
+use crate::checkpoint::SequenceNumber;
+use crate::record::{ChangeRecord, Map, Value};
+
+#[derive(Default)]
+struct Shard {
+    records: Vec<ChangeRecord>,
+    /// Records before this index are gone (older than the retention).
+    trimmed: usize,
+    /// Read to its end, the last page has no next iterator.
+    closed: bool,
+}
+
+#[derive(Default)]
+struct State {
+    shards: HashMap<String, Shard>,
+    /// Errors the next iterator calls answer with.
+    planned_iterators: VecDeque<ReadError>,
+    /// Errors the next records calls answer with.
+    planned_records: VecDeque<ReadError>,
+    calls: usize,
+}
+
+/// The in-memory source.
+pub struct MemorySource {
+    state: Mutex<State>,
+    /// Records per page (`GetRecords` returns at most 1000).
+    page_size: usize,
+}
+
+impl MemorySource {
+    pub fn new(page_size: usize) -> Self {
+        MemorySource { state: Mutex::default(), page_size }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn append(&self, shard_id: &str, records: impl IntoIterator<Item = ChangeRecord>) {
+        self.lock().shards.entry(shard_id.to_owned()).or_default().records.extend(records);
+    }
+
+    /// The shard ends after its records.
+    pub fn close(&self, shard_id: &str) {
+        self.lock().shards.entry(shard_id.to_owned()).or_default().closed = true;
+    }
+
+    /// The first `count` records of the shard are trimmed.
+    pub fn trim(&self, shard_id: &str, count: usize) {
+        self.lock().shards.entry(shard_id.to_owned()).or_default().trimmed = count;
+    }
+
+    /// The next iterator call fails with `error`.
+    pub fn plan_iterator(&self, error: ReadError) {
+        self.lock().planned_iterators.push_back(error);
+    }
+
+    /// The next records call fails with `error`.
+    pub fn plan_records(&self, error: ReadError) {
+        self.lock().planned_records.push_back(error);
+    }
+
+    /// Calls answered so far.
+    pub fn calls(&self) -> usize {
+        self.lock().calls
+    }
+}
+
+/// A record of item `item` at version `version`, with sequence number `seq` and its creation time.
+pub fn record(seq: u64, item: &str, version: u64, created_at: f64) -> ChangeRecord {
+    let keys = Map::new(vec![("pk".to_owned(), Value::S(item.to_owned()))]);
+    let image =
+        Map::new(vec![("pk".to_owned(), Value::S(item.to_owned())), ("v".to_owned(), Value::N(version.to_string()))]);
+    ChangeRecord {
+        event_id: format!("e{seq}"),
+        event_name: if version == 0 { "INSERT" } else { "MODIFY" }.to_owned(),
+        sequence_number: format!("{seq:021}"),
+        created_at: Some(created_at),
+        keys: Some(keys),
+        new_image: Some(image),
+        size_bytes: Some(64),
+        ..ChangeRecord::default()
+    }
+}
+
+fn position(iterator: &str) -> Option<(&str, usize)> {
+    let (shard, index) = iterator.rsplit_once('#')?;
+    Some((shard, index.parse().ok()?))
+}
+
+#[async_trait]
+impl ShardSource for MemorySource {
+    async fn iterator(&self, _stream_arn: &str, shard_id: &str, start: &StartAt) -> Result<String, ReadError> {
+        let mut state = self.lock();
+        state.calls += 1;
+        if let Some(error) = state.planned_iterators.pop_front() {
+            return Err(error);
+        }
+        let shard = state.shards.get(shard_id).ok_or_else(|| ReadError::NotFound(shard_id.to_owned()))?;
+        let index = match start {
+            StartAt::TrimHorizon => shard.trimmed,
+            StartAt::Latest => shard.records.len(),
+            StartAt::After(seq) => {
+                let after = SequenceNumber::parse(seq).ok_or_else(|| ReadError::Other(seq.clone()))?;
+                let index =
+                    shard.records.iter().position(|r| SequenceNumber::parse(&r.sequence_number) > Some(after.clone()));
+                let index = index.unwrap_or(shard.records.len());
+                if index < shard.trimmed {
+                    return Err(ReadError::Trimmed(format!("{seq} is trimmed")));
+                }
+                index
+            }
+        };
+        Ok(format!("{shard_id}#{index}"))
+    }
+
+    async fn records(&self, iterator: &str) -> Result<Page, ReadError> {
+        let mut state = self.lock();
+        state.calls += 1;
+        if let Some(error) = state.planned_records.pop_front() {
+            return Err(error);
+        }
+        let (shard_id, index) = position(iterator).ok_or_else(|| ReadError::Other(iterator.to_owned()))?;
+        let shard = state.shards.get(shard_id).ok_or_else(|| ReadError::NotFound(shard_id.to_owned()))?;
+        let end = shard.records.len().min(index + self.page_size);
+        let records = shard.records.get(index..end).unwrap_or_default().to_vec();
+        let next_iterator = (!shard.closed || end < shard.records.len()).then(|| format!("{shard_id}#{end}"));
+        Ok(Page { records, unusable: Vec::new(), next_iterator })
+    }
+}
