@@ -6,10 +6,8 @@
 //! - [`reader`]: one shard read, published and checkpointed in order, as a state machine.
 //! - [`topology`]: every table's shards kept fresh in the bucket, and the shards readable now.
 
-pub mod reader;
-#[cfg(test)]
-mod reader_tests;
 pub mod fleet;
+pub mod reader;
 pub mod topology;
 
 use std::sync::Arc;

@@ -12,11 +12,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::reader::{Outcome, ShardReader};
-use super::topology::{Force, ReadableShards};
-use super::{Pipeline, ReadSettings};
+use super::{Outcome, ShardReader};
 use crate::checkpoint::{self, Checkpoints, Position};
 use crate::metrics::{Metrics, PublishErrorKind as FailureKind};
+use crate::pipeline::topology::{Force, ReadableShards};
+use crate::pipeline::{Pipeline, ReadSettings};
 use crate::publish::memory::{MemorySink, Planned};
 use crate::source::StartAt;
 use crate::source::error::ReadError;
