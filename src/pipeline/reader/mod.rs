@@ -21,6 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::Retryable;
 use coordination::LeaseGuard;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -287,21 +288,19 @@ impl ShardReader {
         self.pipeline.metrics.get_records_errors.with_label_values(&labels).inc();
     }
 
-    /// Reads the checkpoint, retrying while NATS is unavailable; `None` if told to stop meanwhile.
+    /// Reads the checkpoint, retrying while NATS is unavailable; `None` if told to stop (or the lease
+    /// is lost) meanwhile.
     async fn load_checkpoint(&self) -> Option<ShardCheckpoint> {
         let key = checkpoint::key(&self.shard.table, &self.shard.shard_id);
-        let mut delays = retry::backoff();
-        loop {
-            let checkpoints = self.pipeline.checkpoints.clone();
-            match ShardCheckpoint::load(checkpoints, key.clone(), self.guard.clone()).await {
-                Ok(checkpoint) => return Some(checkpoint),
-                Err(err) => {
-                    tracing::warn!(table = %self.shard.table, shard_id = %self.shard.shard_id, error = %err, "cannot read checkpoint; retrying");
-                    if !self.pause(delays.next()).await {
-                        return None;
-                    }
-                }
-            }
+        let load = || ShardCheckpoint::load(self.pipeline.checkpoints.clone(), key.clone(), self.guard.clone());
+        let loaded = load.retry(retry::policy()).notify(|err, delay| {
+            tracing::warn!(table = %self.shard.table, shard_id = %self.shard.shard_id, error = %err,
+                retry_in_ms = delay.as_millis() as u64, "cannot read checkpoint; retrying");
+        });
+        tokio::select! {
+            () = self.cancel.cancelled() => None,
+            _ = self.guard.lost() => None,
+            loaded = loaded => loaded.ok(),
         }
     }
 
