@@ -22,7 +22,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::coordinator::{Command, Event, RevokeReason, Status};
+use crate::messages::{Command, Event, RevokeReason, Status};
 use crate::guard::GuardHandle;
 use crate::keys::{self, ShardKey};
 use crate::lease::{self, LeaseValue, Owner, PresenceValue, Term};
@@ -1086,7 +1086,6 @@ impl Driver {
         self.status.send_replace(Status {
             held: self.held.keys().cloned().collect(),
             live_replicas: self.live_replicas,
-            shards: self.shards.len(),
             store_reachable: self.store_reachable,
             renews_each_lease: self.renews_each_lease(),
         });
