@@ -39,7 +39,7 @@ const WATCH_START_TIMEOUT: Duration = Duration::from_millis(500);
 const WRITES_IN_FLIGHT: usize = 64;
 /// The keys read first in each read of the table; the presence keys are read after them (see
 /// [`Driver::read`]).
-const LEASE_PREFIXES: [&str; 2] = [keys::SHARD_PREFIX, keys::LEADER_PREFIX];
+const LEASE_PREFIXES: [&str; 1] = [keys::SHARD_PREFIX];
 
 /// How long a mirror of the lease keys is trusted before it is rebuilt from a full read, whatever
 /// its watch says (insurance against a watch that misses a write without ending).
