@@ -32,6 +32,8 @@ pub use upkeep::{
     expired, next_wake, renewals_due,
 };
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
 
 /// Who a lease key names, as read.
