@@ -1,6 +1,10 @@
-//! The pure decision core: from the observed lease table and `now` to a list of [`Action`]s.
+//! The pure decision core: from the observed lease table and `now` to a list of [`Action`]s, and
+//! from what this replica holds to what keeps it alive ([`upkeep`]: renewal timing, guard deadlines,
+//! revocations, heartbeats, adoption of our own writes).
 //!
-//! Owns the assignment rules. No I/O and no clock: the driver passes `now`. Invariants kept:
+//! Owns the assignment rules. No I/O and no clock: the driver passes `now`. This file reads the table
+//! (what is up for taking, who is live, what is garbage); `balance` shares the leases out. Invariants
+//! kept:
 //! - a lease held by someone else is taken only when it is free (released or absent), when the session
 //!   it names is gone, or (for a lease of the previous version, which names no session) when it expired:
 //!   its revision has not changed for the longer of both TTLs, as observed locally. A lease whose
@@ -25,7 +29,7 @@ use crate::lease::{Owner, Term};
 use crate::store::Revision;
 
 mod balance;
-mod upkeep;
+pub mod upkeep;
 
 pub use upkeep::{
     Beat, HeldLease, Renewal, Renewed, Reread, Session, Switch, Timing, adopt_own_writes, after_renewal_conflict,

@@ -1,5 +1,5 @@
-//! Unit tests of [`decide`](super::decide): shares between groups, sessions, and leases of the
-//! previous version, each from a hand-built view.
+//! Unit tests of [`decide`](super::decide) (shares between groups, sessions, and leases of the
+//! previous version, each from a hand-built view) and of the [`upkeep`](super::upkeep) decisions.
 
 use super::*;
 
@@ -221,4 +221,138 @@ fn my_own_lease_outside_my_set_is_given_back_while_my_session_keeps_it_alive() {
     replicas.insert(crate::keys::presence_key(&me.instance), presence);
     let plan = decide_holding_nothing(now, &me, Some(1), &BTreeSet::new(), &leases, &replicas);
     assert_eq!(plan.actions, vec![Action::Release { shard: shard(0), expected: Revision::new(5), term: Term::new(3) }]);
+}
+
+fn timing(sessions: bool) -> Timing {
+    let ttl = Duration::from_secs(10);
+    Timing { ttl, renew_interval: ttl / 3, safety_margin: ttl / 5, sessions }
+}
+
+fn held_lease(revision: u64, at: Instant) -> HeldLease {
+    HeldLease {
+        revision: Revision::new(revision),
+        term: Term::new(1),
+        next_renew: at,
+        last_write: at,
+        lease_deadline: at + Duration::from_secs(8),
+        handing_over: false,
+    }
+}
+
+#[test]
+fn a_guard_reaches_no_further_than_the_session_write_and_nowhere_without_one() {
+    let (timing, now) = (timing(true), Instant::now());
+    let mut session = Session::new(now);
+    let far = now + Duration::from_secs(60);
+    assert_eq!(session.guard_deadline(&timing, far, now), now, "no session write answered yet");
+    assert!(!session.valid(&timing, now));
+    assert!(session.written(&timing, now, Revision::new(3)), "a session write moves the guards");
+    assert_eq!(session.guard_deadline(&timing, far, now), now + Duration::from_secs(8));
+    assert!(!session.valid(&timing, now + Duration::from_secs(8)));
+    // A later answer to an earlier write cannot pull the deadline back.
+    session.written(&timing, now - Duration::from_secs(1), Revision::new(4));
+    assert_eq!(session.deadline, Some(now + Duration::from_secs(8)));
+    assert_eq!(Session::new(now).guard_deadline(&super::upkeep::Timing { sessions: false, ..timing }, far, now), far);
+}
+
+#[test]
+fn a_session_whose_key_a_peer_deleted_ends_and_one_whose_write_landed_is_adopted() {
+    let (timing, now) = (timing(true), Instant::now());
+    let mut session = Session::new(now);
+    assert!(!session.fenced(&timing, session.mark(), false), "not written yet: nothing to miss");
+    session.written(&timing, now, Revision::new(3));
+    let before = session.mark();
+    assert!(session.fenced(&timing, before, false));
+    assert!(!session.fenced(&timing, before, true));
+    assert!(!session.after_conflict(&timing, Reread::Mine(Revision::new(5)), now));
+    assert_eq!((session.presence, session.deadline), (Some(Revision::new(5)), Some(now + Duration::from_secs(8))));
+    assert!(!session.after_conflict(&timing, Reread::Failed, now));
+    assert!(session.after_conflict(&timing, Reread::NotMine, now), "our key is gone: the session ended");
+    session.end(now);
+    assert_eq!((session.epoch, session.presence, session.deadline), (2, None, None));
+    assert!(!session.fenced(&timing, before, false), "a read begun in the previous session proves nothing");
+}
+
+#[test]
+fn each_lease_is_renewed_while_a_previous_version_is_present_and_rewritten_once_after() {
+    let (timing, start) = (timing(true), Instant::now());
+    let (me, old) = (owner("me"), owner("old"));
+    let presence = |session| ReplicaSeen {
+        owner: old.clone(),
+        revision: Revision::new(1),
+        first_seen: start,
+        ttl: Duration::from_secs(10),
+        max_leases: None,
+        group: String::new(),
+        session,
+    };
+    let legacy = BTreeMap::from([("lease/replica.old".to_owned(), presence(None))]);
+    let upgraded = BTreeMap::from([("lease/replica.old".to_owned(), presence(Some(1)))]);
+    let mut session = Session::new(start);
+    let mut lease = held_lease(1, start);
+    let later = start + Duration::from_secs(1);
+    assert_eq!(
+        session.follow_protocols(&timing, later, &legacy, &me, &mut [&mut lease]),
+        (Some(Switch::EachLease), false)
+    );
+    assert!(session.renews_each_lease(&timing));
+    assert_eq!(lease.next_renew, later, "renewed at once");
+    // Gone, but the lease was last written before: once more.
+    let gone = start + Duration::from_secs(2);
+    assert_eq!(session.follow_protocols(&timing, gone, &upgraded, &me, &mut [&mut lease]), (None, false));
+    assert_eq!(renewals_due([(&shard(0), &lease)], gone).len(), 1);
+    lease.renewed(&timing, gone, Revision::new(2));
+    // Well after the rewrite: the read's bound is later than the lease's own.
+    let read = start + Duration::from_secs(10);
+    assert_eq!(
+        session.follow_protocols(&timing, read, &upgraded, &me, &mut [&mut lease]),
+        (Some(Switch::SessionAlone), true)
+    );
+    assert_eq!(lease.lease_deadline, read + Duration::from_secs(8) - timing.renew_interval);
+    assert!(!session.renews_each_lease(&timing));
+}
+
+#[test]
+fn guards_past_their_deadline_are_revoked_and_a_lost_renewal_answer_is_adopted() {
+    let now = Instant::now();
+    let deadlines = [(shard(0), now), (shard(1), now + Duration::from_millis(1))];
+    assert_eq!(expired(deadlines.iter().map(|(shard, at)| (shard, *at)), now), vec![shard(0)]);
+    let mut lease = held_lease(4, now);
+    let retry = now + Duration::from_secs(1);
+    assert_eq!(after_renewal_conflict(Some(&mut lease), Reread::Mine(Revision::new(6)), now, retry), Renewed::Kept);
+    assert_eq!((lease.revision, lease.next_renew), (Revision::new(6), now));
+    assert_eq!(after_renewal_conflict(Some(&mut lease), Reread::Failed, now, retry), Renewed::Kept);
+    assert_eq!(lease.next_renew, retry);
+    assert_eq!(after_renewal_conflict(Some(&mut lease), Reread::NotMine, now, retry), Renewed::Lost);
+}
+
+#[test]
+fn our_answered_writes_stand_against_a_stale_read_and_a_landed_one_is_adopted() {
+    let now = Instant::now();
+    let (me, peer) = (owner("me"), owner("peer"));
+    let seen = |revision, owner: &Owner| LeaseSeen {
+        revision: Revision::new(revision),
+        first_seen: now,
+        holder: Holder::Owned { owner: owner.clone(), ttl: Duration::from_secs(10), session: Some(1) },
+        term: Term::new(1),
+        orphaned_since: None,
+    };
+    // Shard 0: a newer write of ours landed; 1: the read is older than our write (free before we took
+    // it); 2: taken by a peer since; 3: not read at all.
+    let free = LeaseSeen { holder: Holder::Free, ..seen(3, &peer) };
+    let mut leases = BTreeMap::from([(shard(0), seen(7, &me)), (shard(1), free), (shard(2), seen(9, &peer))]);
+    let mut held: Vec<(ShardKey, HeldLease)> = (0..4).map(|n| (shard(n), held_lease(5, now))).collect();
+    adopt_own_writes(
+        &mut leases,
+        held.iter_mut().map(|(shard, lease)| (&*shard, lease)),
+        &me,
+        Duration::from_secs(10),
+        Some(1),
+        now,
+    );
+    assert_eq!(held[0].1.revision, Revision::new(7));
+    assert_eq!(leases[&shard(1)].revision, Revision::new(5));
+    assert!(matches!(&leases[&shard(1)].holder, Holder::Owned { owner, .. } if *owner == me));
+    assert_eq!((held[2].1.revision, leases[&shard(2)].revision), (Revision::new(5), Revision::new(9)));
+    assert!(matches!(&leases[&shard(3)].holder, Holder::Owned { owner, .. } if *owner == me));
 }

@@ -395,10 +395,12 @@ pub fn next_wake<'a>(
     wake_at.map_or(wake, |at| wake.min(at))
 }
 
-/// Reconciles the lease keys just read with the writes of this process that were answered: a held
-/// lease read at a newer revision that still names this process in `session` is an earlier write
-/// whose answer was lost that did land, and its revision is adopted (the deadline stays as it was); a
-/// held lease read older than our own answered write, or not at all, keeps our write in the view.
+/// Reconciles the lease keys just read with the writes of this process that were answered. A held
+/// lease read naming this process in `session` has its revision adopted, whichever it is (the
+/// deadline stays as it was): usually an earlier write whose answer was lost that did land; from a
+/// mirror behind, possibly an older write of ours, and then our next write of it conflicts and the
+/// read after the conflict adopts the newest. A held lease read at an older revision naming someone
+/// else or nobody, or not read at all, keeps our answered write in the view.
 pub fn adopt_own_writes<'a>(
     leases: &mut BTreeMap<ShardKey, LeaseSeen>,
     held: impl IntoIterator<Item = (&'a ShardKey, &'a mut HeldLease)>,
