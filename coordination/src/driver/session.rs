@@ -19,7 +19,7 @@ use super::{Driver, WRITES_IN_FLIGHT, bounded};
 use crate::keys::{self, ShardKey};
 use crate::lease::{self, LeaseValue, PresenceValue};
 use crate::messages::{Event, RevokeReason};
-use crate::plan::{self, Renewal, Renewed, Reread};
+use crate::plan::{self, AfterBeat, Renewal, Renewed, Reread};
 use crate::store::{Revision, StoreError, Versioned};
 
 impl Driver {
@@ -63,13 +63,8 @@ impl Driver {
             Some(revision) => bounded(limit, self.store.update(&key, value, revision)).await,
             None => bounded(limit, self.store.create(&key, value)).await,
         };
-        match result {
-            Ok(revision) => {
-                if self.session.written(&self.timing, started, revision) {
-                    self.extend_guards();
-                    self.read_presences().await;
-                }
-            }
+        let next = match result {
+            Ok(revision) => self.session.written(&self.timing, started, revision),
             Err(StoreError::Conflict { .. }) => {
                 // Our own earlier write landed (its answer was lost), or a peer deleted the key.
                 let reread = match bounded(limit, self.store.get(&key)).await {
@@ -81,14 +76,20 @@ impl Driver {
                     Ok(_) => Reread::NotMine,
                     Err(_) => Reread::Failed,
                 };
-                if self.session.after_conflict(&self.timing, reread, Instant::now()) {
-                    self.end_session("the session key was deleted");
-                }
+                self.session.after_conflict(&self.timing, reread, Instant::now())
             }
             Err(err) => {
                 debug!(replica = %self.me.replica, error = %err, "presence heartbeat failed");
-                self.session.write_failed(&self.timing, Instant::now());
+                self.session.write_failed(&self.timing, Instant::now())
             }
+        };
+        match next {
+            AfterBeat::MoveGuards => {
+                self.extend_guards();
+                self.read_presences().await;
+            }
+            AfterBeat::EndSession => self.end_session("the session key was deleted"),
+            AfterBeat::Nothing => {}
         }
     }
 

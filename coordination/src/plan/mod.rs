@@ -32,8 +32,8 @@ mod balance;
 pub mod upkeep;
 
 pub use upkeep::{
-    Beat, HeldLease, Renewal, Renewed, Reread, Session, Switch, Timing, adopt_own_writes, after_renewal_conflict,
-    expired, next_wake, renewals_due,
+    AfterBeat, Beat, HeldLease, Renewal, Renewed, Reread, Session, Switch, Timing, adopt_own_writes,
+    after_renewal_conflict, expired, next_wake, renewals_due,
 };
 #[cfg(test)]
 mod proptests;

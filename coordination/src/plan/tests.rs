@@ -246,7 +246,7 @@ fn a_guard_reaches_no_further_than_the_session_write_and_nowhere_without_one() {
     let far = now + Duration::from_secs(60);
     assert_eq!(session.guard_deadline(&timing, far, now), now, "no session write answered yet");
     assert!(!session.valid(&timing, now));
-    assert!(session.written(&timing, now, Revision::new(3)), "a session write moves the guards");
+    assert_eq!(session.written(&timing, now, Revision::new(3)), AfterBeat::MoveGuards);
     assert_eq!(session.guard_deadline(&timing, far, now), now + Duration::from_secs(8));
     assert!(!session.valid(&timing, now + Duration::from_secs(8)));
     // A later answer to an earlier write cannot pull the deadline back.
@@ -264,10 +264,10 @@ fn a_session_whose_key_a_peer_deleted_ends_and_one_whose_write_landed_is_adopted
     let before = session.mark();
     assert!(session.fenced(&timing, before, false));
     assert!(!session.fenced(&timing, before, true));
-    assert!(!session.after_conflict(&timing, Reread::Mine(Revision::new(5)), now));
+    assert_eq!(session.after_conflict(&timing, Reread::Mine(Revision::new(5)), now), AfterBeat::Nothing);
     assert_eq!((session.presence, session.deadline), (Some(Revision::new(5)), Some(now + Duration::from_secs(8))));
-    assert!(!session.after_conflict(&timing, Reread::Failed, now));
-    assert!(session.after_conflict(&timing, Reread::NotMine, now), "our key is gone: the session ended");
+    assert_eq!(session.after_conflict(&timing, Reread::Failed, now), AfterBeat::Nothing);
+    assert_eq!(session.after_conflict(&timing, Reread::NotMine, now), AfterBeat::EndSession, "our key is gone");
     session.end(now);
     assert_eq!((session.epoch, session.presence, session.deadline), (2, None, None));
     assert!(!session.fenced(&timing, before, false), "a read begun in the previous session proves nothing");

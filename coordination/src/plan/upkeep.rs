@@ -96,6 +96,19 @@ pub struct Beat {
     pub expected: Option<Revision>,
 }
 
+/// What the driver does after a write of the presence key was answered (or not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterBeat {
+    /// Nothing more until the next heartbeat.
+    Nothing,
+    /// The session was renewed: extend every guard, then read the presence keys (the guards' second
+    /// bound, see [`Session::follow_protocols`]).
+    MoveGuards,
+    /// The session's key is gone (a peer's fence deleted it): revoke every guard, then
+    /// [`Session::end`] it.
+    EndSession,
+}
+
 /// How the held leases are kept alive, when [`Session::follow_protocols`] switched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Switch {
@@ -167,36 +180,38 @@ impl Session {
         Beat { beat: self.beat, expected: self.presence }
     }
 
-    /// The write of the presence key that started at `started` was answered with `revision`; `true`
-    /// when that moves the guards (with sessions): extend them, and read the presence keys.
-    pub fn written(&mut self, timing: &Timing, started: Instant, revision: Revision) -> bool {
+    /// The write of the presence key that started at `started` was answered with `revision`: with
+    /// sessions, the session's deadline moves, and with it the guards.
+    pub fn written(&mut self, timing: &Timing, started: Instant, revision: Revision) -> AfterBeat {
         self.presence = Some(revision);
         self.next_heartbeat = started + timing.renew_interval;
-        if timing.sessions {
-            let deadline = timing.deadline_after(started);
-            self.deadline = Some(self.deadline.map_or(deadline, |at| at.max(deadline)));
+        if !timing.sessions {
+            return AfterBeat::Nothing;
         }
-        timing.sessions
+        let deadline = timing.deadline_after(started);
+        self.deadline = Some(self.deadline.map_or(deadline, |at| at.max(deadline)));
+        AfterBeat::MoveGuards
     }
 
     /// The write of the presence key failed (no answer, or an error): tried again soon.
-    pub fn write_failed(&mut self, timing: &Timing, now: Instant) {
+    pub fn write_failed(&mut self, timing: &Timing, now: Instant) -> AfterBeat {
         self.next_heartbeat = now + timing.retry_delay();
+        AfterBeat::Nothing
     }
 
     /// The write of the presence key conflicted, and a read of it found `reread`; written again at
-    /// once. `true` when the session ended (the key was ours and is gone: a peer's fence deleted it):
-    /// the driver revokes every guard, then calls [`Session::end`]. An adopted revision does not move
-    /// the deadline; only the next answered write does.
-    pub fn after_conflict(&mut self, timing: &Timing, reread: Reread, now: Instant) -> bool {
+    /// once. The session ends when the key was ours (written and answered in this session) and is
+    /// gone: a peer's fence deleted it. An adopted revision does not move the deadline; only the next
+    /// answered write does.
+    pub fn after_conflict(&mut self, timing: &Timing, reread: Reread, now: Instant) -> AfterBeat {
         self.next_heartbeat = now;
         match reread {
             Reread::Mine(revision) => self.presence = Some(revision),
-            Reread::NotMine if timing.sessions && self.presence.is_some() => return true,
+            Reread::NotMine if timing.sessions && self.presence.is_some() => return AfterBeat::EndSession,
             Reread::NotMine => self.presence = None,
             Reread::Failed => {}
         }
-        false
+        AfterBeat::Nothing
     }
 
     /// Ends the session (every guard already revoked): a new one starts with the next write.
