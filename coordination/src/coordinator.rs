@@ -1,7 +1,7 @@
 //! The handle a service drives: [`Coordinator`], its [`Event`]s and its [`Status`].
 //!
 //! Owns the boundary between the caller and the driver task. Invariant kept: every lease the caller
-//! may act on reaches it as [`Event::Acquired`] with a [`LeaseGuard`]; the caller learns of every loss
+//! may act on reaches it as [`Event::Acquired`] with a [`LeaseGuard`](crate::LeaseGuard); the caller learns of every loss
 //! through the guard (always) and an [`Event::Revoked`] (as soon as the driver notices).
 
 use std::collections::BTreeSet;
@@ -12,57 +12,10 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
 use crate::driver::Driver;
-use crate::guard::LeaseGuard;
 use crate::keys::ShardKey;
+use crate::messages::Command;
+pub use crate::messages::{Event, RevokeReason, Status};
 use crate::store::LeaseStore;
-
-/// What the coordinator tells its caller.
-#[derive(Debug)]
-pub enum Event {
-    /// This replica now holds `shard`: start reading it, checking `guard` before every publish
-    /// batch and checkpoint.
-    Acquired { shard: ShardKey, guard: LeaseGuard },
-    /// Balance wants `shard` elsewhere: stop reading, write the final checkpoint, then call
-    /// [`Coordinator::release`]. The guard stays valid meanwhile.
-    HandOver { shard: ShardKey },
-    /// `shard` is lost (the lease was taken, or could not be renewed in time): stop at once; the guard
-    /// is already invalid. Do not checkpoint.
-    Revoked { shard: ShardKey, reason: RevokeReason },
-}
-
-/// Why a shard was revoked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RevokeReason {
-    /// The guard's deadline passed before a renewal succeeded.
-    Expired,
-    /// The lease table names another owner (or no owner).
-    Lost,
-}
-
-/// A snapshot for `/status`, readiness and metrics.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Status {
-    /// Shards this replica holds with a valid guard.
-    pub held: BTreeSet<ShardKey>,
-    /// Live replicas of this replica's group seen at the last read of the table, this one included.
-    pub live_replicas: usize,
-    /// Shards in the set given by the caller.
-    pub shards: usize,
-    /// Whether the last read of the lease table succeeded.
-    pub store_reachable: bool,
-    /// Whether held leases are renewed one by one (a replica of the previous version is or was just
-    /// present, or sessions are off) rather than through the session alone.
-    pub renews_each_lease: bool,
-}
-
-/// Messages from the handle to the driver; few (one per shard state change), hence unbounded.
-#[derive(Debug)]
-pub(crate) enum Command {
-    Release(ShardKey),
-    Drain,
-    Finish(ShardKey),
-    Shutdown(oneshot::Sender<()>),
-}
 
 /// The stream of [`Event`]s. Unbounded on purpose: the driver must never wait for a slow caller
 /// (that would delay renewals); its volume is bounded by the number of shards.
@@ -73,11 +26,6 @@ impl Events {
     /// The next event; `None` once the coordinator stopped.
     pub async fn recv(&mut self) -> Option<Event> {
         self.0.recv().await
-    }
-
-    /// The next event if one is waiting.
-    pub fn try_recv(&mut self) -> Option<Event> {
-        self.0.try_recv().ok()
     }
 }
 

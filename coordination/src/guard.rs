@@ -1,10 +1,11 @@
 //! The per-shard permission to publish: [`LeaseGuard`].
 //!
 //! Owns the fence between the lease protocol and the caller's side effects. Invariant kept: a guard
-//! is valid only before its deadline — (start of the last successful lease write) + TTL − safety
-//! margin — and only while the coordinator that issued it is running and has not revoked it. The
-//! deadline is checked against `tokio::time::Instant::now()` at every call, so a guard turns invalid
-//! on time even when the coordinator's task is stalled.
+//! is valid only before its deadline — the start of the last successful write that keeps the lease
+//! alive (the session key's; with a replica of the previous version about, also the lease's own) +
+//! TTL − safety margin, see `DESIGN.md`, "Sessions" — and only while the coordinator that issued it
+//! is running and has not revoked it. The deadline is checked against `tokio::time::Instant::now()`
+//! at every call, so a guard turns invalid on time even when the coordinator's task is stalled.
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -39,16 +40,19 @@ pub struct LeaseGuard {
 }
 
 impl LeaseGuard {
+    /// The shard this guard allows publishing for.
     pub fn shard(&self) -> &ShardKey {
         &self.shard
     }
 
-    /// The tenure this guard belongs to (grows on every change of owner).
+    /// The tenure this guard belongs to: the term its acquisition wrote (each acquisition writes the
+    /// previous term + 1, also when the same process takes a lease again).
     pub fn term(&self) -> Term {
         self.term
     }
 
-    /// `Ok` while the lease is held and its deadline has not passed.
+    /// `Ok` while the coordinator that issued the guard runs, has not revoked it, and its deadline has
+    /// not passed.
     pub fn check(&self) -> Result<(), LeaseLost> {
         if self.validity.has_changed().is_err() {
             return Err(LeaseLost::CoordinatorGone);
@@ -67,7 +71,8 @@ impl LeaseGuard {
         self.check().is_ok()
     }
 
-    /// The instant the guard turns invalid unless the lease is renewed before.
+    /// The instant the guard turns invalid unless a renewal (of the session, or of the lease while it
+    /// is renewed on its own) moves it first; a revocation may end the guard before it.
     pub fn deadline(&self) -> Instant {
         self.validity.borrow().deadline
     }

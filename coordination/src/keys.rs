@@ -1,6 +1,6 @@
 //! Key layout of the lease namespace inside the checkpoint bucket.
 //!
-//! Owns the mapping from shards, replicas and elections to KV keys. Invariant kept: every key this
+//! Owns the mapping from shards and replicas to KV keys. Invariant kept: every key this
 //! crate writes contains a `/`, which no checkpoint key `{table}.{shard_id}` can contain (table names
 //! are `[a-zA-Z0-9_.-]`, shard ids `shardId-…`), so leases never collide with checkpoints; and every
 //! key passes the NATS KV key rules (`[-/_=.a-zA-Z0-9]+`, no leading or trailing `.`, no `..`).
@@ -9,17 +9,14 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// The namespace of everything this crate writes; the `/` keeps it apart from checkpoint keys.
-pub const NAMESPACE: &str = "lease/";
 /// Prefix of shard lease keys: `lease/shard.{shard key}`.
 pub const SHARD_PREFIX: &str = "lease/shard.";
 /// Prefix of replica presence keys: `lease/replica.{instance uuid}`.
 pub const REPLICA_PREFIX: &str = "lease/replica.";
-/// Prefix of election keys: `lease/leader.{election name}`.
-pub const LEADER_PREFIX: &str = "lease/leader.";
-/// Every key under [`NAMESPACE`] starts with one of these; each ends at a `.`, so a NATS subject
-/// filter (`{prefix}>`) can select it.
-pub const PREFIXES: [&str; 3] = [SHARD_PREFIX, REPLICA_PREFIX, LEADER_PREFIX];
+/// Every key this crate writes starts with one of these (both under `lease/`, whose `/` keeps them
+/// apart from checkpoint keys); each ends at a `.`, so a NATS subject filter (`{prefix}>`) can select
+/// it. (`lease/leader.` was reserved for elections that were never written; nothing reads it.)
+pub const PREFIXES: [&str; 2] = [SHARD_PREFIX, REPLICA_PREFIX];
 
 /// A key that is not acceptable as (part of) a NATS KV key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -119,12 +116,6 @@ pub fn presence_key(instance: &str) -> String {
     format!("{REPLICA_PREFIX}{instance}")
 }
 
-/// The key of the election called `name` (itself a valid KV key fragment, e.g. `discovery`).
-pub fn leader_key(name: &str) -> Result<String, KeyError> {
-    check_kv_key(name)?;
-    Ok(format!("{LEADER_PREFIX}{name}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,9 +141,7 @@ mod tests {
     #[test]
     fn lease_keys_never_look_like_checkpoint_keys() {
         // A checkpoint key is `{table}.{shard_id}` and has no '/'.
-        for key in
-            [shard_lease_key(&ShardKey::for_shard("t", "s")), presence_key("0f8c"), leader_key("discovery").unwrap()]
-        {
+        for key in [shard_lease_key(&ShardKey::for_shard("t", "s")), presence_key("0f8c")] {
             assert!(key.contains('/'), "{key}");
         }
     }

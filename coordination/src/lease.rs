@@ -38,7 +38,7 @@ impl Term {
     }
 }
 
-/// The value of `lease/shard.{key}` and `lease/leader.{name}`.
+/// The value of `lease/shard.{key}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseValue {
     /// The holder; `None` once released (free to take at once).

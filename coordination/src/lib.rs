@@ -5,6 +5,7 @@ mod driver;
 pub mod guard;
 pub mod keys;
 pub mod lease;
+mod messages;
 pub mod plan;
 pub mod store;
 
