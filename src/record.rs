@@ -62,6 +62,19 @@ pub struct UserIdentity {
     pub principal_id: String,
 }
 
+/// Where a change record comes from (`docs/backfill.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// Read from the table's stream: the record of one change.
+    #[default]
+    Stream,
+    /// An item as a backfill's `Scan` found it (backfill `epoch`): no shard, no sequence number.
+    Snapshot { epoch: u64 },
+    /// A stream record published again after backfill `epoch`'s scan, so that it lands after every
+    /// snapshot row of its item.
+    Replay { epoch: u64 },
+}
+
 /// One change of one item, as a stream record describes it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChangeRecord {
@@ -79,4 +92,5 @@ pub struct ChangeRecord {
     pub user_identity: Option<UserIdentity>,
     /// The size of the record's data as the source counts it (`SizeBytes`).
     pub size_bytes: Option<i64>,
+    pub origin: Origin,
 }

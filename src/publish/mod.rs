@@ -30,7 +30,7 @@ use coordination::LeaseGuard;
 
 use crate::checkpoint::SequenceNumber;
 use crate::metrics::{Metrics, PublishErrorKind as FailureKind};
-use crate::record::ChangeRecord;
+use crate::record::{ChangeRecord, Origin};
 use event::{Event, message_id};
 
 pub use jetstream::Publisher;
@@ -40,6 +40,10 @@ pub const HEADER_TABLE: &str = "Dynamodb-Table";
 pub const HEADER_EVENT_NAME: &str = "Dynamodb-Event-Name";
 pub const HEADER_SEQUENCE_NUMBER: &str = "Dynamodb-Sequence-Number";
 pub const HEADER_SHARD_ID: &str = "Dynamodb-Shard-Id";
+/// `true` on a backfill's snapshot row (which has no shard and no sequence number).
+pub const HEADER_SNAPSHOT: &str = "Dynamodb-Snapshot";
+/// `true` on a stream record published again after a backfill's scan.
+pub const HEADER_REPLAY: &str = "Dynamodb-Replay";
 
 /// Where events go: JetStream in the service ([`Publisher`]), memory in unit tests.
 #[async_trait]
@@ -92,11 +96,18 @@ impl Prepared {
             tracing::warn!(table, shard_id, sequence_number = %event.sequence_number, problems = ?encoded.lossy, "record converted with substitutions");
             metrics.unrepresentable_records.with_label_values(&[table]).inc();
         }
-        let sequence_number = SequenceNumber::parse(event.sequence_number).unwrap_or_else(|| {
-            tracing::warn!(table, shard_id, sequence_number = %event.sequence_number, "sequence number is not decimal");
-            SequenceNumber::parse("0").unwrap_or_else(|| unreachable!("\"0\" is decimal"))
-        });
-        let message_id = message_id(table, shard_id, event.sequence_number);
+        let zero = || SequenceNumber::parse("0").unwrap_or_else(|| unreachable!("\"0\" is decimal"));
+        let sequence_number = match SequenceNumber::parse(event.sequence_number) {
+            Some(sequence_number) => sequence_number,
+            // A snapshot row has no place in a shard.
+            None if matches!(record.origin, Origin::Snapshot { .. }) => zero(),
+            None => {
+                tracing::warn!(table, shard_id, sequence_number = %event.sequence_number, "sequence number is not decimal");
+                zero()
+            }
+        };
+        let keys = &encoded.payload[encoded.keys.clone()];
+        let message_id = message_id(table, shard_id, event.sequence_number, record.origin, keys);
         let mut prepared = Prepared {
             sequence_number,
             created_at: record.created_at,
@@ -125,8 +136,16 @@ impl Prepared {
         headers.insert("Nats-Msg-Id", self.message_id.as_str());
         headers.insert(HEADER_TABLE, table);
         headers.insert(HEADER_EVENT_NAME, self.event_name());
-        headers.insert(HEADER_SEQUENCE_NUMBER, self.record.sequence_number.as_str());
-        headers.insert(HEADER_SHARD_ID, shard_id);
+        match self.record.origin {
+            Origin::Snapshot { .. } => headers.insert(HEADER_SNAPSHOT, "true"),
+            origin => {
+                headers.insert(HEADER_SEQUENCE_NUMBER, self.record.sequence_number.as_str());
+                headers.insert(HEADER_SHARD_ID, shard_id);
+                if let Origin::Replay { .. } = origin {
+                    headers.insert(HEADER_REPLAY, "true");
+                }
+            }
+        }
         headers
     }
 

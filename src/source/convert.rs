@@ -7,7 +7,7 @@
 
 use aws_sdk_dynamodbstreams::types::{AttributeValue, Record};
 
-use crate::record::{ChangeRecord, Map, UserIdentity, Value};
+use crate::record::{ChangeRecord, Map, Origin, UserIdentity, Value};
 
 /// A record that cannot become a change record, described for the log.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -39,6 +39,7 @@ pub fn change_record(record: Record) -> Result<ChangeRecord, Unusable> {
             principal_id: identity.principal_id.unwrap_or_default(),
         }),
         size_bytes: stream.size_bytes,
+        origin: Origin::Stream,
     })
 }
 

@@ -13,7 +13,7 @@ mod json;
 
 use bytes::Bytes;
 
-use crate::record::{ChangeRecord, Map};
+use crate::record::{ChangeRecord, Map, Origin};
 use json::JsonWriter;
 
 /// `userIdentity` of a record (TTL deletions are made by `dynamodb.amazonaws.com`).
@@ -38,6 +38,8 @@ pub struct Event<'r> {
     /// Set on a reduced event: the images were dropped because the full event exceeds the server's
     /// max payload.
     pub images_omitted: bool,
+    /// A snapshot row or a replayed change is flagged (`"snapshot": true`, `"replay": true`).
+    pub origin: Origin,
     /// What the record itself lacks (keys, creation time): written as empty values and reported.
     problems: Vec<String>,
 }
@@ -50,6 +52,8 @@ pub struct Encoded {
     /// The item the event is about: a hash of its `keys` as written (the same primary key gives the
     /// same JSON, keys sorted). Two items may share a hash; that only makes one wait for the other.
     pub item: u64,
+    /// Where the `keys` JSON lies in the payload (a snapshot row's message id holds it whole).
+    pub keys: std::ops::Range<usize>,
 }
 
 impl<'r> Event<'r> {
@@ -81,6 +85,7 @@ impl<'r> Event<'r> {
                 .as_ref()
                 .map(|identity| UserIdentity { kind: &identity.kind, principal_id: &identity.principal_id }),
             images_omitted: false,
+            origin: record.origin,
             problems,
         }
     }
@@ -105,7 +110,8 @@ impl<'r> Event<'r> {
             Some(keys) => w.map(keys),
             None => w.raw("{}"),
         }
-        let item = fnv1a(&w.out[keys_start..]);
+        let keys_end = w.out.len();
+        let item = fnv1a(&w.out[keys_start..keys_end]);
         w.field("new_image");
         w.image(self.new_image);
         w.field("old_image");
@@ -118,12 +124,23 @@ impl<'r> Event<'r> {
             w.string(identity.principal_id);
             w.raw("}");
         }
+        match self.origin {
+            Origin::Stream => {}
+            Origin::Snapshot { .. } => {
+                w.field("snapshot");
+                w.raw("true");
+            }
+            Origin::Replay { .. } => {
+                w.field("replay");
+                w.raw("true");
+            }
+        }
         if self.images_omitted {
             w.field("images_omitted");
             w.raw("true");
         }
         w.raw("}");
-        Encoded { payload: Bytes::from(w.out), lossy: w.lossy, item }
+        Encoded { payload: Bytes::from(w.out), lossy: w.lossy, item, keys: keys_start..keys_end }
     }
 
     /// The same event without images, for a record whose full JSON exceeds the max payload.
@@ -174,9 +191,16 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 }
 
 /// The `Nats-Msg-Id` of a record: table, shard and sequence number together, because sequence
-/// numbers alone repeat across tables (the seed's collision).
-pub fn message_id(table: &str, shard_id: &str, sequence_number: &str) -> String {
-    format!("{table}:{shard_id}:{sequence_number}")
+/// numbers alone repeat across tables (the seed's collision). A replayed record adds its backfill
+/// epoch (it must be stored again, not deduplicated against its first publish); a snapshot row is
+/// named by its epoch and its item's `keys` JSON, whole (a hash could make two items one), so a page
+/// read again is deduplicated and a second backfill is not.
+pub fn message_id(table: &str, shard_id: &str, sequence_number: &str, origin: Origin, keys_json: &[u8]) -> String {
+    match origin {
+        Origin::Stream => format!("{table}:{shard_id}:{sequence_number}"),
+        Origin::Replay { epoch } => format!("{table}:{shard_id}:{sequence_number}:replay-{epoch}"),
+        Origin::Snapshot { epoch } => format!("{table}:snapshot-{epoch}:{}", String::from_utf8_lossy(keys_json)),
+    }
 }
 
 #[cfg(test)]
@@ -277,8 +301,35 @@ mod tests {
 
     #[test]
     fn message_ids_differ_across_tables() {
-        assert_ne!(message_id("a", "s", "1"), message_id("b", "s", "1"));
-        assert_eq!(message_id("a", "s", "1"), message_id("a", "s", "1"));
+        let id = |table, origin| message_id(table, "s", "1", origin, b"{}");
+        assert_ne!(id("a", Origin::Stream), id("b", Origin::Stream));
+        assert_eq!(id("a", Origin::Stream), id("a", Origin::Stream));
+        assert_eq!(id("a", Origin::Stream), "a:s:1", "the format consumers may already parse");
+        assert_ne!(id("a", Origin::Stream), id("a", Origin::Replay { epoch: 1 }));
+        assert_ne!(id("a", Origin::Replay { epoch: 1 }), id("a", Origin::Replay { epoch: 2 }));
+    }
+
+    #[test]
+    fn a_snapshot_row_is_an_insert_flagged_and_named_by_its_keys() {
+        let row = ChangeRecord {
+            event_id: "snapshot-7".to_owned(),
+            event_name: "INSERT".to_owned(),
+            created_at: Some(1_767_225_600.0),
+            keys: Some(key("a")),
+            new_image: Some(map([("pk", Value::S("a".to_owned())), ("n", Value::N("1".to_owned()))])),
+            origin: Origin::Snapshot { epoch: 7 },
+            ..ChangeRecord::default()
+        };
+        let encoded = Event::from_record("t", &row).encode();
+        let json = String::from_utf8(encoded.payload.to_vec()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"event_id":"snapshot-7","event_name":"INSERT","table_name":"t","sequence_number":"","approximate_creation_time":"2026-01-01T00:00:00Z","keys":{"pk":"a"},"new_image":{"n":1,"pk":"a"},"old_image":null,"snapshot":true}"#
+        );
+        let keys = &encoded.payload[encoded.keys.clone()];
+        assert_eq!(message_id("t", "", "", row.origin, keys), r#"t:snapshot-7:{"pk":"a"}"#);
+        let other = message_id("t", "", "", row.origin, br#"{"pk":"b"}"#);
+        assert_ne!(message_id("t", "", "", row.origin, keys), other);
     }
 
     proptest! {
