@@ -1,16 +1,14 @@
 //! The calls this service makes to AWS, and nothing else: `DescribeTable`, `DescribeStream`,
-//! `GetShardIterator`, `GetRecords`, `Scan` (a backfill; not called yet) and `GetCallerIdentity` at
-//! start-up.
+//! `GetShardIterator`, `GetRecords` (and `GetCallerIdentity` at start-up).
 //!
 //! Each returns our own types and a classified [`ReadError`], so the rest of the service never sees
 //! an SDK error. The IAM policy in `deploy/` lists exactly these actions.
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::{ReturnConsumedCapacity, StreamViewType};
+use aws_sdk_dynamodb::types::StreamViewType;
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
 
 use super::error::ReadError;
-use super::scan::{ScanPage, ScanPosition, Segment};
 use super::{Page, ShardSource, StartAt, convert};
 use crate::config::MAX_RECORDS_PER_CALL;
 use crate::metrics::TableErrorKind;
@@ -105,54 +103,6 @@ impl StreamsApi {
             return Err(TableError::KeysOnly);
         }
         Ok(TableStream { stream_arn })
-    }
-
-    /// The table's primary-key attribute names (its key schema), for the `keys` of snapshot rows.
-    pub async fn key_attributes(&self, table: &str) -> Result<Vec<String>, TableError> {
-        let output = self.dynamodb.describe_table().table_name(table).send().await.map_err(|err| {
-            match ReadError::from_sdk(err) {
-                ReadError::NotFound(_) => TableError::Missing,
-                other => TableError::Call(other),
-            }
-        })?;
-        let description = output.table.ok_or(TableError::Missing)?;
-        Ok(description.key_schema.unwrap_or_default().into_iter().map(|element| element.attribute_name).collect())
-    }
-
-    /// One page of `segment` of a parallel `Scan` of `table`, from `start` (its beginning: `None`), of
-    /// at most `limit` items; eventually consistent (`docs/backfill.md`, "Pin").
-    pub async fn scan(
-        &self,
-        table: &str,
-        segment: Segment,
-        start: Option<&ScanPosition>,
-        limit: i32,
-    ) -> Result<ScanPage, ReadError> {
-        let start = start.map(ScanPosition::key).transpose().map_err(|err| ReadError::Other(err.to_string()))?;
-        let turn = self.turn().await;
-        let output = self
-            .dynamodb
-            .scan()
-            .table_name(table)
-            .segment(segment.index as i32)
-            .total_segments(segment.total as i32)
-            .set_exclusive_start_key(start)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .limit(limit)
-            .send()
-            .await
-            .map_err(ReadError::from_sdk)?;
-        drop(turn);
-        let next =
-            match &output.last_evaluated_key {
-                None => None,
-                Some(key) => Some(ScanPosition::of(key).ok_or_else(|| {
-                    ReadError::Other(format!("LastEvaluatedKey {key:?} holds a type keys cannot have"))
-                })?),
-            };
-        let read_units = output.consumed_capacity.as_ref().and_then(|capacity| capacity.capacity_units).unwrap_or(0.0);
-        let items = output.items.unwrap_or_default().into_iter().map(convert::item).collect();
-        Ok(ScanPage { items, next, read_units })
     }
 
     /// Every shard of a stream, paging through `DescribeStream`.

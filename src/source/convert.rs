@@ -47,7 +47,7 @@ pub fn change_record(record: Record) -> Result<ChangeRecord, Unusable> {
 /// of the same shape): a map of attributes and one value, moved, not copied.
 macro_rules! attribute_conversions {
     ($map:ident, $value:ident, $attribute:ty) => {
-        pub(crate) fn $map(attributes: std::collections::HashMap<String, $attribute>) -> Map {
+        pub fn $map(attributes: std::collections::HashMap<String, $attribute>) -> Map {
             attributes.into_iter().map(|(name, value)| (name, $value(value))).collect()
         }
 
