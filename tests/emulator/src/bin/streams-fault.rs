@@ -2,7 +2,7 @@
 //! run the service against thousands of shards that split and roll over, with no AWS account.
 //!
 //! ```text
-//! cargo run -p test-support --bin streams-fault -- --tables 3 --shards-per-table 4000 --rollover-every 10s
+//! cargo run -p streams-emulator --bin streams-fault -- --tables 3 --shards-per-table 4000 --rollover-every 10s
 //! ```
 //!
 //! It serves [`FaultyStreams`] on 127.0.0.1 and creates `--tables` tables named `{prefix}-{i}` (key
@@ -33,7 +33,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::json;
-use test_support::streams_fault::{FaultyStreams, REGION, ViewType};
+use streams_emulator::{FaultyStreams, REGION, ViewType};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
