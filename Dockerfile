@@ -13,17 +13,22 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY coordination/Cargo.toml coordination/Cargo.toml
 COPY tests/support/Cargo.toml tests/support/Cargo.toml
-RUN mkdir -p src coordination/src tests/support/src \
+COPY tests/emulator/Cargo.toml tests/emulator/Cargo.toml
+COPY tests/tools/Cargo.toml tests/tools/Cargo.toml
+RUN mkdir -p src coordination/src tests/support/src tests/emulator/src tests/tools/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs coordination/src/lib.rs tests/support/src/lib.rs \
+    && touch src/lib.rs coordination/src/lib.rs tests/support/src/lib.rs tests/emulator/src/lib.rs \
+       tests/tools/src/lib.rs \
     && cargo build --release --locked -p dynamodb-stream-consumer \
-    && rm -rf src coordination/src tests/support/src
+    && rm -rf src coordination/src tests/support/src tests/emulator/src tests/tools/src
 
 # 2. The real sources. `touch` makes them newer than the stub build, so cargo rebuilds the workspace's
 #    own crates (COPY keeps the build context's modification times, which may be older).
 COPY src src
 COPY coordination/src coordination/src
 COPY tests/support/src tests/support/src
+COPY tests/emulator/src tests/emulator/src
+COPY tests/tools/src tests/tools/src
 RUN touch src/main.rs src/lib.rs coordination/src/lib.rs \
     && cargo build --release --locked -p dynamodb-stream-consumer \
     && cp target/release/dynamodb-stream-consumer /dynamodb-stream-consumer

@@ -1,7 +1,7 @@
 //! Backpressure: shards whose in-flight windows together exceed the process-wide cap on unacknowledged
 //! publishes (`MAX_ACKS_IN_FLIGHT`).
 
-use test_support::streams_fault::Op;
+use streams_emulator::Op;
 
 use super::harness::{Rig, TABLE, Window, keys};
 

@@ -131,12 +131,7 @@ async fn a_table_of_20000_shards_fits_the_original_bucket() {
     let mut rig = Rig::new(Window::Tiny).await;
     create_bucket(&rig, 1024).await;
     let wide = "wide";
-    rig.streams.create_table_with_shards(
-        wide,
-        "pk",
-        test_support::streams_fault::ViewType::NewAndOldImages,
-        WIDE_SHARDS,
-    );
+    rig.streams.create_table_with_shards(wide, "pk", streams_emulator::ViewType::NewAndOldImages, WIDE_SHARDS);
     let tables = format!("{TABLE},{wide}");
     rig.start(&[("DYNAMODB_TABLES", tables.as_str()), ("MAX_LEASES", "20")]).await;
     let labels = [("table", wide), ("state", "reading")];

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use serde_json::json;
+use streams_emulator::{FaultyStreams, REGION, ViewType};
 use test_support::fixtures::{self, Stored};
-use test_support::streams_fault::{FaultyStreams, REGION, ViewType};
 use test_support::{NatsServer, ServiceProcess, http_get};
 use tokio::time::Instant;
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use test_support::streams_fault::{Op, Throttle};
+use streams_emulator::{Op, Throttle};
 
 use super::harness::{Rig, TABLE, Window, keys};
 

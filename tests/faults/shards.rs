@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use test_support::streams_fault::Op;
+use streams_emulator::Op;
 
 use super::harness::{Rig, TABLE, Window, assert_read_after, keys, last_in};
 

@@ -16,7 +16,6 @@ use tokio::net::TcpStream;
 pub mod cluster;
 pub mod process;
 pub mod proxy;
-pub mod streams_fault;
 
 pub use process::ServiceProcess;
 

@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-/// Builds the service binary with cargo, in the profile of the running program (a binary of this
-/// crate, such as the demo or the benchmark), and returns its path: beside the running program.
+/// Builds the service binary with cargo, in the profile of the running program (a binary of the
+/// workspace, such as the demo or the benchmark in `tests/tools`), and returns its path: beside the
+/// running program.
 pub fn build_service() -> PathBuf {
     let me = std::env::current_exe().expect("path of the running program");
     let release = me.parent().is_some_and(|dir| dir.ends_with("release"));

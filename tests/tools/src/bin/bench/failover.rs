@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use test_support::streams_fault::{FaultyStreams, ViewType};
+use streams_emulator::{FaultyStreams, ViewType};
 use test_support::{NatsServer, ServiceProcess, free_port, wait_for};
 use tokio::time::Instant;
 
@@ -35,7 +35,7 @@ const LEAD: Duration = Duration::from_secs(2);
 /// Idle shards poll every 100 ms (the default is 1 s), so the gaps show the lease hand-over rather than
 /// the polling; the steady row shows what polling alone costs.
 const POLL_INTERVAL_MS: &str = "100";
-/// The service's defaults (`src/config.rs`): `LEASE_TTL_SEC` 10 and `LEASE_RENEW_INTERVAL_MS` a third
+/// The service's defaults (`src/config/`): `LEASE_TTL_SEC` 10 and `LEASE_RENEW_INTERVAL_MS` a third
 /// of it. The replicas run with neither set.
 const DEFAULT_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_RENEW: Duration = Duration::from_nanos(10_000_000_000 / 3);

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use test_support::streams_fault::{FaultyStreams, ViewType};
+use streams_emulator::{FaultyStreams, ViewType};
 use test_support::{NatsServer, ServiceProcess, free_port, http_get, wait_for};
 
 /// The stream (and subject prefix) the service publishes to: the seed's default.

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
-use test_support::streams_fault::{FaultyStreams, Op, ViewType};
+use streams_emulator::{FaultyStreams, Op, ViewType};
 use test_support::{NatsServer, ServiceProcess, free_port, wait_for};
 use tokio::time::Instant;
 

@@ -16,7 +16,7 @@ use aws_sdk_dynamodbstreams::types::{
     AttributeValue, OperationType, Record, Shard, ShardFilter, ShardFilterType, ShardIteratorType, StreamStatus,
 };
 use serde_json::json;
-use test_support::streams_fault::{EventName, FaultyStreams, NewRecord, Op, Throttle, UserIdentity, ViewType};
+use streams_emulator::{EventName, FaultyStreams, NewRecord, Op, Throttle, UserIdentity, ViewType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use ShardIteratorType::{AfterSequenceNumber, AtSequenceNumber, Latest, TrimHorizon};

@@ -1,4 +1,4 @@
-//! The benchmark: `cargo run --release -p test-support --bin bench`. It reports; it asserts nothing.
+//! The benchmark: `cargo run --release -p tools --bin bench`. It reports; it asserts nothing.
 //!
 //! Four parts, each on fresh servers, each printing a Markdown table (`BENCH_ONLY=throughput,latency,
 //! idle,failover` runs a subset; the default is all four):
@@ -52,7 +52,7 @@ async fn main() {
     let binary = test_support::process::build_service();
     assert!(
         binary.parent().is_some_and(|dir| dir.ends_with("release")),
-        "run the benchmark with --release: `cargo run --release -p test-support --bin bench`"
+        "run the benchmark with --release: `cargo run --release -p tools --bin bench`"
     );
     for (index, part) in parts.iter().enumerate() {
         if index > 0 {
