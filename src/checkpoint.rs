@@ -212,6 +212,10 @@ impl Checkpoints {
 /// the next one (the records are published; only progress is unsaved).
 const WRITE_ATTEMPTS: usize = 5;
 
+/// Unconfirmed positions remembered while the bucket does not answer (one per page read meanwhile);
+/// forgetting an older one costs at most a needless hand-over, never a record.
+const MAX_UNCONFIRMED: usize = 1024;
+
 /// The checkpoint of one shard as this process holds it: the only place a checkpoint is advanced, and
 /// only while the shard's lease allows it.
 pub struct ShardCheckpoint {
@@ -219,6 +223,10 @@ pub struct ShardCheckpoint {
     key: String,
     position: Option<Position>,
     revision: Option<Revision>,
+    /// Positions this process wrote without an answer since its last confirmed write: any of them
+    /// may have landed (issue 14: after [`WRITE_ATTEMPTS`] unanswered writes the reader went on, and
+    /// the next write found the key moved by its own lost write and stopped as if fenced).
+    unconfirmed: Vec<Position>,
     /// The shard's lease: checked before every write.
     guard: LeaseGuard,
 }
@@ -241,7 +249,14 @@ impl ShardCheckpoint {
     /// Reads the checkpoint at `key` of the shard `guard` is the lease of.
     pub async fn load(store: Checkpoints, key: String, guard: LeaseGuard) -> Result<Self, CheckpointError> {
         let stored = store.load(&key).await?;
-        Ok(ShardCheckpoint { store, key, position: stored.position, revision: stored.revision, guard })
+        Ok(ShardCheckpoint {
+            store,
+            key,
+            position: stored.position,
+            revision: stored.revision,
+            unconfirmed: Vec::new(),
+            guard,
+        })
     }
 
     pub fn position(&self) -> Option<&Position> {
@@ -251,33 +266,56 @@ impl ShardCheckpoint {
     /// Writes `next` if it moves forward (`Ok(false)`: a step that would not is skipped), while the
     /// lease allows it; retried a few times while the bucket does not answer.
     ///
-    /// A write whose answer was lost may have landed: on a revision conflict the key is read again,
-    /// and if it already holds `next` that revision is adopted; anything else means another writer.
+    /// A write whose answer was lost may have landed: on a revision conflict the key is read again;
+    /// if it holds `next`, that revision is adopted; if it holds a position this process wrote without
+    /// an answer, that revision is adopted and `next` written over it; anything else means another
+    /// writer.
     pub async fn advance(&mut self, next: Position) -> Result<bool, AdvanceError> {
         if !next.is_after(self.position.as_ref()) {
             return Ok(false);
         }
+        let unconfirmed = &self.unconfirmed;
+        let (store, key, guard) = (&self.store, self.key.as_str(), &self.guard);
+        let expected = self.revision;
         let attempt = || async {
-            self.guard.check()?;
-            match self.store.save(&self.key, &next, self.revision).await {
-                Ok(revision) => Ok(revision),
-                Err(CheckpointError::Conflict { .. }) => {
-                    let stored = self.store.load(&self.key).await.map_err(AdvanceError::Unavailable)?;
-                    match stored.revision {
-                        Some(revision) if stored.position.as_ref() == Some(&next) => Ok(revision),
-                        _ => Err(AdvanceError::Taken(self.key.clone())),
+            guard.check()?;
+            let mut written = store.save(key, &next, expected).await;
+            if let Err(CheckpointError::Conflict { .. }) = written {
+                let stored = store.load(key).await.map_err(AdvanceError::Unavailable)?;
+                match (stored.position, stored.revision) {
+                    (Some(position), Some(revision)) if position == next => return Ok(revision),
+                    (Some(position), Some(revision)) if unconfirmed.contains(&position) => {
+                        written = store.save(key, &next, Some(revision)).await;
                     }
+                    _ => return Err(AdvanceError::Taken(key.to_owned())),
                 }
-                Err(other) => Err(AdvanceError::Unavailable(other)),
             }
+            written.map_err(|err| match err {
+                CheckpointError::Conflict { .. } => AdvanceError::Taken(key.to_owned()),
+                other => AdvanceError::Unavailable(other),
+            })
         };
-        let revision = attempt
+        let result = attempt
             .retry(retry::policy().with_max_times(WRITE_ATTEMPTS - 1))
             .when(|err| matches!(err, AdvanceError::Unavailable(_)))
-            .await?;
-        self.revision = Some(revision);
-        self.position = Some(next);
-        Ok(true)
+            .await;
+        match result {
+            Ok(revision) => {
+                self.revision = Some(revision);
+                self.position = Some(next);
+                self.unconfirmed.clear();
+                Ok(true)
+            }
+            Err(err) => {
+                if matches!(err, AdvanceError::Unavailable(_)) {
+                    if self.unconfirmed.len() == MAX_UNCONFIRMED {
+                        self.unconfirmed.remove(0);
+                    }
+                    self.unconfirmed.push(next);
+                }
+                Err(err)
+            }
+        }
     }
 }
 
@@ -363,6 +401,37 @@ mod fencing {
         tokio::time::sleep(coordination::DEFAULT_TTL).await;
         assert!(matches!(checkpoint.advance(after(6)).await, Err(AdvanceError::LeaseLost(_))));
         assert_eq!(checkpoints.load(&key("t", "s")).await.unwrap().position, Some(after(5)));
+    }
+
+    /// Loses the answer of every write to a checkpoint key while `lose` is set (the write lands).
+    struct LostAnswers(Arc<std::sync::atomic::AtomicBool>);
+
+    impl coordination::store::FaultPlan for LostAnswers {
+        fn plan(&mut self, _client: &str, op: coordination::store::Op, key: &str) -> coordination::store::Fault {
+            let write = matches!(op, coordination::store::Op::Create | coordination::store::Op::Update);
+            let lose = write && key == "t.s" && self.0.load(std::sync::atomic::Ordering::SeqCst);
+            coordination::store::Fault { lose_response: lose, ..Default::default() }
+        }
+    }
+
+    /// Issue 14: after every attempt of a write went unanswered (it landed), the next write finds the
+    /// key moved by that lost write. It is this process's own write: adopted, and the next position
+    /// written over it, instead of stopping the reader as if another writer had taken the shard.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_landed_unanswered_is_adopted_by_the_next_one() {
+        let lose = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store = Arc::new(MemoryStore::with_faults(LostAnswers(lose.clone())));
+        let shard = ShardKey::for_shard("t", "s");
+        let (_coordinator, guard) = lease(store.clone(), &shard).await;
+        let checkpoints = Checkpoints::new(store);
+        let mut checkpoint = ShardCheckpoint::load(checkpoints.clone(), key("t", "s"), guard).await.unwrap();
+        assert!(checkpoint.advance(after(5)).await.unwrap());
+        lose.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(checkpoint.advance(after(6)).await, Err(AdvanceError::Unavailable(_))));
+        lose.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(checkpoints.load(&key("t", "s")).await.unwrap().position, Some(after(6)), "it landed");
+        assert!(checkpoint.advance(after(7)).await.unwrap());
+        assert_eq!(checkpoints.load(&key("t", "s")).await.unwrap().position, Some(after(7)));
     }
 
     #[tokio::test(start_paused = true)]
