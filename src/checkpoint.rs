@@ -110,6 +110,30 @@ impl Position {
     }
 }
 
+/// A value a fenced checkpoint holds: how it is stored, and which steps go forward.
+pub trait Progress: Clone + PartialEq + Send + Sync {
+    /// A stored value; `None` for one this version cannot read.
+    fn parse(text: &str) -> Option<Self>;
+    /// The value written to the bucket.
+    fn encode(&self) -> String;
+    /// True when moving from `previous` to `self` goes forward.
+    fn is_after(&self, previous: Option<&Self>) -> bool;
+}
+
+impl Progress for Position {
+    fn parse(text: &str) -> Option<Self> {
+        Position::parse(text)
+    }
+
+    fn encode(&self) -> String {
+        Position::encode(self)
+    }
+
+    fn is_after(&self, previous: Option<&Self>) -> bool {
+        Position::is_after(self, previous)
+    }
+}
+
 /// The seed's checkpoint key.
 pub fn key(table: &str, shard_id: &str) -> String {
     format!("{table}.{shard_id}")
@@ -123,9 +147,9 @@ pub fn shard_of<'k>(table: &str, key: &'k str) -> Option<&'k str> {
 
 /// A checkpoint as read from the bucket.
 #[derive(Debug, Clone)]
-pub struct Stored {
+pub struct Stored<V = Position> {
     /// `None` when the key is absent, deleted, or holds a value we cannot read.
-    pub position: Option<Position>,
+    pub position: Option<V>,
     /// The key's revision; `None` when it is absent or deleted.
     pub revision: Option<Revision>,
 }
@@ -161,16 +185,21 @@ impl Checkpoints {
         Checkpoints { store }
     }
 
-    /// Reads a checkpoint and its revision.
+    /// Reads a shard's checkpoint and its revision.
     pub async fn load(&self, key: &str) -> Result<Stored, CheckpointError> {
+        self.load_as(key).await
+    }
+
+    /// Reads a checkpoint holding a `V` and its revision.
+    pub async fn load_as<V: Progress>(&self, key: &str) -> Result<Stored<V>, CheckpointError> {
         let entry = self.store.get(key).await.map_err(|err| CheckpointError::of(key, err))?;
         Ok(match entry {
             None => Stored { position: None, revision: None },
             Some(entry) => {
                 let text = String::from_utf8_lossy(&entry.value);
-                let position = Position::parse(&text);
+                let position = V::parse(&text);
                 if position.is_none() {
-                    tracing::error!(key, value = %text, "checkpoint value is neither a sequence number nor SHARD_END; the shard starts as if it had none");
+                    tracing::error!(key, value = %text, "checkpoint value cannot be read; starting as if there were none");
                 }
                 Stored { position, revision: Some(entry.revision) }
             }
@@ -178,10 +207,10 @@ impl Checkpoints {
     }
 
     /// Writes `position` if the key is still at `expected` (`None`: absent); returns the new revision.
-    pub async fn save(
+    pub async fn save<V: Progress>(
         &self,
         key: &str,
-        position: &Position,
+        position: &V,
         expected: Option<Revision>,
     ) -> Result<Revision, CheckpointError> {
         let value = Bytes::from(position.encode());
@@ -216,17 +245,17 @@ const WRITE_ATTEMPTS: usize = 5;
 /// forgetting an older one costs at most a needless hand-over, never a record.
 const MAX_UNCONFIRMED: usize = 1024;
 
-/// The checkpoint of one shard as this process holds it: the only place a checkpoint is advanced, and
-/// only while the shard's lease allows it.
-pub struct ShardCheckpoint {
+/// A checkpoint as this process holds it, of a shard ([`ShardCheckpoint`]) or of a backfill's scan
+/// segment: the only place a checkpoint is advanced, and only while its lease allows it.
+pub struct Fenced<V: Progress> {
     store: Checkpoints,
     key: String,
-    position: Option<Position>,
+    position: Option<V>,
     revision: Option<Revision>,
     /// Positions this process wrote without an answer since its last confirmed write: any of them
     /// may have landed (issue 14: after [`WRITE_ATTEMPTS`] unanswered writes the reader went on, and
     /// the next write found the key moved by its own lost write and stopped as if fenced).
-    unconfirmed: Vec<Position>,
+    unconfirmed: Vec<V>,
     /// The shard's lease: checked before every write.
     guard: LeaseGuard,
 }
@@ -245,21 +274,17 @@ pub enum AdvanceError {
     Unavailable(CheckpointError),
 }
 
-impl ShardCheckpoint {
-    /// Reads the checkpoint at `key` of the shard `guard` is the lease of.
+/// The checkpoint of one shard.
+pub type ShardCheckpoint = Fenced<Position>;
+
+impl<V: Progress> Fenced<V> {
+    /// Reads the checkpoint at `key` of what `guard` is the lease of.
     pub async fn load(store: Checkpoints, key: String, guard: LeaseGuard) -> Result<Self, CheckpointError> {
-        let stored = store.load(&key).await?;
-        Ok(ShardCheckpoint {
-            store,
-            key,
-            position: stored.position,
-            revision: stored.revision,
-            unconfirmed: Vec::new(),
-            guard,
-        })
+        let stored = store.load_as::<V>(&key).await?;
+        Ok(Fenced { store, key, position: stored.position, revision: stored.revision, unconfirmed: Vec::new(), guard })
     }
 
-    pub fn position(&self) -> Option<&Position> {
+    pub fn position(&self) -> Option<&V> {
         self.position.as_ref()
     }
 
@@ -270,7 +295,7 @@ impl ShardCheckpoint {
     /// if it holds `next`, that revision is adopted; if it holds a position this process wrote without
     /// an answer, that revision is adopted and `next` written over it; anything else means another
     /// writer.
-    pub async fn advance(&mut self, next: Position) -> Result<bool, AdvanceError> {
+    pub async fn advance(&mut self, next: V) -> Result<bool, AdvanceError> {
         if !next.is_after(self.position.as_ref()) {
             return Ok(false);
         }
@@ -281,7 +306,7 @@ impl ShardCheckpoint {
             guard.check()?;
             let mut written = store.save(key, &next, expected).await;
             if let Err(CheckpointError::Conflict { .. }) = written {
-                let stored = store.load(key).await.map_err(AdvanceError::Unavailable)?;
+                let stored = store.load_as::<V>(key).await.map_err(AdvanceError::Unavailable)?;
                 match (stored.position, stored.revision) {
                     (Some(position), Some(revision)) if position == next => return Ok(revision),
                     (Some(position), Some(revision)) if unconfirmed.contains(&position) => {
