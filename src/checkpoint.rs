@@ -393,23 +393,13 @@ mod tests {
 mod fencing {
     #![allow(clippy::unwrap_used)]
 
-    use coordination::{Coordinator, Event, MemoryStore, ShardKey};
+    use coordination::{MemoryStore, ShardKey};
 
     use super::*;
+    use crate::testing::lease;
 
     fn after(seq: u64) -> Position {
         Position::After(SequenceNumber::parse(&seq.to_string()).unwrap())
-    }
-
-    /// A lease of `shard` from a coordinator over `store`.
-    async fn lease(store: Arc<MemoryStore>, shard: &ShardKey) -> (Coordinator, LeaseGuard) {
-        let config = coordination::Config::new("r1", coordination::DEFAULT_TTL);
-        let (coordinator, mut events) = Coordinator::start(store, config).unwrap();
-        coordinator.set_shards([shard.clone()]);
-        match events.recv().await.unwrap() {
-            Event::Acquired { guard, .. } => (coordinator, guard),
-            other => panic!("unexpected {other:?}"),
-        }
     }
 
     #[tokio::test(start_paused = true)]

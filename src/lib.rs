@@ -17,6 +17,8 @@ pub mod retry;
 pub mod source;
 pub mod status;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

@@ -6,6 +6,7 @@
 //! - [`reader`]: one shard read, published and checkpointed in order, as a state machine.
 //! - [`topology`]: every table's shards kept fresh in the bucket, and the shards readable now.
 
+pub mod backfill;
 pub mod deliver;
 pub mod fleet;
 pub mod reader;

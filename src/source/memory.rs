@@ -7,6 +7,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 
 use super::error::ReadError;
+use super::scan::{ScanPage, ScanPosition, Segment, TableScan};
 use super::{Page, ShardSource, StartAt};
 use crate::checkpoint::SequenceNumber;
 use crate::record::{ChangeRecord, Map, Value};
@@ -136,5 +137,79 @@ impl ShardSource for MemorySource {
         let records = shard.records.get(index..end).unwrap_or_default().to_vec();
         let next_iterator = (!shard.closed || end < shard.records.len()).then(|| format!("{shard_id}#{end}"));
         Ok(Page { records, unusable: Vec::new(), next_iterator })
+    }
+}
+
+/// An in-memory table to scan: items in a fixed order, split into segments by position (item `i` is
+/// in segment `i % total`), each item costing `units_per_item` read units; errors served when a test
+/// plans them.
+pub struct MemoryTable {
+    items: Vec<Map>,
+    units_per_item: f64,
+    planned: Mutex<VecDeque<ReadError>>,
+    calls: Mutex<usize>,
+}
+
+impl MemoryTable {
+    /// `items`, each with a string attribute `pk` (its key).
+    pub fn new(items: Vec<Map>, units_per_item: f64) -> Self {
+        MemoryTable { items, units_per_item, planned: Mutex::default(), calls: Mutex::default() }
+    }
+
+    /// The next scan call fails with `error`.
+    pub fn plan(&self, error: ReadError) {
+        self.planned.lock().unwrap_or_else(PoisonError::into_inner).push_back(error);
+    }
+
+    pub fn calls(&self) -> usize {
+        *self.calls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn key_of(item: &Map) -> HashMap<String, aws_sdk_dynamodb::types::AttributeValue> {
+        item.fields()
+            .iter()
+            .filter(|(name, _)| name == "pk")
+            .filter_map(|(name, value)| match value {
+                Value::S(text) => Some((name.clone(), aws_sdk_dynamodb::types::AttributeValue::S(text.clone()))),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl TableScan for MemoryTable {
+    async fn scan(
+        &self,
+        _table: &str,
+        segment: Segment,
+        start: Option<&ScanPosition>,
+        limit: i32,
+    ) -> Result<ScanPage, ReadError> {
+        *self.calls.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        if let Some(error) = self.planned.lock().unwrap_or_else(PoisonError::into_inner).pop_front() {
+            return Err(error);
+        }
+        let mine: Vec<&Map> = self
+            .items
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u32 % segment.total == segment.index)
+            .map(|(_, item)| item)
+            .collect();
+        let from = match start {
+            None => 0,
+            Some(position) => {
+                let key = position.key().map_err(|err| ReadError::Other(err.to_string()))?;
+                let at = mine.iter().position(|item| Self::key_of(item) == key);
+                at.map_or(mine.len(), |at| at + 1)
+            }
+        };
+        let end = mine.len().min(from + limit.max(1) as usize);
+        let items: Vec<Map> = mine[from..end].iter().map(|item| (*item).clone()).collect();
+        let next =
+            (end < mine.len()).then(|| items.last().and_then(|last| ScanPosition::of(&Self::key_of(last)))).flatten();
+        let read_units = self.units_per_item * items.len() as f64;
+        Ok(ScanPage { items, next, read_units })
     }
 }

@@ -9,10 +9,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 use base64::Engine as _;
 use serde_json::{Value as Json, json};
 
+use super::error::ReadError;
+use crate::checkpoint::Progress;
 use crate::record::Map;
 
 /// Where a segment's scan resumes: after the item with this primary key.
@@ -100,6 +103,53 @@ pub struct ScanPage {
 pub struct Segment {
     pub index: u32,
     pub total: u32,
+}
+
+/// How far a segment has been read, as its checkpoint holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentProgress {
+    /// Every item up to this key is published; resume after it.
+    After(ScanPosition),
+    /// The segment was read to its end.
+    Done,
+}
+
+/// The value of a finished segment's checkpoint.
+const DONE: &str = "DONE";
+
+impl Progress for SegmentProgress {
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            DONE => Some(SegmentProgress::Done),
+            text => ScanPosition::parse(text).ok().map(SegmentProgress::After),
+        }
+    }
+
+    fn encode(&self) -> String {
+        match self {
+            SegmentProgress::After(position) => position.as_str().to_owned(),
+            SegmentProgress::Done => DONE.to_owned(),
+        }
+    }
+
+    /// A scan only moves on (its positions are in the table's hash order, not comparable here); it
+    /// never leaves `Done`.
+    fn is_after(&self, previous: Option<&Self>) -> bool {
+        previous != Some(&SegmentProgress::Done) && previous != Some(self)
+    }
+}
+
+/// Scanning a table: DynamoDB in the service, memory in unit tests.
+#[async_trait]
+pub trait TableScan: Send + Sync {
+    /// One page of `segment` of `table` from `start` (its beginning: `None`), of at most `limit` items.
+    async fn scan(
+        &self,
+        table: &str,
+        segment: Segment,
+        start: Option<&ScanPosition>,
+        limit: i32,
+    ) -> Result<ScanPage, ReadError>;
 }
 
 /// The primary key of `item`: its attributes named in `key_attributes` (the table's key schema).

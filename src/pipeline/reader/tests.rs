@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use coordination::{Coordinator, Event, LeaseGuard, LeaseStore, MemoryStore, ShardKey};
+use coordination::{Coordinator, LeaseGuard, LeaseStore, MemoryStore, ShardKey};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -23,11 +23,10 @@ use crate::source::error::ReadError;
 use crate::source::memory::{MemorySource, record};
 use crate::source::topology::Readable;
 use crate::status::ShardProgress;
+use crate::testing::{DEADLINE, lease};
 
 const TABLE: &str = "t";
 const SHARD: &str = "shardId-1";
-/// Longest a test waits for anything, in virtual time.
-const DEADLINE: Duration = Duration::from_secs(600);
 /// Records are created at this second (epoch) unless a test says otherwise.
 const CREATED: f64 = 1_767_225_600.0;
 
@@ -57,13 +56,7 @@ impl Harness {
     /// A source with pages of `page_size` records and the lease of the shard.
     async fn new(page_size: usize) -> Harness {
         let store = Arc::new(MemoryStore::new());
-        let config = coordination::Config::new("r1", coordination::DEFAULT_TTL);
-        let (coordinator, mut events) = Coordinator::start(store.clone(), config).unwrap();
-        coordinator.set_shards([ShardKey::for_shard(TABLE, SHARD)]);
-        let guard = match tokio::time::timeout(DEADLINE, events.recv()).await.unwrap().unwrap() {
-            Event::Acquired { guard, .. } => guard,
-            other => panic!("unexpected {other:?}"),
-        };
+        let (coordinator, guard) = lease(store.clone(), &ShardKey::for_shard(TABLE, SHARD)).await;
         let (readable, _) = watch::channel(None);
         let (_, forced) = Force::detached();
         Harness {

@@ -1,0 +1,226 @@
+//! A backfill's scan segments (`docs/backfill.md`): one segment read page by page, each page's items
+//! published as snapshot rows, and the segment's checkpoint moved past the page once every row of it
+//! is acknowledged; reads paced by a read budget. (Not wired into the fleet yet: the leases of
+//! segments, the trigger and the replay of the pinned range come next.)
+//!
+//! Invariants: a page's position is checkpointed only after every row of the page is acknowledged, so
+//! a segment resumed elsewhere reads that page again at worst (its rows are deduplicated by message
+//! id, which names the backfill and the item); nothing is published or checkpointed without the
+//! segment's lease ([`LeaseGuard`], checked by the sink and by the checkpoint); throttling is retried
+//! with backoff, never fatal.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use backon::Retryable;
+use coordination::LeaseGuard;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::deliver::Delivery;
+use super::reader::Outcome;
+use crate::checkpoint::{AdvanceError, Checkpoints, Fenced};
+use crate::publish::{Destination, EventSink};
+use crate::record::{ChangeRecord, Origin};
+use crate::retry;
+use crate::source::error::ReadError;
+use crate::source::scan::{ScanPosition, Segment, SegmentProgress, TableScan, keys_of};
+use crate::status::now_secs;
+
+/// Read capacity units per second, spent as pages report what they consumed (`ConsumedCapacity` is
+/// known only after a page): a page is read only while the budget is not in debt.
+pub struct ReadBudget {
+    per_second: f64,
+    /// Units owed, and when that was last brought up to date.
+    debt: Mutex<(f64, Instant)>,
+}
+
+impl ReadBudget {
+    pub fn new(per_second: f64) -> Self {
+        ReadBudget { per_second, debt: Mutex::new((0.0, Instant::now())) }
+    }
+
+    /// The debt as of now (it is paid off at `per_second`).
+    fn owed(&self) -> f64 {
+        let mut debt = self.debt.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        debt.0 = (debt.0 - (now - debt.1).as_secs_f64() * self.per_second).max(0.0);
+        debt.1 = now;
+        debt.0
+    }
+
+    /// Waits until nothing is owed.
+    pub async fn ready(&self) {
+        loop {
+            let owed = self.owed();
+            if owed <= 0.0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs_f64(owed / self.per_second)).await;
+        }
+    }
+
+    /// A page consumed `units`.
+    pub fn charge(&self, units: f64) {
+        self.owed();
+        self.debt.lock().unwrap_or_else(PoisonError::into_inner).0 += units;
+    }
+}
+
+/// The bucket key of a segment's checkpoint.
+pub fn segment_key(table: &str, epoch: u64, segment: Segment) -> String {
+    format!("backfill/{table}/{epoch}/segment.{}-of-{}", segment.index, segment.total)
+}
+
+/// Reads one segment of one backfill.
+pub struct SegmentReader {
+    pub scan: Arc<dyn TableScan>,
+    pub sink: Arc<dyn EventSink>,
+    pub checkpoints: Checkpoints,
+    pub table: String,
+    pub subject: String,
+    /// The backfill this segment belongs to.
+    pub epoch: u64,
+    pub segment: Segment,
+    /// The table's key schema: the `keys` of each row.
+    pub key_attributes: Vec<String>,
+    pub budget: Arc<ReadBudget>,
+    /// Items per `Scan` call.
+    pub page_limit: i32,
+    /// Publishes in flight (`MAX_IN_FLIGHT`).
+    pub window: usize,
+    /// Told to stop gracefully: the page in hand is still published and checkpointed.
+    pub cancel: CancellationToken,
+    pub guard: LeaseGuard,
+}
+
+impl SegmentReader {
+    pub async fn run(self) -> Outcome {
+        let outcome = self.read().await;
+        tracing::info!(table = %self.table, epoch = self.epoch, segment = self.segment.index, ?outcome, "segment reader ended");
+        outcome
+    }
+
+    async fn read(&self) -> Outcome {
+        let key = segment_key(&self.table, self.epoch, self.segment);
+        let load = || Fenced::<SegmentProgress>::load(self.checkpoints.clone(), key.clone(), self.guard.clone());
+        let loaded = load.retry(retry::policy()).notify(|err, _| {
+            tracing::warn!(table = %self.table, segment = self.segment.index, error = %err, "cannot read the segment's checkpoint; retrying");
+        });
+        let mut checkpoint = tokio::select! {
+            () = self.cancel.cancelled() => return self.stopped(),
+            _ = self.guard.lost() => return Outcome::LeaseLost,
+            loaded = loaded => match loaded {
+                Ok(checkpoint) => checkpoint,
+                Err(_) => return self.stopped(),
+            },
+        };
+        let mut start: Option<ScanPosition> = match checkpoint.position() {
+            Some(SegmentProgress::Done) => return Outcome::Finished,
+            Some(SegmentProgress::After(position)) => Some(position.clone()),
+            None => None,
+        };
+        let mut delays = retry::backoff();
+        loop {
+            if self.cancel.is_cancelled() || !self.guard.is_valid() {
+                return self.stopped();
+            }
+            tokio::select! {
+                () = self.cancel.cancelled() => return self.stopped(),
+                _ = self.guard.lost() => return Outcome::LeaseLost,
+                () = self.budget.ready() => {}
+            }
+            let call = self.scan.scan(&self.table, self.segment, start.as_ref(), self.page_limit);
+            let page = tokio::select! {
+                // Biased: a stop wins over a page arriving at the same moment (nothing is in hand).
+                biased;
+                () = self.cancel.cancelled() => return self.stopped(),
+                page = call => page,
+            };
+            let page = match page {
+                Ok(page) => page,
+                Err(err) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                    match &err {
+                        ReadError::Throttled(_) => {
+                            tracing::info!(table = %self.table, segment = self.segment.index, retry_in_ms = delay.as_millis() as u64, "scan throttled; retrying")
+                        }
+                        _ => {
+                            tracing::warn!(table = %self.table, segment = self.segment.index, error = %err, retry_in_ms = delay.as_millis() as u64, "scan failed; retrying")
+                        }
+                    }
+                    if !self.pause(delay).await {
+                        return self.stopped();
+                    }
+                    continue;
+                }
+            };
+            delays = retry::backoff();
+            self.budget.charge(page.read_units);
+            if let Err(outcome) = self.publish(page.items).await {
+                return outcome;
+            }
+            let progress = match &page.next {
+                Some(next) => SegmentProgress::After(next.clone()),
+                None => SegmentProgress::Done,
+            };
+            match checkpoint.advance(progress).await {
+                Ok(_) => {}
+                Err(AdvanceError::LeaseLost(_)) => return Outcome::LeaseLost,
+                Err(AdvanceError::Taken(key)) => {
+                    tracing::error!(table = %self.table, key, "segment checkpoint was moved by another writer; this reader stops");
+                    return Outcome::CheckpointTaken;
+                }
+                // The rows are published; a resumption reads this page again (deduplicated).
+                Err(AdvanceError::Unavailable(err)) => {
+                    tracing::warn!(table = %self.table, segment = self.segment.index, error = %err, "segment checkpoint not written; the next one will cover it");
+                }
+            }
+            match page.next {
+                None => return Outcome::Finished,
+                Some(next) => start = Some(next),
+            }
+        }
+    }
+
+    /// Publishes a page's items as snapshot rows until every one is acknowledged.
+    async fn publish(&self, items: Vec<crate::record::Map>) -> Result<(), Outcome> {
+        let read_at = now_secs();
+        let label = format!("backfill-{}-segment-{}", self.epoch, self.segment.index);
+        let batch = items
+            .into_iter()
+            .map(|item| {
+                let row = ChangeRecord {
+                    event_id: format!("snapshot-{}", self.epoch),
+                    event_name: "INSERT".to_owned(),
+                    created_at: Some(read_at),
+                    keys: Some(keys_of(&item, &self.key_attributes)),
+                    new_image: Some(item),
+                    origin: Origin::Snapshot { epoch: self.epoch },
+                    ..ChangeRecord::default()
+                };
+                self.sink.prepare(&self.table, &label, row)
+            })
+            .collect();
+        let destination = Destination { subject: &self.subject, table: &self.table, shard_id: &label };
+        let mut delivery = Delivery::new(self.sink.as_ref(), destination, batch, self.window, &self.guard);
+        while delivery.acked().await?.is_some() {}
+        Ok(())
+    }
+
+    fn stopped(&self) -> Outcome {
+        if self.guard.is_valid() { Outcome::Stopped } else { Outcome::LeaseLost }
+    }
+
+    /// Sleeps for `delay` unless told to stop (or the lease is lost) first; false then.
+    async fn pause(&self, delay: Duration) -> bool {
+        tokio::select! {
+            () = self.cancel.cancelled() => false,
+            _ = self.guard.lost() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
