@@ -30,7 +30,7 @@ use crate::keys::{self, ShardKey};
 use crate::lease::{self, LeaseValue, Owner, Term};
 use crate::messages::{Command, Event, Status};
 use crate::plan::{self, HeldLease, LeaseSeen, ReplicaSeen, Session, Timing, View};
-use crate::store::{LeaseStore, StoreError};
+use crate::store::{LeaseStore, Revision, StoreError};
 use mirror::{Mirror, next_freed, watch_freed};
 
 /// The shortest time between two reads of the lease table that the store's changes bring forward,
@@ -243,6 +243,30 @@ impl Driver {
     }
 
     /// A lease value naming `owner` (and this process's session when it is the owner), or free.
+    /// A write of `shard`'s lease naming this process (its session too) at `term`, by compare-and-swap
+    /// at `expected` (`None`: the key is created), bounded by the operation time-out; an owned future,
+    /// so that many run at once. Resolves to when the write started (a guard's deadline counts from
+    /// there) and its result.
+    fn write_own_lease(
+        &self,
+        shard: ShardKey,
+        expected: Option<Revision>,
+        term: Term,
+    ) -> impl Future<Output = (Instant, Result<Revision, StoreError>)> + use<> {
+        let store = Arc::clone(&self.store);
+        let value = lease::encode(&self.lease_value(Some(self.me.clone()), term));
+        let limit = self.config.op_timeout;
+        async move {
+            let key = keys::shard_lease_key(&shard);
+            let started = Instant::now();
+            let result = match expected {
+                Some(revision) => bounded(limit, store.update(&key, value, revision)).await,
+                None => bounded(limit, store.create(&key, value)).await,
+            };
+            (started, result)
+        }
+    }
+
     fn lease_value(&self, owner: Option<Owner>, term: Term) -> LeaseValue {
         let session = owner.as_ref().and(self.session_number());
         LeaseValue { owner, term, ttl_ms: lease::millis(self.config.ttl), session }

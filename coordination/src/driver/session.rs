@@ -8,8 +8,6 @@
 //! passed is revoked with `RevokeReason::Expired` before anything else is done for its shard; a session
 //! whose key a peer deleted revokes every guard before the next session's first write.
 
-use std::sync::Arc;
-
 use futures::StreamExt;
 use futures::stream;
 use tokio::time::Instant;
@@ -100,13 +98,9 @@ impl Driver {
             return;
         }
         let writes = due.into_iter().map(|Renewal { shard, expected, term }| {
-            let store = Arc::clone(&self.store);
-            let value = lease::encode(&self.lease_value(Some(self.me.clone()), term));
-            let limit = self.config.op_timeout;
+            let write = self.write_own_lease(shard.clone(), Some(expected), term);
             async move {
-                let key = keys::shard_lease_key(&shard);
-                let started = Instant::now();
-                let result = bounded(limit, store.update(&key, value, expected)).await;
+                let (started, result) = write.await;
                 (shard, started, result)
             }
         });

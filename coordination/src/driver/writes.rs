@@ -84,16 +84,9 @@ impl Driver {
             return;
         }
         let writes = wanted.into_iter().map(|(shard, expected, term)| {
-            let store = Arc::clone(&self.store);
-            let value = lease::encode(&self.lease_value(Some(self.me.clone()), term));
-            let limit = self.config.op_timeout;
+            let write = self.write_own_lease(shard.clone(), expected, term);
             async move {
-                let key = keys::shard_lease_key(&shard);
-                let started = Instant::now();
-                let result = match expected {
-                    Some(revision) => bounded(limit, store.update(&key, value, revision)).await,
-                    None => bounded(limit, store.create(&key, value)).await,
-                };
+                let (started, result) = write.await;
                 (shard, term, started, result)
             }
         });
