@@ -1,9 +1,12 @@
 //! Where reading, publishing and coordinating meet: the only module that knows both the source
 //! (`crate::source`) and the sink (`crate::publish`).
 //!
-//! - [`fleet`] (the supervisor): this replica's share of the work, from the lease protocol (`coordination`): a
-//!   shard reader per held lease, stopped on hand-over or loss.
+//! - [`fleet`] (the supervisor): this replica's share of the work, from the lease protocol
+//!   (`coordination`): a shard reader per held lease, stopped on hand-over or loss.
 //! - [`reader`]: one shard read, published and checkpointed in order, as a state machine.
+//! - [`deliver`]: a batch published until every record is acknowledged (readers of shards and of
+//!   backfill segments).
+//! - [`backfill`]: a backfill's scan segment read into snapshot rows (not wired into the fleet yet).
 //! - [`topology`]: every table's shards kept fresh in the bucket, and the shards readable now.
 
 pub mod backfill;
