@@ -253,7 +253,7 @@ pub struct Fenced<V: Progress> {
     position: Option<V>,
     revision: Option<Revision>,
     /// Positions this process wrote without an answer since its last confirmed write: any of them
-    /// may have landed (issue 14: after [`WRITE_ATTEMPTS`] unanswered writes the reader went on, and
+    /// may have landed (issue 14: after `WRITE_ATTEMPTS` unanswered writes the reader went on, and
     /// the next write found the key moved by its own lost write and stopped as if fenced).
     unconfirmed: Vec<V>,
     /// The shard's lease: checked before every write.
@@ -269,7 +269,7 @@ pub enum AdvanceError {
     /// Another writer moved the key: it reads this shard now; stop and let it go on.
     #[error("checkpoint {0} was moved by another writer")]
     Taken(String),
-    /// The bucket did not answer [`WRITE_ATTEMPTS`] times; nothing is known to be written.
+    /// The bucket did not answer `WRITE_ATTEMPTS` times; nothing is known to be written.
     #[error(transparent)]
     Unavailable(CheckpointError),
 }

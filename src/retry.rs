@@ -13,7 +13,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A sequence of retry delays.
 pub type Backoff = backon::ExponentialBackoff;
 
-/// Exponential delays with jitter from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], without end.
+/// Exponential delays with jitter from `BACKOFF_MIN` to `BACKOFF_MAX`, without end.
 pub fn policy() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(BACKOFF_MIN)

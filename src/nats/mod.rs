@@ -2,7 +2,7 @@
 //! password, or token) and TLS (CA, client certificate). A first connection that fails because no
 //! server answers is retried by the caller; one that a server refused (credentials, certificates)
 //! is a [`SetupError::Refused`] whose message names the settings to fix. The stream and the bucket
-//! it serves are provisioned by [`provision`].
+//! it serves are provisioned by `provision`.
 
 mod provision;
 
@@ -44,7 +44,7 @@ pub enum SetupError {
 }
 
 /// Connects to NATS; the client reconnects on its own afterwards. Each connection event sets the
-/// `nats_connected` gauge and is logged once ([`on_connection_event`]).
+/// `nats_connected` gauge and is logged once (`on_connection_event`).
 pub async fn connect(config: &Config) -> Result<async_nats::Client, SetupError> {
     let urls = config.nats_urls.iter().map(|url| redact_url(url)).collect::<Vec<_>>().join(",");
     let connected_before = Arc::new(AtomicBool::new(false));

@@ -7,7 +7,7 @@
 //! the head by compare-and-swap at the revision it was read at, so about one replica per interval
 //! pays for `DescribeStream`, whatever the size of the fleet (`coordination/DESIGN.md`, "Discovery
 //! in the service"). A table can be refreshed at once on
-//! request ([`TopologyWatch::force`]), e.g. when one of its shards was read to its end.
+//! request ([`Force`]), e.g. when one of its shards was read to its end.
 //!
 //! It runs as its own task, so slow AWS calls never delay the lease events the fleet handles, and it
 //! refreshes at most [`REFRESHES_PER_TICK`] tables per second: `DescribeStream` is limited to about

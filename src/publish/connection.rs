@@ -8,7 +8,7 @@
 //! socket; nothing that was still in the process reaches NATS. The next publish connects anew.
 //! Shutting the client down is not enough for what the kernel still holds: a closed socket goes on
 //! sending its unsent bytes, and a partition that heals delivers them. So, for plain-text servers,
-//! the client connects to a relay of ours on the loopback ([`relay`]), which owns the socket to the
+//! the client connects to a relay of ours on the loopback (`relay`), which owns the socket to the
 //! server with a zero linger: when the runtime goes, that socket is reset and its unsent bytes
 //! (those a partition kept from the server) are discarded, not retransmitted. (TLS connections are
 //! verified against the server's name, so they go direct; for them, bytes on the wire when a
@@ -78,7 +78,7 @@ pub enum ConnectError {
 /// The publish connection of this process: made on first use and after every fence.
 pub struct PublishConnection {
     config: Config,
-    /// Through the relay ([`relay`]): the servers' plain-text addresses (`host:port`).
+    /// Through the relay (`relay`): the servers' plain-text addresses (`host:port`).
     relayed: Option<Vec<String>>,
     /// Held only for a moment (never across an await), so a fence is never delayed.
     live: Mutex<Option<Live>>,

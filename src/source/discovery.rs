@@ -8,7 +8,7 @@
 //!
 //! Invariant: the streams followed are listed once each, oldest first. `DescribeTable` is eventually
 //! consistent and may name an older stream for a while after a re-enable; such a stale answer leaves
-//! the list as it is ([`place`]). An older stream appended after a newer one would be followed again,
+//! the list as it is (`place`). An older stream appended after a newer one would be followed again,
 //! and once AWS deleted it, every refresh that found it last in the list would fail.
 //!
 //! A table that cannot be read (missing, no stream, `KEYS_ONLY`) is logged and counted here and marked

@@ -86,7 +86,7 @@ pub struct Head {
     /// The topology's `since` (`START_FROM_LATEST`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<u64>,
-    /// The topology's problem, its message cut to [`PROBLEM_MESSAGE_BYTES`].
+    /// The topology's problem, its message cut to `PROBLEM_MESSAGE_BYTES`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<Problem>,
 }

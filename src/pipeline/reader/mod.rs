@@ -1,5 +1,5 @@
 //! Reading one shard: iterator → `GetRecords` → publish in order → checkpoint, until the shard ends
-//! or the reader is told to stop, as an explicit state machine ([`State`]):
+//! or the reader is told to stop, as an explicit state machine (`State`):
 //!
 //! ```text
 //! Positioning ──iterator──▶ Reading ──page, next iterator──▶ Reading

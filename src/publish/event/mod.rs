@@ -7,7 +7,7 @@
 //! dropped: it is written as a string (or `null`) and reported in [`Encoded::lossy`] so the caller can
 //! log and count it.
 //!
-//! The JSON itself is written by [`json`], straight from the record's attributes.
+//! The JSON itself is written by `json`, straight from the record's attributes.
 
 mod json;
 
