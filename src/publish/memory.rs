@@ -46,12 +46,26 @@ struct State {
 pub struct MemorySink {
     metrics: Metrics,
     state: Mutex<State>,
+    /// While `true`, publish calls wait (a publish in flight, for tests of what happens meanwhile).
+    held: tokio::sync::watch::Sender<bool>,
+    /// Publish calls that have begun, held or not.
+    calls: std::sync::atomic::AtomicUsize,
 }
 
 impl MemorySink {
     /// The next publish call fails as planned (calls after it follow the next plan, if any).
     pub fn plan(&self, failure: Planned) {
         self.lock().planned.push_back(failure);
+    }
+
+    /// Holds (`true`) or releases (`false`) every publish call.
+    pub fn hold(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+
+    /// Publish calls that have begun.
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every event stored, in order.
@@ -104,6 +118,10 @@ impl EventSink for MemorySink {
         _window: usize,
         guard: &LeaseGuard,
     ) -> Result<(), PublishFailure> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut held = self.held.subscribe();
+        // The sender lives as long as the sink, so the wait ends when released.
+        let _ = held.wait_for(|held| !held).await;
         let mut state = self.lock();
         let planned = state.planned.pop_front();
         for (acked, record) in batch[from..].iter().enumerate() {

@@ -261,3 +261,27 @@ async fn a_shard_not_found_has_ended_only_once_the_topology_no_longer_lists_it_o
     assert_eq!(outcome(task).await, Outcome::Finished);
     assert_eq!(h.checkpoint().await, Some(Position::Finished { last: None }));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_while_a_page_is_published_drains_that_page_and_checkpoints_it() {
+    let mut h = Harness::new(1000).await;
+    h.source.append(SHARD, records(1, 40, 4));
+    h.sink.hold(true);
+    let (task, stop) = h.start(shard());
+    let waited = tokio::time::timeout(DEADLINE, async {
+        while h.sink.calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the page reached the sink");
+    // Told to stop while the page is in the sink: the page in hand is still published and checkpointed.
+    stop.cancel();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!task.is_finished(), "the reader waits for the page in hand");
+    h.sink.hold(false);
+    assert_eq!(outcome(task).await, Outcome::Stopped);
+    assert_complete_and_ordered(&h.sink, 1, 40);
+    let last = crate::checkpoint::SequenceNumber::parse(&format!("{:021}", 40)).unwrap();
+    assert_eq!(h.checkpoint().await, Some(Position::After(last)));
+}
