@@ -12,14 +12,13 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use backon::Retryable;
 use coordination::LeaseGuard;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::deliver::Delivery;
 use super::reader::Outcome;
-use crate::checkpoint::{AdvanceError, Checkpoints, Fenced};
+use crate::checkpoint::{AdvanceError, Checkpoints};
 use crate::publish::{Destination, EventSink};
 use crate::record::{ChangeRecord, Origin};
 use crate::retry;
@@ -103,18 +102,8 @@ impl SegmentReader {
 
     async fn read(&self) -> Outcome {
         let key = segment_key(&self.table, self.epoch, self.segment);
-        let load = || Fenced::<SegmentProgress>::load(self.checkpoints.clone(), key.clone(), self.guard.clone());
-        let loaded = load.retry(retry::policy()).notify(|err, _| {
-            tracing::warn!(table = %self.table, segment = self.segment.index, error = %err, "cannot read the segment's checkpoint; retrying");
-        });
-        let mut checkpoint = tokio::select! {
-            () = self.cancel.cancelled() => return self.stopped(),
-            _ = self.guard.lost() => return Outcome::LeaseLost,
-            loaded = loaded => match loaded {
-                Ok(checkpoint) => checkpoint,
-                Err(_) => return self.stopped(),
-            },
-        };
+        let loaded = super::load_fenced::<SegmentProgress>(&self.checkpoints, &key, &self.guard, &self.cancel).await;
+        let Some(mut checkpoint) = loaded else { return self.stopped() };
         let mut start: Option<ScanPosition> = match checkpoint.position() {
             Some(SegmentProgress::Done) => return Outcome::Finished,
             Some(SegmentProgress::After(position)) => Some(position.clone()),
@@ -209,16 +198,11 @@ impl SegmentReader {
     }
 
     fn stopped(&self) -> Outcome {
-        if self.guard.is_valid() { Outcome::Stopped } else { Outcome::LeaseLost }
+        super::stopped(&self.guard)
     }
 
-    /// Sleeps for `delay` unless told to stop (or the lease is lost) first; false then.
     async fn pause(&self, delay: Duration) -> bool {
-        tokio::select! {
-            () = self.cancel.cancelled() => false,
-            _ = self.guard.lost() => false,
-            () = tokio::time::sleep(delay) => true,
-        }
+        super::pause(&self.cancel, &self.guard, delay).await
     }
 }
 

@@ -18,11 +18,17 @@ pub mod topology;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::checkpoint::Checkpoints;
+use backon::Retryable;
+use coordination::LeaseGuard;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{Checkpoints, Fenced, Progress};
 use crate::metrics::Metrics;
 use crate::publish::EventSink;
+use crate::retry;
 use crate::source::ShardSource;
 use crate::status::ShardProgress;
+use reader::Outcome;
 
 /// How a shard is polled and how many publishes it keeps in flight.
 #[derive(Debug, Clone, Copy)]
@@ -43,4 +49,37 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     pub progress: Arc<ShardProgress>,
     pub settings: ReadSettings,
+}
+
+/// How a reader that was told to stop, or whose lease ended, ends.
+fn stopped(guard: &LeaseGuard) -> Outcome {
+    if guard.is_valid() { Outcome::Stopped } else { Outcome::LeaseLost }
+}
+
+/// Sleeps for `delay` unless told to stop (or the lease is lost) first; false then.
+async fn pause(cancel: &CancellationToken, guard: &LeaseGuard, delay: Duration) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        _ = guard.lost() => false,
+        () = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Reads the checkpoint at `key` under `guard`, retrying while the bucket does not answer; `None` if
+/// told to stop (or the lease is lost) meanwhile.
+async fn load_fenced<V: Progress>(
+    checkpoints: &Checkpoints,
+    key: &str,
+    guard: &LeaseGuard,
+    cancel: &CancellationToken,
+) -> Option<Fenced<V>> {
+    let load = || Fenced::<V>::load(checkpoints.clone(), key.to_owned(), guard.clone());
+    let loaded = load.retry(retry::policy()).notify(|err, delay| {
+        tracing::warn!(key, error = %err, retry_in_ms = delay.as_millis() as u64, "cannot read checkpoint; retrying");
+    });
+    tokio::select! {
+        () = cancel.cancelled() => None,
+        _ = guard.lost() => None,
+        loaded = loaded => loaded.ok(),
+    }
 }

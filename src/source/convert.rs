@@ -43,35 +43,25 @@ pub fn change_record(record: Record) -> Result<ChangeRecord, Unusable> {
     })
 }
 
-/// The conversions of one SDK's attribute type (DynamoDB Streams' and DynamoDB's are distinct types
-/// of the same shape): a map of attributes and one value, moved, not copied.
-macro_rules! attribute_conversions {
-    ($map:ident, $value:ident, $attribute:ty) => {
-        pub fn $map(attributes: std::collections::HashMap<String, $attribute>) -> Map {
-            attributes.into_iter().map(|(name, value)| (name, $value(value))).collect()
-        }
-
-        fn $value(attribute: $attribute) -> Value {
-            use $attribute as A;
-            match attribute {
-                A::S(text) => Value::S(text),
-                A::N(text) => Value::N(text),
-                A::B(blob) => Value::B(blob.into_inner()),
-                A::Ss(texts) => Value::Ss(texts),
-                A::Ns(texts) => Value::Ns(texts),
-                A::Bs(blobs) => Value::Bs(blobs.into_iter().map(|blob| blob.into_inner()).collect()),
-                A::M(attributes) => Value::M($map(attributes)),
-                A::L(items) => Value::L(items.into_iter().map($value).collect()),
-                A::Null(_) => Value::Null,
-                A::Bool(flag) => Value::Bool(flag),
-                other => Value::Unknown(format!("{other:?}")),
-            }
-        }
-    };
+fn map(attributes: std::collections::HashMap<String, AttributeValue>) -> Map {
+    attributes.into_iter().map(|(name, value)| (name, self::value(value))).collect()
 }
 
-attribute_conversions!(map, value, AttributeValue);
-attribute_conversions!(item, item_value, aws_sdk_dynamodb::types::AttributeValue);
+fn value(attribute: AttributeValue) -> Value {
+    match attribute {
+        AttributeValue::S(text) => Value::S(text),
+        AttributeValue::N(text) => Value::N(text),
+        AttributeValue::B(blob) => Value::B(blob.into_inner()),
+        AttributeValue::Ss(texts) => Value::Ss(texts),
+        AttributeValue::Ns(texts) => Value::Ns(texts),
+        AttributeValue::Bs(blobs) => Value::Bs(blobs.into_iter().map(|blob| blob.into_inner()).collect()),
+        AttributeValue::M(attributes) => Value::M(map(attributes)),
+        AttributeValue::L(items) => Value::L(items.into_iter().map(value).collect()),
+        AttributeValue::Null(_) => Value::Null,
+        AttributeValue::Bool(flag) => Value::Bool(flag),
+        other => Value::Unknown(format!("{other:?}")),
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -21,7 +21,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::Retryable;
 use coordination::LeaseGuard;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -280,7 +279,7 @@ impl ShardReader {
 
     /// How a reader that was told to stop (or lost its lease) ends.
     fn stopped(&self) -> Outcome {
-        if self.guard.is_valid() { Outcome::Stopped } else { Outcome::LeaseLost }
+        super::stopped(&self.guard)
     }
 
     fn count_error(&self, err: &ReadError) {
@@ -292,16 +291,7 @@ impl ShardReader {
     /// is lost) meanwhile.
     async fn load_checkpoint(&self) -> Option<ShardCheckpoint> {
         let key = checkpoint::key(&self.shard.table, &self.shard.shard_id);
-        let load = || ShardCheckpoint::load(self.pipeline.checkpoints.clone(), key.clone(), self.guard.clone());
-        let loaded = load.retry(retry::policy()).notify(|err, delay| {
-            tracing::warn!(table = %self.shard.table, shard_id = %self.shard.shard_id, error = %err,
-                retry_in_ms = delay.as_millis() as u64, "cannot read checkpoint; retrying");
-        });
-        tokio::select! {
-            () = self.cancel.cancelled() => None,
-            _ = self.guard.lost() => None,
-            loaded = loaded => loaded.ok(),
-        }
+        super::load_fenced(&self.pipeline.checkpoints, &key, &self.guard, &self.cancel).await
     }
 
     /// The checkpoint is older than the stream's retention: the records between are gone, so reading
@@ -377,12 +367,7 @@ impl ShardReader {
 
     /// Sleeps for `delay` unless told to stop (or the lease is lost) first; false then.
     async fn pause(&self, delay: Option<Duration>) -> bool {
-        let delay = delay.unwrap_or(Duration::from_secs(1));
-        tokio::select! {
-            _ = self.cancel.cancelled() => false,
-            _ = self.guard.lost() => false,
-            _ = tokio::time::sleep(delay) => true,
-        }
+        super::pause(&self.cancel, &self.guard, delay.unwrap_or(Duration::from_secs(1))).await
     }
 }
 
