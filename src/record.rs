@@ -7,7 +7,7 @@
 //! order the events are written in (the seed's Go encoder sorted map keys).
 
 /// One attribute value, by DynamoDB's types.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Value {
     S(String),
     /// A number as its decimal text (up to 38 significant digits; it never passes through a float).
@@ -25,7 +25,7 @@ pub enum Value {
 }
 
 /// A map of attributes (an item, its keys, or an `M` value), its fields sorted by name.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Map(Vec<(String, Value)>);
 
 impl Map {

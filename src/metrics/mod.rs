@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    CounterVec, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -55,6 +55,20 @@ pub struct Metrics {
     pub leases_held: IntGauge,
     pub replicas_live: IntGauge,
     pub lease_changes: IntCounterVec,
+    /// Backfill (issue 17, `docs/backfill.md`): snapshot rows published, by table.
+    pub backfill_items: IntCounterVec,
+    /// Read capacity units the backfill's `Scan` calls consumed, by table.
+    pub backfill_read_units: CounterVec,
+    /// `Scan` calls refused for throughput, by table (retried with backoff).
+    pub backfill_throttles: IntCounterVec,
+    /// Changes since the pin re-published by the hand-off, by table.
+    pub backfill_replayed: IntCounterVec,
+    /// Hand-offs that needed records already trimmed from the stream, by table: the backfill is
+    /// `inexact`.
+    pub backfill_handoff_lost: IntCounterVec,
+    /// 1 for the phase each table's latest backfill is in (as this replica last read it), by table
+    /// and phase.
+    pub backfill_phase: IntGaugeVec,
     /// The stream's duplicate window as found at start-up (`crate::nats::report_duplicate_window`).
     pub stream_duplicate_window: Gauge,
     /// 1 when that window is longer than a crash takeover (lease TTL + one renew interval), else 0.
@@ -248,6 +262,40 @@ impl Metrics {
                 )
                 .unwrap_or_else(|err| panic!("stream_duplicate_window_seconds: {err}")),
             ),
+            backfill_items: counter(r, "backfill_items_total", "Snapshot rows published by backfills", &["table"]),
+            backfill_read_units: register(
+                r,
+                "backfill_read_units_total",
+                CounterVec::new(
+                    Opts::new(format!("{PREFIX}_backfill_read_units_total"), "Read capacity units consumed by backfill scans"),
+                    &["table"],
+                )
+                .unwrap_or_else(|err| panic!("metric backfill_read_units_total is malformed: {err}")),
+            ),
+            backfill_throttles: counter(
+                r,
+                "backfill_throttles_total",
+                "Backfill Scan calls refused for throughput (retried with backoff)",
+                &["table"],
+            ),
+            backfill_replayed: counter(
+                r,
+                "backfill_replayed_total",
+                "Changes since a backfill's pin re-published at its hand-off",
+                &["table"],
+            ),
+            backfill_handoff_lost: counter(
+                r,
+                "backfill_handoff_lost_total",
+                "Backfill hand-offs that needed stream records already trimmed (the backfill is inexact)",
+                &["table"],
+            ),
+            backfill_phase: gauge_vec(
+                r,
+                "backfill_phase",
+                "1 for the phase of each table's latest backfill (pinning, scanning, replaying, done, inexact)",
+                &["table", "phase"],
+            ),
             duplicate_window_covers_takeover: gauge(
                 r,
                 "duplicate_window_covers_takeover",
@@ -278,6 +326,11 @@ impl Metrics {
             for kind in TableErrorKind::ALL {
                 self.table_errors.with_label_values(&[t, kind.as_str()]);
             }
+            self.backfill_items.with_label_values(&[t]);
+            self.backfill_read_units.with_label_values(&[t]);
+            self.backfill_throttles.with_label_values(&[t]);
+            self.backfill_replayed.with_label_values(&[t]);
+            self.backfill_handoff_lost.with_label_values(&[t]);
             for state in ShardState::ALL {
                 self.shards_known.with_label_values(&[t, state.as_str()]);
             }

@@ -8,6 +8,10 @@
 //!   the lease is released so that a peer takes it at once;
 //! - `Revoked` → the reader stops at once (its guard already forbids publishing and checkpointing).
 //!
+//! Backfill segments (`super::backfill`) are leased beside the shards: the coordinator's set is the
+//! readable shards and the segments the [`BackfillWatch`] lists, and a segment lease runs a
+//! [`SegmentReader`].
+//!
 //! A reader that reads its shard to the end finishes the lease and makes this replica refresh the
 //! table at once, so the children become readable. Shutdown order: readers stop and write their final
 //! checkpoints, then every lease is released (a released lease may be taken by a peer at once).
@@ -21,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Pipeline;
+use super::backfill::watch::{BackfillContext, BackfillWatch, Backfills, SegmentWork};
+use super::backfill::{ReadBudget, SegmentReader};
 use super::reader::{Outcome, ShardReader};
 use super::topology::{Force, ReadableShards, TopologyContext, TopologyWatch};
 use crate::config::Config;
@@ -44,9 +50,13 @@ pub struct Fleet {
     /// Parent of every reader's stop token.
     readers: CancellationToken,
     watch: Option<TopologyWatch>,
+    backfill_watch: Option<BackfillWatch>,
     readable_rx: watch::Receiver<ReadableShards>,
     /// The shards that may be read now, as last given to the coordinator.
     readable: ReadableShards,
+    backfills_rx: watch::Receiver<Backfills>,
+    /// The backfills as last read: their segments are leased beside the shards.
+    backfills: Backfills,
     force: Force,
     running: HashMap<ShardKey, Running>,
     generation: u64,
@@ -66,7 +76,16 @@ impl Fleet {
         let (coordinator, events) = Coordinator::start(Arc::clone(&store), config.lease.clone())?;
         pipeline.metrics.init_tables(&config.tables);
         let status = coordinator.watch_status();
-        let (topology, readable_rx, force) = TopologyWatch::new(Arc::new(topology), store);
+        let (topology, readable_rx, force) = TopologyWatch::new(Arc::new(topology), Arc::clone(&store));
+        let backfill = BackfillContext {
+            store,
+            checkpoints: pipeline.checkpoints.clone(),
+            scan: Arc::clone(&pipeline.scan),
+            settings: pipeline.backfill.clone(),
+            tables: config.tables.clone(),
+            metrics: Arc::clone(&pipeline.metrics),
+        };
+        let (backfill_watch, backfills_rx) = BackfillWatch::new(Arc::new(backfill), readable_rx.clone());
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
         let fleet = Fleet {
             config,
@@ -77,8 +96,11 @@ impl Fleet {
             tracker,
             readers: CancellationToken::new(),
             watch: Some(topology),
+            backfill_watch: Some(backfill_watch),
             readable_rx,
             readable: None,
+            backfills_rx,
+            backfills: Backfills::default(),
             force,
             running: HashMap::new(),
             generation: 0,
@@ -93,6 +115,9 @@ impl Fleet {
         if let Some(topology) = self.watch.take() {
             self.tracker.spawn(topology.run(stop.child_token()));
         }
+        if let Some(backfills) = self.backfill_watch.take() {
+            self.tracker.spawn(backfills.run(stop.child_token()));
+        }
         loop {
             tokio::select! {
                 // Biased: a stop request wins over new work, and a reader's end is handled before a
@@ -102,6 +127,7 @@ impl Fleet {
                 Some((shard, generation, outcome)) = self.ended_rx.recv() => self.ended(shard, generation, outcome),
                 Some(event) = self.events.recv() => self.on_event(event),
                 Ok(()) = self.readable_rx.changed() => self.shards_changed(),
+                Ok(()) = self.backfills_rx.changed() => self.shards_changed(),
                 Ok(()) = self.status.changed() => {
                     let status = self.status.borrow_and_update();
                     self.pipeline.metrics.leases_held.set(status.held.len() as i64);
@@ -117,9 +143,11 @@ impl Fleet {
         match event {
             Event::Acquired { shard, guard } => {
                 metrics.lease_changes.with_label_values(&[LeaseChange::Acquired.as_str()]).inc();
-                match self.readable.as_deref().and_then(|readable| readable.get(&shard)).cloned() {
-                    Some(readable) => self.spawn_reader(shard, readable, guard),
-                    None => {
+                let readable = self.readable.as_deref().and_then(|readable| readable.get(&shard)).cloned();
+                match (readable, self.backfills.segments.get(&shard).cloned()) {
+                    (Some(readable), _) => self.spawn_reader(shard, readable, guard),
+                    (None, Some(segment)) => self.spawn_segment_reader(shard, segment, guard),
+                    (None, None) => {
                         tracing::info!(shard = %shard, "lease for a shard that is not readable here; releasing it");
                         metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc();
                         self.coordinator.release(&shard);
@@ -149,15 +177,19 @@ impl Fleet {
         }
     }
 
-    fn spawn_reader(&mut self, shard: ShardKey, readable: Readable, guard: LeaseGuard) {
-        // A reader still ending from an earlier tenure cannot publish (its guard is invalid); the new
-        // one replaces it, and the old one's end is ignored.
-        if let Some(old) = self.running.get(&shard) {
+    /// A new tenure of `shard`: its generation and stop token. A reader still ending from an earlier
+    /// tenure cannot publish (its guard is invalid); the new one replaces it, and the old one's end
+    /// is ignored.
+    fn tenure(&mut self, shard: &ShardKey) -> (u64, CancellationToken) {
+        if let Some(old) = self.running.get(shard) {
             old.stop.cancel();
         }
         self.generation += 1;
-        let generation = self.generation;
-        let stop = self.readers.child_token();
+        (self.generation, self.readers.child_token())
+    }
+
+    fn spawn_reader(&mut self, shard: ShardKey, readable: Readable, guard: LeaseGuard) {
+        let (generation, stop) = self.tenure(&shard);
         let reader = ShardReader {
             pipeline: Arc::clone(&self.pipeline),
             subject: self.config.subject_for(&readable.table),
@@ -166,11 +198,49 @@ impl Fleet {
             guard,
             readable: self.readable_rx.clone(),
             force: self.force.clone(),
+            backfills: self.backfills_rx.clone(),
         };
+        self.track(shard, generation, stop, reader.run());
+    }
+
+    fn spawn_segment_reader(&mut self, shard: ShardKey, work: SegmentWork, guard: LeaseGuard) {
+        let (generation, stop) = self.tenure(&shard);
+        let pipeline = &self.pipeline;
+        // The fleet's budget, split evenly between the segments not finished yet (a replica holding
+        // two of them spends two shares).
+        let per_second = pipeline.backfill.read_units_per_sec / f64::from(work.unfinished.max(1));
+        let reader = SegmentReader {
+            scan: Arc::clone(&pipeline.scan),
+            sink: Arc::clone(&pipeline.sink),
+            checkpoints: pipeline.checkpoints.clone(),
+            subject: self.config.subject_for(&work.table),
+            table: work.table,
+            epoch: work.epoch,
+            segment: work.segment,
+            key_attributes: work.keys,
+            budget: Arc::new(ReadBudget::new(per_second)),
+            scan_after: work.scan_after,
+            metrics: Arc::clone(&pipeline.metrics),
+            page_limit: pipeline.backfill.page_items,
+            window: pipeline.settings.max_in_flight,
+            cancel: stop.clone(),
+            guard,
+        };
+        self.track(shard, generation, stop, reader.run());
+    }
+
+    /// Runs a reader of `shard` and reports its end to the fleet.
+    fn track(
+        &mut self,
+        shard: ShardKey,
+        generation: u64,
+        stop: CancellationToken,
+        reader: impl std::future::Future<Output = Outcome> + Send + 'static,
+    ) {
         self.running.insert(shard.clone(), Running { generation, stop });
         let ended = self.ended_tx.clone();
         self.tracker.spawn(async move {
-            let outcome = reader.run().await;
+            let outcome = reader.await;
             // The fleet may be gone during shutdown; nothing waits for the news then.
             let _ = ended.send((shard, generation, outcome));
         });
@@ -201,15 +271,18 @@ impl Fleet {
         }
     }
 
-    /// The readable shards changed: the coordinator's shard set follows.
+    /// The readable shards or the backfill segments changed: the coordinator's set follows.
     fn shards_changed(&mut self) {
         let readable = self.readable_rx.borrow_and_update().clone();
+        let backfills = self.backfills_rx.borrow_and_update().clone();
         let Some(shards) = readable.as_deref() else { return };
-        let changed = self.readable.as_deref().is_none_or(|old| !old.keys().eq(shards.keys()));
+        let changed = self.readable.as_deref().is_none_or(|old| !old.keys().eq(shards.keys()))
+            || !self.backfills.segments.keys().eq(backfills.segments.keys());
         if changed {
-            self.coordinator.set_shards(shards.keys().cloned());
+            self.coordinator.set_shards(shards.keys().chain(backfills.segments.keys()).cloned());
         }
         self.readable = readable;
+        self.backfills = backfills;
     }
 
     async fn shutdown(mut self) {

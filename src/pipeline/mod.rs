@@ -6,7 +6,8 @@
 //! - [`reader`]: one shard read, published and checkpointed in order, as a state machine.
 //! - [`deliver`]: a batch published until every record is acknowledged (readers of shards and of
 //!   backfill segments).
-//! - [`backfill`]: a backfill's scan segment read into snapshot rows (not wired into the fleet yet).
+//! - [`backfill`]: a table's existing items published as snapshot rows (segments leased like
+//!   shards), then each shard's changes since the backfill began replayed by its reader.
 //! - [`topology`]: every table's shards kept fresh in the bucket, and the shards readable now.
 
 pub mod backfill;
@@ -27,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::publish::EventSink;
 use crate::retry;
 use crate::source::ShardSource;
+use crate::source::scan::TableScan;
 use crate::status::ShardProgress;
 use reader::Outcome;
 
@@ -49,6 +51,9 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     pub progress: Arc<ShardProgress>,
     pub settings: ReadSettings,
+    /// Scans tables for backfills.
+    pub scan: Arc<dyn TableScan>,
+    pub backfill: backfill::BackfillSettings,
 }
 
 /// How a reader that was told to stop, or whose lease ended, ends.

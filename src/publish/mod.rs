@@ -30,7 +30,7 @@ use coordination::LeaseGuard;
 
 use crate::checkpoint::SequenceNumber;
 use crate::metrics::{Metrics, PublishErrorKind as FailureKind};
-use crate::record::{ChangeRecord, Origin};
+use crate::record::{ChangeRecord, Map, Origin};
 use event::{Event, message_id};
 
 pub use jetstream::Publisher;
@@ -128,6 +128,11 @@ impl Prepared {
 
     fn event_name(&self) -> &str {
         &self.record.event_name
+    }
+
+    /// The primary key of the item the record changes.
+    pub fn keys(&self) -> Option<&Map> {
+        self.record.keys.as_ref()
     }
 
     /// The headers of SPEC §3: the message id for JetStream's de-duplication, and routing fields.

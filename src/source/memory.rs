@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 
 use super::error::ReadError;
-use super::scan::{ScanPage, ScanPosition, Segment, TableScan};
+use super::scan::{ScanPage, ScanPosition, Segment, TableScan, TableShape};
 use super::{Page, ShardSource, StartAt};
 use crate::checkpoint::SequenceNumber;
 use crate::record::{ChangeRecord, Map, Value};
@@ -179,6 +179,10 @@ impl MemoryTable {
 
 #[async_trait]
 impl TableScan for MemoryTable {
+    async fn shape(&self, _table: &str) -> Result<TableShape, ReadError> {
+        Ok(TableShape { key_attributes: vec!["pk".to_owned()], item_count: self.items.len() as i64, size_bytes: 0 })
+    }
+
     async fn scan(
         &self,
         _table: &str,

@@ -139,9 +139,33 @@ impl Progress for SegmentProgress {
     }
 }
 
+/// What a backfill needs to know of a table before it scans it (`DescribeTable`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableShape {
+    /// The key schema's attribute names, hash key first.
+    pub key_attributes: Vec<String>,
+    /// DynamoDB's estimate of the items (updated about every six hours).
+    pub item_count: i64,
+    /// DynamoDB's estimate of the table's size in bytes.
+    pub size_bytes: i64,
+}
+
+/// Segments of a table's scan: `configured` (`BACKFILL_SEGMENTS`) if set, else one per 64 MiB of the
+/// table, at least 4 (so that several replicas share even a small table) and at most 1000.
+pub fn segments_for(size_bytes: i64, configured: Option<u32>) -> u32 {
+    const SEGMENT_BYTES: i64 = 64 << 20;
+    configured.unwrap_or_else(|| {
+        let segments = size_bytes.max(0) / SEGMENT_BYTES + 1;
+        u32::try_from(segments.clamp(4, 1000)).unwrap_or(1000)
+    })
+}
+
 /// Scanning a table: DynamoDB in the service, memory in unit tests.
 #[async_trait]
 pub trait TableScan: Send + Sync {
+    /// The table's key schema and size.
+    async fn shape(&self, table: &str) -> Result<TableShape, ReadError>;
+
     /// One page of `segment` of `table` from `start` (its beginning: `None`), of at most `limit` items.
     async fn scan(
         &self,
@@ -200,6 +224,14 @@ mod tests {
         for text in ["", "[]", "{}", r#"{"pk":"a"}"#, r#"{"pk":{"M":"a"}}"#, r#"{"pk":{"B":"not base64!"}}"#] {
             assert!(ScanPosition::parse(text).is_err(), "{text}");
         }
+    }
+
+    #[test]
+    fn segments_follow_the_table_size_within_bounds() {
+        assert_eq!(segments_for(0, None), 4);
+        assert_eq!(segments_for(1 << 30, None), 17);
+        assert_eq!(segments_for(1 << 50, None), 1000);
+        assert_eq!(segments_for(1 << 50, Some(3)), 3);
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //! any state ──stop or lease lost──▶ Ended(Stopped | LeaseLost)   (a page in hand is drained first)
 //! ```
 //!
+//! While the table's backfill hands off to the stream, the reader also replays the shard's changes
+//! since the backfill's pin, a page after each live page ([`replay`]); a shard that ends meanwhile
+//! is marked finished only after its replay.
+//!
 //! Invariants: records are published in the shard's order; the checkpoint only covers records the
 //! sink acknowledged (or skipped as older than a `START_FROM_LATEST` first sighting); a failed
 //! publish is retried from the first unacknowledged record (never skipped); once reading has stopped,
@@ -26,11 +30,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+mod replay;
 #[cfg(test)]
 mod tests;
 mod write;
 
 use super::Pipeline;
+use super::backfill::watch::Backfills;
 use super::topology::{Force, ReadableShards};
 use crate::checkpoint::{self, Position, ShardCheckpoint};
 use crate::config::MAX_RECORDS_PER_CALL;
@@ -91,6 +97,10 @@ struct Cursor {
     /// `START_FROM_LATEST`: records created before this second are skipped (only for a shard read
     /// without a checkpoint).
     skip_before: Option<u64>,
+    /// The backfill replay under way.
+    replay: Option<replay::Replay>,
+    /// The backfill whose replay this reader has done (or found done).
+    replayed: Option<u64>,
 }
 
 /// Reads one shard of one table's stream.
@@ -107,6 +117,8 @@ pub struct ShardReader {
     pub readable: watch::Receiver<ReadableShards>,
     /// Asks for a refresh of the table's topology at once.
     pub force: Force,
+    /// The tables' backfills: when one hands off, this reader replays the shard's part.
+    pub backfills: watch::Receiver<Backfills>,
 }
 
 /// Where the topology puts a shard that an AWS call said does not exist.
@@ -144,12 +156,15 @@ impl ShardReader {
         // it (the Go service during an upgrade included).
         let skip_before = self.shard.skip_before.filter(|_| checkpoint.position().is_none());
         tracing::info!(table, shard_id, ?start, skip_before, "shard reader started");
-        let mut cursor = Cursor { start, checkpoint, delays: retry::backoff(), skip_before };
+        let mut cursor = Cursor { start, checkpoint, delays: retry::backoff(), skip_before, replay: None, replayed: None };
         let mut state = State::Positioning;
         loop {
             state = match state {
                 State::Ended(outcome) => return outcome,
-                State::Finishing => State::Ended(Box::pin(self.finish(&mut cursor.checkpoint)).await),
+                State::Finishing => match Box::pin(self.replay_before_finish(&mut cursor)).await {
+                    Ok(()) => State::Ended(Box::pin(self.finish(&mut cursor.checkpoint)).await),
+                    Err(outcome) => State::Ended(outcome),
+                },
                 _ if self.cancel.is_cancelled() || !self.guard.is_valid() => State::Ended(self.stopped()),
                 State::Positioning => Box::pin(self.position(&mut cursor)).await,
                 State::Reading { iterator, prefetch } => {
@@ -243,6 +258,7 @@ impl ShardReader {
         let newest = batch.last().and_then(|p| p.created_at).filter(|_| count > 0);
         // Reported before publishing, so the lag keeps growing while these records wait.
         self.pipeline.progress.read(table, shard_id, newest);
+        Self::note_live(cursor, &batch);
         if !batch.is_empty()
             && let Err(outcome) = Box::pin(self.publish(batch, cursor)).await
         {
@@ -264,7 +280,11 @@ impl ShardReader {
             }
         }
         let Some(iterator) = page.next_iterator else { return State::Finishing };
-        let wait = if full {
+        let replaying = match self.replay_turn(cursor).await {
+            Ok(replaying) => replaying,
+            Err(outcome) => return State::Ended(outcome),
+        };
+        let wait = if full || replaying {
             Duration::ZERO
         } else if count > 0 {
             self.pipeline.settings.poll_gap

@@ -15,12 +15,14 @@ use tokio_util::sync::CancellationToken;
 use super::{Outcome, ShardReader};
 use crate::checkpoint::{self, Checkpoints, Position};
 use crate::metrics::{Metrics, PublishErrorKind as FailureKind};
+use crate::pipeline::backfill::BackfillSettings;
+use crate::pipeline::backfill::watch::Backfills;
 use crate::pipeline::topology::{Force, ReadableShards};
 use crate::pipeline::{Pipeline, ReadSettings};
 use crate::publish::memory::{MemorySink, Planned};
 use crate::source::StartAt;
 use crate::source::error::ReadError;
-use crate::source::memory::{MemorySource, record};
+use crate::source::memory::{MemorySource, MemoryTable, record};
 use crate::source::topology::Readable;
 use crate::status::ShardProgress;
 use crate::testing::{DEADLINE, lease};
@@ -39,6 +41,7 @@ struct Harness {
     guard: LeaseGuard,
     readable: watch::Sender<ReadableShards>,
     forced: mpsc::UnboundedReceiver<String>,
+    backfills: watch::Sender<Backfills>,
 }
 
 fn shard() -> Readable {
@@ -68,6 +71,7 @@ impl Harness {
             guard,
             readable,
             forced,
+            backfills: watch::channel(Backfills::default()).0,
         }
     }
 
@@ -84,6 +88,8 @@ impl Harness {
                 poll_gap: Duration::from_millis(100),
                 max_in_flight: 64,
             },
+            scan: Arc::new(MemoryTable::new(Vec::new(), 1.0)),
+            backfill: BackfillSettings::default(),
         });
         let (force, forced) = Force::detached();
         self.forced = forced;
@@ -96,6 +102,7 @@ impl Harness {
             guard: self.guard.clone(),
             readable: self.readable.subscribe(),
             force,
+            backfills: self.backfills.subscribe(),
         };
         (tokio::spawn(reader.run()), cancel)
     }

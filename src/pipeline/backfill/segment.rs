@@ -1,7 +1,6 @@
 //! A backfill's scan segments (`docs/backfill.md`): one segment read page by page, each page's items
 //! published as snapshot rows, and the segment's checkpoint moved past the page once every row of it
-//! is acknowledged; reads paced by a read budget. (Not wired into the fleet yet: the leases of
-//! segments, the trigger and the replay of the pinned range come next.)
+//! is acknowledged; reads paced by a read budget. The fleet runs one per segment lease it holds.
 //!
 //! Invariants: a page's position is checkpointed only after every row of the page is acknowledged, so
 //! a segment resumed elsewhere reads that page again at worst (its rows are deduplicated by message
@@ -16,9 +15,12 @@ use coordination::LeaseGuard;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::deliver::Delivery;
-use super::reader::Outcome;
+use crate::pipeline::deliver::Delivery;
+use crate::pipeline::reader::Outcome;
+use super::state::segment_key;
+use super::watch::now_ms;
 use crate::checkpoint::{AdvanceError, Checkpoints};
+use crate::metrics::Metrics;
 use crate::publish::{Destination, EventSink};
 use crate::record::{ChangeRecord, Origin};
 use crate::retry;
@@ -66,11 +68,6 @@ impl ReadBudget {
     }
 }
 
-/// The bucket key of a segment's checkpoint.
-pub fn segment_key(table: &str, epoch: u64, segment: Segment) -> String {
-    format!("backfill/{table}/{epoch}/segment.{}-of-{}", segment.index, segment.total)
-}
-
 /// Reads one segment of one backfill.
 pub struct SegmentReader {
     pub scan: Arc<dyn TableScan>,
@@ -84,6 +81,9 @@ pub struct SegmentReader {
     /// The table's key schema: the `keys` of each row.
     pub key_attributes: Vec<String>,
     pub budget: Arc<ReadBudget>,
+    /// No `Scan` before this time (Unix ms): the margin after the pins.
+    pub scan_after: u64,
+    pub metrics: Arc<Metrics>,
     /// Items per `Scan` call.
     pub page_limit: i32,
     /// Publishes in flight (`MAX_IN_FLIGHT`).
@@ -102,13 +102,17 @@ impl SegmentReader {
 
     async fn read(&self) -> Outcome {
         let key = segment_key(&self.table, self.epoch, self.segment);
-        let loaded = super::load_fenced::<SegmentProgress>(&self.checkpoints, &key, &self.guard, &self.cancel).await;
+        let loaded = crate::pipeline::load_fenced::<SegmentProgress>(&self.checkpoints, &key, &self.guard, &self.cancel).await;
         let Some(mut checkpoint) = loaded else { return self.stopped() };
         let mut start: Option<ScanPosition> = match checkpoint.position() {
             Some(SegmentProgress::Done) => return Outcome::Finished,
             Some(SegmentProgress::After(position)) => Some(position.clone()),
             None => None,
         };
+        let wait = Duration::from_millis(self.scan_after.saturating_sub(now_ms()));
+        if !wait.is_zero() && !self.pause(wait).await {
+            return self.stopped();
+        }
         let mut delays = retry::backoff();
         loop {
             if self.cancel.is_cancelled() || !self.guard.is_valid() {
@@ -132,6 +136,7 @@ impl SegmentReader {
                     let delay = delays.next().unwrap_or(Duration::from_secs(1));
                     match &err {
                         ReadError::Throttled(_) => {
+                            self.metrics.backfill_throttles.with_label_values(&[&self.table]).inc();
                             tracing::info!(table = %self.table, segment = self.segment.index, retry_in_ms = delay.as_millis() as u64, "scan throttled; retrying")
                         }
                         _ => {
@@ -146,9 +151,12 @@ impl SegmentReader {
             };
             delays = retry::backoff();
             self.budget.charge(page.read_units);
+            self.metrics.backfill_read_units.with_label_values(&[&self.table]).inc_by(page.read_units);
+            let count = page.items.len() as u64;
             if let Err(outcome) = self.publish(page.items).await {
                 return outcome;
             }
+            self.metrics.backfill_items.with_label_values(&[&self.table]).inc_by(count);
             let progress = match &page.next {
                 Some(next) => SegmentProgress::After(next.clone()),
                 None => SegmentProgress::Done,
@@ -175,7 +183,7 @@ impl SegmentReader {
     /// Publishes a page's items as snapshot rows until every one is acknowledged.
     async fn publish(&self, items: Vec<crate::record::Map>) -> Result<(), Outcome> {
         let read_at = now_secs();
-        let label = format!("backfill-{}-segment-{}", self.epoch, self.segment.index);
+        let label = format!("backfill-{}-segment-{}-of-{}", self.epoch, self.segment.index, self.segment.total);
         let batch = items
             .into_iter()
             .map(|item| {
@@ -198,13 +206,14 @@ impl SegmentReader {
     }
 
     fn stopped(&self) -> Outcome {
-        super::stopped(&self.guard)
+        crate::pipeline::stopped(&self.guard)
     }
 
     async fn pause(&self, delay: Duration) -> bool {
-        super::pause(&self.cancel, &self.guard, delay).await
+        crate::pipeline::pause(&self.cancel, &self.guard, delay).await
     }
 }
 
 #[cfg(test)]
+#[path = "segment_tests.rs"]
 mod tests;

@@ -9,7 +9,9 @@ use coordination::{MemoryStore, ShardKey};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{ReadBudget, SegmentReader, segment_key};
+use super::{ReadBudget, SegmentReader};
+use crate::pipeline::backfill::state::segment_key;
+use crate::metrics::Metrics;
 use crate::checkpoint::{Checkpoints, Progress};
 use crate::pipeline::reader::Outcome;
 use crate::publish::memory::MemorySink;
@@ -63,6 +65,8 @@ impl Rig {
             segment,
             key_attributes: vec!["pk".to_owned()],
             budget: self.budget.clone(),
+            scan_after: 0,
+            metrics: Arc::new(Metrics::new()),
             page_limit: 100,
             window: 64,
             cancel: CancellationToken::new(),
