@@ -242,6 +242,16 @@ struct TempNoScan;
 const TEMP_NO_SCAN: TempNoScan = TempNoScan;
 #[async_trait::async_trait]
 impl source::scan::TableScan for TempNoScan {
-    async fn shape(&self, _: &str) -> Result<source::scan::TableShape, source::error::ReadError> { Err(source::error::ReadError::Other("no".into())) }
-    async fn scan(&self, _: &str, _: source::scan::Segment, _: Option<&source::scan::ScanPosition>, _: i32) -> Result<source::scan::ScanPage, source::error::ReadError> { Err(source::error::ReadError::Other("no".into())) }
+    async fn shape(&self, _: &str) -> Result<source::scan::TableShape, source::error::ReadError> {
+        Err(source::error::ReadError::Other("no".into()))
+    }
+    async fn scan(
+        &self,
+        _: &str,
+        _: source::scan::Segment,
+        _: Option<&source::scan::ScanPosition>,
+        _: i32,
+    ) -> Result<source::scan::ScanPage, source::error::ReadError> {
+        Err(source::error::ReadError::Other("no".into()))
+    }
 }

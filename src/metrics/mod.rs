@@ -17,8 +17,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus::{
-    CounterVec, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub use labels::{
@@ -267,7 +267,10 @@ impl Metrics {
                 r,
                 "backfill_read_units_total",
                 CounterVec::new(
-                    Opts::new(format!("{PREFIX}_backfill_read_units_total"), "Read capacity units consumed by backfill scans"),
+                    Opts::new(
+                        format!("{PREFIX}_backfill_read_units_total"),
+                        "Read capacity units consumed by backfill scans",
+                    ),
                     &["table"],
                 )
                 .unwrap_or_else(|err| panic!("metric backfill_read_units_total is malformed: {err}")),

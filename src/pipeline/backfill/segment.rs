@@ -15,12 +15,12 @@ use coordination::LeaseGuard;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::deliver::Delivery;
-use crate::pipeline::reader::Outcome;
 use super::state::segment_key;
 use super::watch::now_ms;
 use crate::checkpoint::{AdvanceError, Checkpoints};
 use crate::metrics::Metrics;
+use crate::pipeline::deliver::Delivery;
+use crate::pipeline::reader::Outcome;
 use crate::publish::{Destination, EventSink};
 use crate::record::{ChangeRecord, Origin};
 use crate::retry;
@@ -102,7 +102,8 @@ impl SegmentReader {
 
     async fn read(&self) -> Outcome {
         let key = segment_key(&self.table, self.epoch, self.segment);
-        let loaded = crate::pipeline::load_fenced::<SegmentProgress>(&self.checkpoints, &key, &self.guard, &self.cancel).await;
+        let loaded =
+            crate::pipeline::load_fenced::<SegmentProgress>(&self.checkpoints, &key, &self.guard, &self.cancel).await;
         let Some(mut checkpoint) = loaded else { return self.stopped() };
         let mut start: Option<ScanPosition> = match checkpoint.position() {
             Some(SegmentProgress::Done) => return Outcome::Finished,

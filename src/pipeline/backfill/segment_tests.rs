@@ -10,9 +10,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{ReadBudget, SegmentReader};
-use crate::pipeline::backfill::state::segment_key;
-use crate::metrics::Metrics;
 use crate::checkpoint::{Checkpoints, Progress};
+use crate::metrics::Metrics;
+use crate::pipeline::backfill::state::segment_key;
 use crate::pipeline::reader::Outcome;
 use crate::publish::memory::MemorySink;
 use crate::record::{Map, Value};

@@ -199,7 +199,12 @@ impl Progress for ReplayProgress {
             [p1, from, after, "lost"] => (p1, from, after, true),
             _ => return None,
         };
-        Some(ReplayProgress::Running { p1: SequenceNumber::parse(p1)?, from: optional(from)?, after: optional(after)?, lost })
+        Some(ReplayProgress::Running {
+            p1: SequenceNumber::parse(p1)?,
+            from: optional(from)?,
+            after: optional(after)?,
+            lost,
+        })
     }
 
     fn encode(&self) -> String {

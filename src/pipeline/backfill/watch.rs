@@ -132,7 +132,10 @@ impl Found {
     }
 
     fn of(state: BackfillState) -> Found {
-        Found { backfill: Some(TableBackfill { state, segments_done: 0, replays_done: 0, replays_due: 0 }), segments: Vec::new() }
+        Found {
+            backfill: Some(TableBackfill { state, segments_done: 0, replays_done: 0, replays_due: 0 }),
+            segments: Vec::new(),
+        }
     }
 }
 
@@ -172,7 +175,13 @@ impl BackfillWatch {
                     tracing::warn!(table, error = %err, "cannot read the table's backfill; retrying");
                     // Keep what was known: a bucket hiccup must not stop segment readers.
                     let current = self.view.borrow().clone();
-                    view.segments.extend(current.segments.iter().filter(|(_, work)| work.table == *table).map(|(k, w)| (k.clone(), w.clone())));
+                    view.segments.extend(
+                        current
+                            .segments
+                            .iter()
+                            .filter(|(_, work)| work.table == *table)
+                            .map(|(k, w)| (k.clone(), w.clone())),
+                    );
                     if let Some(backfill) = current.tables.get(table) {
                         view.tables.insert(table.clone(), backfill.clone());
                     }
@@ -204,7 +213,11 @@ impl BackfillWatch {
             Some(entry) => match BackfillState::decode(&entry.value) {
                 Some(state) => (Some(state), Some(entry.revision)),
                 None => {
-                    tracing::error!(table, key = state_key(table), "unreadable backfill state; no backfill runs until it is deleted");
+                    tracing::error!(
+                        table,
+                        key = state_key(table),
+                        "unreadable backfill state; no backfill runs until it is deleted"
+                    );
                     return Ok(Found::none());
                 }
             },
@@ -221,7 +234,8 @@ impl BackfillWatch {
                 Err(err) => return Err(err),
             }
         }
-        let newer = request.filter(|requested| state.as_ref().is_none_or(|s| s.phase.is_over() && *requested > s.requested));
+        let newer =
+            request.filter(|requested| state.as_ref().is_none_or(|s| s.phase.is_over() && *requested > s.requested));
         if let Some(requested) = newer {
             let now = now_ms();
             let epoch = state.as_ref().map_or(1, |state| state.epoch + 1);
@@ -250,7 +264,11 @@ impl BackfillWatch {
                 let claim = BackfillState { since: now_ms(), ..state.clone() };
                 match self.swap(table, Some(revision), &claim).await? {
                     Some(revision) => {
-                        tracing::warn!(table, epoch = state.epoch, "backfill pinning was left unfinished; pinning again");
+                        tracing::warn!(
+                            table,
+                            epoch = state.epoch,
+                            "backfill pinning was left unfinished; pinning again"
+                        );
                         self.pin(table, claim, revision).await
                     }
                     None => Ok(Found::of(state)),
@@ -306,9 +324,16 @@ impl BackfillWatch {
         state.items = shape.item_count;
         state.scan_after = now + SCAN_MARGIN.as_millis() as u64;
         match self.swap(table, Some(revision), &state).await? {
-            Some(_) => {
-                tracing::info!(table, epoch = state.epoch, shards = shards.len(), segments = state.segments, items_estimate = state.items, "backfill pinned; scanning");
-                Ok(Found::of(state))
+            Some(revision) => {
+                tracing::info!(
+                    table,
+                    epoch = state.epoch,
+                    shards = shards.len(),
+                    segments = state.segments,
+                    items_estimate = state.items,
+                    "backfill pinned; scanning"
+                );
+                self.scanning(table, state, revision).await
             }
             None => Ok(Found::none()),
         }
@@ -327,7 +352,12 @@ impl BackfillWatch {
         if segments_done >= state.segments {
             let next = BackfillState { phase: Phase::Replaying, since: now_ms(), ..state.clone() };
             if self.swap(table, Some(revision), &next).await?.is_some() {
-                tracing::info!(table, epoch = state.epoch, segments = state.segments, "backfill scan finished; replaying each shard's changes since the pin");
+                tracing::info!(
+                    table,
+                    epoch = state.epoch,
+                    segments = state.segments,
+                    "backfill scan finished; replaying each shard's changes since the pin"
+                );
                 return Ok(Found::of(next));
             }
             return Ok(Found::of(state));
@@ -359,11 +389,17 @@ impl BackfillWatch {
             due.extend(readable.values().filter(|shard| shard.table == table).map(|shard| shard.shard_id.clone()));
         }
         let done = due.iter().filter(|shard| keys.replays.get(*shard).is_some_and(ReplayProgress::is_done)).count();
-        let backfill = |state| TableBackfill { state, segments_done: keys.segments_done(), replays_done: done, replays_due: due.len() };
+        let backfill = |state| TableBackfill {
+            state,
+            segments_done: keys.segments_done(),
+            replays_done: done,
+            replays_due: due.len(),
+        };
         if done < due.len() {
             return Ok(Found { backfill: Some(backfill(state)), segments: Vec::new() });
         }
-        let lost: Vec<&String> = due.iter().filter(|shard| keys.replays.get(*shard).is_some_and(ReplayProgress::is_lost)).collect();
+        let lost: Vec<&String> =
+            due.iter().filter(|shard| keys.replays.get(*shard).is_some_and(ReplayProgress::is_lost)).collect();
         let phase = if lost.is_empty() { Phase::Done } else { Phase::Inexact };
         let next = BackfillState { phase, since: now_ms(), ..state.clone() };
         if self.swap(table, Some(revision), &next).await?.is_none() {
@@ -371,7 +407,13 @@ impl BackfillWatch {
         }
         let took_s = next.since.saturating_sub(next.started) / 1000;
         if lost.is_empty() {
-            tracing::info!(table, epoch = next.epoch, shards = due.len(), took_s, "backfill done: the hand-off to the stream is exact");
+            tracing::info!(
+                table,
+                epoch = next.epoch,
+                shards = due.len(),
+                took_s,
+                "backfill done: the hand-off to the stream is exact"
+            );
         } else {
             tracing::error!(table, epoch = next.epoch, shards = ?lost, took_s,
                 "backfill INEXACT: changes made during it were trimmed from the stream before they could be replayed (the scan took longer than the stream's 24 h retention); consumers may hold stale or deleted items: request a new backfill with a higher BACKFILL_READ_UNITS_PER_SEC");
@@ -408,7 +450,12 @@ impl BackfillWatch {
     }
 
     /// Writes `state` at `revision` (`None`: creates it); `None` when another replica wrote first.
-    async fn swap(&self, table: &str, revision: Option<Revision>, state: &BackfillState) -> Result<Option<Revision>, StoreError> {
+    async fn swap(
+        &self,
+        table: &str,
+        revision: Option<Revision>,
+        state: &BackfillState,
+    ) -> Result<Option<Revision>, StoreError> {
         let key = state_key(table);
         let written = match revision {
             None => self.context.store.create(&key, state.encode()).await,
@@ -478,3 +525,7 @@ impl EpochKeys {
 fn parse_ms(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
+
+#[cfg(test)]
+#[path = "watch_tests.rs"]
+mod tests;

@@ -156,7 +156,8 @@ impl ShardReader {
         // it (the Go service during an upgrade included).
         let skip_before = self.shard.skip_before.filter(|_| checkpoint.position().is_none());
         tracing::info!(table, shard_id, ?start, skip_before, "shard reader started");
-        let mut cursor = Cursor { start, checkpoint, delays: retry::backoff(), skip_before, replay: None, replayed: None };
+        let mut cursor =
+            Cursor { start, checkpoint, delays: retry::backoff(), skip_before, replay: None, replayed: None };
         let mut state = State::Positioning;
         loop {
             state = match state {

@@ -239,7 +239,7 @@ impl ShardReader {
                     break;
                 }
                 replay.skip.extend(record.keys);
-                passed = seq == skim.until;
+                passed = seq >= skim.until;
                 skim.after = Some(seq);
                 if passed {
                     break;
@@ -260,7 +260,7 @@ impl ShardReader {
                 done = true;
                 break;
             }
-            let last = seq == replay.p1;
+            let last = seq >= replay.p1;
             replay.after = Some(seq);
             if !record.keys.as_ref().is_some_and(|keys| replay.skip.contains(keys)) {
                 record.origin = Origin::Replay { epoch: replay.epoch };
@@ -285,7 +285,12 @@ impl ShardReader {
             let lost = replay.lost;
             let epoch = replay.epoch;
             if lost {
-                tracing::error!(table, shard_id, epoch, "backfill replay done, but part of it had been trimmed: the backfill is inexact");
+                tracing::error!(
+                    table,
+                    shard_id,
+                    epoch,
+                    "backfill replay done, but part of it had been trimmed: the backfill is inexact"
+                );
             } else {
                 tracing::info!(table, shard_id, epoch, "backfill replay done");
             }
@@ -309,8 +314,12 @@ impl ShardReader {
             }
             if !replay.lost {
                 self.pipeline.metrics.backfill_handoff_lost.with_label_values(&[table]).inc();
-                tracing::error!(table, shard_id, epoch = replay.epoch,
-                    "changes made during the backfill were trimmed from the stream before they could be replayed (the scan took longer than the stream's 24 h retention): the backfill is inexact");
+                tracing::error!(
+                    table,
+                    shard_id,
+                    epoch = replay.epoch,
+                    "changes made during the backfill were trimmed from the stream before they could be replayed (the scan took longer than the stream's 24 h retention): the backfill is inexact"
+                );
             }
             replay.lost = true;
             match replay.skim.as_mut() {
@@ -324,13 +333,22 @@ impl ShardReader {
     }
 
     /// Writes the replay's progress, as shard checkpoints are written (see `write.rs`).
-    async fn advance_replay(&self, checkpoint: &mut Fenced<ReplayProgress>, progress: ReplayProgress) -> Result<(), Outcome> {
+    async fn advance_replay(
+        &self,
+        checkpoint: &mut Fenced<ReplayProgress>,
+        progress: ReplayProgress,
+    ) -> Result<(), Outcome> {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
         match checkpoint.advance(progress).await {
             Ok(_) => Ok(()),
             Err(AdvanceError::LeaseLost(_)) => Err(Outcome::LeaseLost),
             Err(AdvanceError::Taken(key)) => {
-                tracing::error!(table, shard_id, key, "backfill replay progress was moved by another writer; this reader stops");
+                tracing::error!(
+                    table,
+                    shard_id,
+                    key,
+                    "backfill replay progress was moved by another writer; this reader stops"
+                );
                 Err(Outcome::CheckpointTaken)
             }
             // Replayed records are published; a reader resuming from older progress replays them

@@ -13,10 +13,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{Outcome, ShardReader};
-use crate::checkpoint::{self, Checkpoints, Position};
+use crate::checkpoint::{self, Checkpoints, Position, Progress, SequenceNumber};
 use crate::metrics::{Metrics, PublishErrorKind as FailureKind};
 use crate::pipeline::backfill::BackfillSettings;
-use crate::pipeline::backfill::watch::Backfills;
+use crate::pipeline::backfill::state::{BackfillState, Phase, ReplayProgress, pin_key, replay_key};
+use crate::pipeline::backfill::watch::{BackfillView, Backfills, TableBackfill};
 use crate::pipeline::topology::{Force, ReadableShards};
 use crate::pipeline::{Pipeline, ReadSettings};
 use crate::publish::memory::{MemorySink, Planned};
@@ -291,4 +292,153 @@ async fn a_stop_while_a_page_is_published_drains_that_page_and_checkpoints_it() 
     assert_complete_and_ordered(&h.sink, 1, 40);
     let last = crate::checkpoint::SequenceNumber::parse(&format!("{:021}", 40)).unwrap();
     assert_eq!(h.checkpoint().await, Some(Position::After(last)));
+}
+
+/// The backfill view of table `t` in `phase` (epoch 1).
+fn backfill(phase: Phase) -> Backfills {
+    let state = BackfillState {
+        epoch: 1,
+        phase,
+        requested: 1,
+        since: 1,
+        started: 1,
+        segments: 1,
+        keys: vec!["pk".to_owned()],
+        items: 0,
+        scan_after: 0,
+    };
+    let table = TableBackfill { state, segments_done: 1, replays_done: 0, replays_due: 1 };
+    Arc::new(BackfillView { tables: BTreeMap::from([(TABLE.to_owned(), table)]), segments: BTreeMap::new() })
+}
+
+fn seq(n: u64) -> String {
+    format!("{n:021}")
+}
+
+impl Harness {
+    async fn replay_progress(&self) -> Option<ReplayProgress> {
+        let key = replay_key(TABLE, 1, SHARD);
+        Checkpoints::new(self.store.clone()).load_as::<ReplayProgress>(&key).await.unwrap().position
+    }
+
+    async fn until_replay(&self, done: bool) {
+        let waited = tokio::time::timeout(DEADLINE, async {
+            while self.replay_progress().await.is_none_or(|progress| progress.is_done() != done) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "replay progress {:?}", self.replay_progress().await);
+    }
+}
+
+/// The stored events as (item, version, replayed), in the order stored.
+fn events(sink: &MemorySink) -> Vec<(String, u64, bool)> {
+    sink.stored()
+        .iter()
+        .map(|event| {
+            let json: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+            let item = json["keys"]["pk"].as_str().unwrap().to_owned();
+            (item, json["new_image"]["v"].as_u64().unwrap(), json["replay"] == true)
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_replay_republishes_the_changes_since_the_pin_and_each_items_last_event_is_its_latest() {
+    let mut h = Harness::new(10).await;
+    h.source.append(SHARD, records(1, 300, 7));
+    let (task, _cancel) = h.start(shard());
+    h.until_stored(300).await;
+    h.store.create(&pin_key(TABLE, 1, SHARD), seq(100).into()).await.unwrap();
+    // The sink holds the first replayed page; meanwhile three items change again.
+    h.sink.hold(true);
+    h.backfills.send_replace(backfill(Phase::Replaying));
+    h.until_replay(false).await;
+    let live: Vec<_> = (0..3).map(|n| record(301 + n, &format!("item-{n}"), 1000, CREATED)).collect();
+    h.source.append(SHARD, live);
+    h.sink.hold(false);
+    h.until_replay(true).await;
+    h.until_stored(303).await;
+
+    let events = events(&h.sink);
+    let replayed: Vec<_> = events.iter().filter(|(_, _, replayed)| *replayed).collect();
+    assert!(replayed.len() >= 10, "at least the page held: {}", replayed.len());
+    assert!(replayed.len() < 200, "records of items changed live after P1 are skipped: {}", replayed.len());
+    // A consumer that upserts each event holds every item's latest version.
+    let mut consumer: HashMap<String, u64> = HashMap::new();
+    for (item, version, _) in &events {
+        consumer.insert(item.clone(), *version);
+    }
+    let mut latest: HashMap<String, u64> = HashMap::new();
+    for record in records(1, 300, 7) {
+        let json = crate::publish::event::Event::from_record(TABLE, &record).encode().payload;
+        let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        latest.insert(json["keys"]["pk"].as_str().unwrap().to_owned(), json["new_image"]["v"].as_u64().unwrap());
+    }
+    for n in 0..3 {
+        latest.insert(format!("item-{n}"), 1000);
+    }
+    assert_eq!(consumer, latest);
+    assert_eq!(h.metrics.backfill_replayed.with_label_values(&[TABLE]).get(), replayed.len() as u64);
+    assert!(!task.is_finished());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shard_that_ends_during_a_backfill_is_finished_only_after_its_replay() {
+    let mut h = Harness::new(10).await;
+    h.source.append(SHARD, records(1, 50, 5));
+    h.source.close(SHARD);
+    h.backfills.send_replace(backfill(Phase::Scanning));
+    let (task, _cancel) = h.start(shard());
+    h.until_stored(50).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(h.checkpoint().await, Some(Position::After(SequenceNumber::parse(&seq(50)).unwrap())));
+    assert!(!task.is_finished(), "its children must wait for its replay");
+    // No pin: the replay starts at the shard's oldest record.
+    h.backfills.send_replace(backfill(Phase::Replaying));
+    assert_eq!(outcome(task).await, Outcome::Finished);
+    assert!(matches!(h.checkpoint().await, Some(Position::Finished { .. })));
+    assert_eq!(h.replay_progress().await, Some(ReplayProgress::Done { lost: false }));
+    let events = events(&h.sink);
+    assert_eq!(events.len(), 100);
+    assert!(events[50..].iter().all(|(_, _, replayed)| *replayed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_whose_pin_was_trimmed_is_lost_counted_and_still_replays_what_is_left() {
+    let mut h = Harness::new(10).await;
+    h.source.append(SHARD, records(1, 100, 5));
+    h.source.trim(SHARD, 50);
+    let (_task, _cancel) = h.start(shard());
+    h.until_stored(50).await;
+    h.store.create(&pin_key(TABLE, 1, SHARD), seq(10).into()).await.unwrap();
+    h.backfills.send_replace(backfill(Phase::Replaying));
+    h.until_replay(true).await;
+    assert_eq!(h.replay_progress().await, Some(ReplayProgress::Done { lost: true }));
+    assert_eq!(h.metrics.backfill_handoff_lost.with_label_values(&[TABLE]).get(), 1);
+    let events = events(&h.sink);
+    assert_eq!(events.iter().filter(|(_, _, replayed)| *replayed).count(), 50);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_taken_over_skips_the_items_an_earlier_reader_published_live_after_p1() {
+    let mut h = Harness::new(10).await;
+    // 1..=100 over items 0..4; 101..=120 change item-0 only, 121..=130 item-1 only.
+    h.source.append(SHARD, records(1, 100, 5));
+    h.source.append(SHARD, (101..=120).map(|n| record(n, "item-0", 100 + n, CREATED)));
+    h.source.append(SHARD, (121..=130).map(|n| record(n, "item-1", 1000 + n, CREATED)));
+    // An earlier reader published live up to 120 and replayed up to 60 of (50, 100].
+    h.store.create(&checkpoint::key(TABLE, SHARD), seq(120).into()).await.unwrap();
+    let p = |n| SequenceNumber::parse(&seq(n)).unwrap();
+    let taken = ReplayProgress::Running { p1: p(100), from: Some(p(50)), after: Some(p(60)), lost: false };
+    h.store.create(&replay_key(TABLE, 1, SHARD), taken.encode().into()).await.unwrap();
+    h.backfills.send_replace(backfill(Phase::Replaying));
+    let (_task, _cancel) = h.start(shard());
+    h.until_replay(true).await;
+    let replayed: Vec<_> = events(&h.sink).into_iter().filter(|(_, _, replayed)| *replayed).collect();
+    // (60, 100] is 40 records, 8 of each item: item-0 was published live after P1 by the earlier
+    // reader (found by reading (100, 120] again), item-1 by this one.
+    assert_eq!(replayed.len(), 24);
+    assert!(replayed.iter().all(|(item, _, _)| item != "item-0" && item != "item-1"));
 }
