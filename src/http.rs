@@ -9,7 +9,9 @@
 //! `/status` field names are stable: `replica_id`, `serving`, `nats_connected`, `live_replicas`,
 //! `lease_renewal` (`session`: one write per renew interval; `each_lease`: while a replica of the
 //! previous version is present), `leases` (held shard lease keys), `shards` (see
-//! [`crate::status::ShardStatus`]) and `tables_unreadable` (table → `reason`, `message`).
+//! [`crate::status::ShardStatus`]), `tables_unreadable` (table → `reason`, `message`) and `backfills`
+//! (table → its latest backfill: `epoch`, `phase`, `segments_done`, `segments`, `replays_done`,
+//! `replays_due`, `items_estimate`, `items_published_here`, `elapsed_s`, `eta_s`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::pipeline::backfill::watch::{Backfills, eta_secs, now_ms};
 use crate::status::UnreadableTables;
 
 /// What the endpoints report on.
@@ -38,6 +41,8 @@ pub struct Health {
     pub leases: std::sync::OnceLock<watch::Receiver<coordination::Status>>,
     /// Configured tables that cannot be read for a reason of ours.
     pub unreadable: Arc<UnreadableTables>,
+    /// The tables' backfills, once the fleet runs.
+    pub backfills: std::sync::OnceLock<watch::Receiver<Backfills>>,
 }
 
 impl Health {
@@ -49,6 +54,7 @@ impl Health {
             replica_id,
             leases: std::sync::OnceLock::new(),
             unreadable: Arc::default(),
+            backfills: std::sync::OnceLock::new(),
         }
     }
 
@@ -114,7 +120,39 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
         "leases": leases.held.iter().map(|shard| shard.as_str()).collect::<Vec<_>>(),
         "shards": health.metrics.progress().snapshot(),
         "tables_unreadable": health.unreadable.snapshot(),
+        "backfills": health.backfills(),
     }))
+}
+
+impl Health {
+    /// Each table's latest backfill as this replica last read it.
+    fn backfills(&self) -> serde_json::Map<String, serde_json::Value> {
+        let Some(backfills) = self.backfills.get() else { return serde_json::Map::new() };
+        let backfills = backfills.borrow().clone();
+        backfills
+            .tables
+            .iter()
+            .map(|(table, backfill)| {
+                let state = &backfill.state;
+                let end = if state.phase.is_over() { state.since } else { now_ms() };
+                let elapsed_s = end.saturating_sub(state.started) / 1000;
+                let items_here = self.metrics.backfill_items.with_label_values(&[table]).get();
+                let status = serde_json::json!({
+                    "epoch": state.epoch,
+                    "phase": state.phase.as_str(),
+                    "segments_done": backfill.segments_done,
+                    "segments": state.segments,
+                    "replays_done": backfill.replays_done,
+                    "replays_due": backfill.replays_due,
+                    "items_estimate": state.items,
+                    "items_published_here": items_here,
+                    "elapsed_s": elapsed_s,
+                    "eta_s": eta_secs(backfill, elapsed_s),
+                });
+                (table.clone(), status)
+            })
+            .collect()
+    }
 }
 
 /// Binds the listener (so a bad BIND or a taken PORT fails start-up) and returns the server task.

@@ -95,6 +95,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let tracker = TaskTracker::new();
     let (fleet, leases) = Fleet::start(config.clone(), pipeline, topology, store, tracker.clone())?;
     let _ = health.leases.set(leases);
+    let _ = health.backfills.set(fleet.backfills());
     tracker.spawn(fleet.run(root.clone()));
     health.serving.store(true, Ordering::SeqCst);
     tracing::info!(replica_id = %config.replica_id, tables = ?config.tables, "serving");

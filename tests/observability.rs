@@ -438,8 +438,10 @@ async fn metrics_status_and_logs_show_what_flowed_what_failed_and_where_the_leas
         "leases",
         "shards",
         "tables_unreadable",
+        "backfills",
     ];
     assert_eq!(keys, BTreeSet::from(documented));
+    assert_eq!(status["backfills"], serde_json::json!({}), "no backfill requested");
     assert_eq!(status["lease_renewal"], "session", "no replica of the previous version here");
     assert_eq!(status["tables_unreadable"], serde_json::json!({}));
     assert_eq!(status["replica_id"], "replica-a");

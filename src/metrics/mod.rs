@@ -334,6 +334,9 @@ impl Metrics {
             self.backfill_throttles.with_label_values(&[t]);
             self.backfill_replayed.with_label_values(&[t]);
             self.backfill_handoff_lost.with_label_values(&[t]);
+            for phase in crate::pipeline::backfill::state::Phase::ALL {
+                self.backfill_phase.with_label_values(&[t, phase.as_str()]);
+            }
             for state in ShardState::ALL {
                 self.shards_known.with_label_values(&[t, state.as_str()]);
             }

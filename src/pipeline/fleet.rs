@@ -110,6 +110,11 @@ impl Fleet {
         Ok((fleet, status))
     }
 
+    /// The tables' backfills as the fleet follows them (for `/status`).
+    pub fn backfills(&self) -> watch::Receiver<Backfills> {
+        self.backfills_rx.clone()
+    }
+
     /// Runs until `stop` is cancelled, then stops the readers and releases every lease.
     pub async fn run(mut self, stop: CancellationToken) {
         if let Some(topology) = self.watch.take() {
