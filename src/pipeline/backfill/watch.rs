@@ -236,7 +236,9 @@ impl BackfillWatch {
         }
         let newer =
             request.filter(|requested| state.as_ref().is_none_or(|s| s.phase.is_over() && *requested > s.requested));
-        if let Some(requested) = newer {
+        // Pins need the shards: a backfill starts once the topology was read.
+        let topology_read = self.readable.borrow().is_some();
+        if let Some(requested) = newer.filter(|_| topology_read) {
             let now = now_ms();
             let epoch = state.as_ref().map_or(1, |state| state.epoch + 1);
             let claim = BackfillState {
@@ -260,7 +262,7 @@ impl BackfillWatch {
         }
         let (Some(state), Some(revision)) = (state, revision) else { return Ok(Found::none()) };
         match state.phase {
-            Phase::Pinning if now_ms() >= state.since + PIN_TAKEOVER.as_millis() as u64 => {
+            Phase::Pinning if topology_read && now_ms() >= state.since + PIN_TAKEOVER.as_millis() as u64 => {
                 let claim = BackfillState { since: now_ms(), ..state.clone() };
                 match self.swap(table, Some(revision), &claim).await? {
                     Some(revision) => {
