@@ -1,14 +1,16 @@
 //! The calls this service makes to AWS, and nothing else: `DescribeTable`, `DescribeStream`,
-//! `GetShardIterator`, `GetRecords` (and `GetCallerIdentity` at start-up).
+//! `GetShardIterator`, `GetRecords`, `Scan` (a backfill's segments; issue 17) and `GetCallerIdentity`
+//! at start-up.
 //!
 //! Each returns our own types and a classified [`ReadError`], so the rest of the service never sees
 //! an SDK error. The IAM policy in `deploy/` lists exactly these actions.
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::StreamViewType;
+use aws_sdk_dynamodb::types::{KeyType, ReturnConsumedCapacity, StreamViewType};
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
 
 use super::error::ReadError;
+use super::scan::{ScanPage, ScanPosition, Segment, TableScan, TableShape};
 use super::{Page, ShardSource, StartAt, convert};
 use crate::config::MAX_RECORDS_PER_CALL;
 use crate::metrics::TableErrorKind;
@@ -56,7 +58,7 @@ impl TableError {
     }
 }
 
-/// `GetShardIterator` and `GetRecords` calls in flight at once, across every shard of the replica.
+/// `GetShardIterator`, `GetRecords` and `Scan` calls in flight at once, across every shard of the replica.
 /// The HTTP client keeps one connection per call in flight (and keeps it afterwards), so without a
 /// bound a thousand idle shards polled in the same second kept about 1400 connections open, most of
 /// an idle shard's memory (issue 15). 128 calls of 10–30 ms on real AWS are 4,000–12,000 calls a
@@ -173,5 +175,73 @@ impl ShardSource for StreamsApi {
             }
         }
         Ok(page)
+    }
+}
+
+#[async_trait]
+impl TableScan for StreamsApi {
+    /// The table's key schema and its size, for a backfill: the `keys` of its snapshot rows and how
+    /// many segments to scan it in ([`super::scan::segments_for`]).
+    async fn shape(&self, table: &str) -> Result<TableShape, ReadError> {
+        let output = self.dynamodb.describe_table().table_name(table).send().await.map_err(ReadError::from_sdk)?;
+        let Some(description) = output.table else {
+            return Err(ReadError::NotFound(format!("DescribeTable returned no description of table {table}")));
+        };
+        let mut key_schema = description.key_schema.unwrap_or_default();
+        // The hash key first, whatever order the response lists them in: the order `keys` are named in
+        // messages and logs.
+        key_schema.sort_by_key(|element| element.key_type != KeyType::Hash);
+        let key_attributes: Vec<String> = key_schema.into_iter().map(|element| element.attribute_name).collect();
+        if key_attributes.is_empty() {
+            return Err(ReadError::Other(format!("DescribeTable returned no key schema for table {table}")));
+        }
+        Ok(TableShape {
+            key_attributes,
+            item_count: description.item_count.unwrap_or(0),
+            size_bytes: description.table_size_bytes.unwrap_or(0),
+        })
+    }
+
+    /// One page of a parallel `Scan`, eventually consistent: a backfill scans only after its pin and
+    /// margin (`docs/backfill.md`, "Pin"), so a strongly consistent read would buy nothing for twice
+    /// the read units.
+    async fn scan(
+        &self,
+        table: &str,
+        segment: Segment,
+        start: Option<&ScanPosition>,
+        limit: i32,
+    ) -> Result<ScanPage, ReadError> {
+        let numbers = i32::try_from(segment.index).ok().zip(i32::try_from(segment.total).ok());
+        let Some((index, total)) = numbers.filter(|(index, total)| *index < *total) else {
+            return Err(ReadError::Other(format!(
+                "segment {} of {} of table {table} is not a Scan segment",
+                segment.index, segment.total
+            )));
+        };
+        let start = start.map(ScanPosition::key).transpose().map_err(|err| ReadError::Other(err.to_string()))?;
+        let request = self
+            .dynamodb
+            .scan()
+            .table_name(table)
+            .segment(index)
+            .total_segments(total)
+            .set_exclusive_start_key(start)
+            .limit(limit)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total);
+        let turn = self.turn().await;
+        let output = request.send().await.map_err(ReadError::from_sdk)?;
+        drop(turn);
+        // DynamoDB ends a segment by leaving `LastEvaluatedKey` out; an empty map is read the same way,
+        // since it could not be stored as a position to resume from.
+        let next = match output.last_evaluated_key {
+            Some(key) if !key.is_empty() => Some(ScanPosition::of(&key).ok_or_else(|| {
+                ReadError::Other(format!("Scan of table {table} returned a LastEvaluatedKey that is no key: {key:?}"))
+            })?),
+            _ => None,
+        };
+        let read_units = output.consumed_capacity.and_then(|capacity| capacity.capacity_units).unwrap_or(0.0);
+        let items = output.items.unwrap_or_default().into_iter().map(convert::item).collect();
+        Ok(ScanPage { items, next, read_units })
     }
 }

@@ -1,4 +1,5 @@
-//! DynamoDB Streams records → [`ChangeRecord`]s: the one place the SDK's record types become ours.
+//! DynamoDB Streams records → [`ChangeRecord`]s, and DynamoDB items (a backfill's `Scan`) → [`Map`]s:
+//! the one place the SDKs' record and attribute types become ours.
 //!
 //! Everything is moved, nothing copied: strings, number texts and blobs change hands as they are; a
 //! map becomes a sorted list of its fields (the order events are written in). A record without its
@@ -43,25 +44,42 @@ pub fn change_record(record: Record) -> Result<ChangeRecord, Unusable> {
     })
 }
 
-fn map(attributes: std::collections::HashMap<String, AttributeValue>) -> Map {
-    attributes.into_iter().map(|(name, value)| (name, self::value(value))).collect()
+/// The conversions of one SDK's attribute type. DynamoDB Streams' `AttributeValue` (stream images)
+/// and DynamoDB's (`Scan` items) are distinct types of the same shape, so one body serves both and a
+/// type added to one cannot be forgotten in the other. Values are moved, not copied.
+macro_rules! attribute_conversions {
+    ($(#[$doc:meta])* $visibility:vis fn $map:ident, fn $value:ident, $attribute:ty) => {
+        $(#[$doc])*
+        $visibility fn $map(attributes: std::collections::HashMap<String, $attribute>) -> Map {
+            attributes.into_iter().map(|(name, value)| (name, $value(value))).collect()
+        }
+
+        fn $value(attribute: $attribute) -> Value {
+            use $attribute as A;
+            match attribute {
+                A::S(text) => Value::S(text),
+                A::N(text) => Value::N(text),
+                A::B(blob) => Value::B(blob.into_inner()),
+                A::Ss(texts) => Value::Ss(texts),
+                A::Ns(texts) => Value::Ns(texts),
+                A::Bs(blobs) => Value::Bs(blobs.into_iter().map(|blob| blob.into_inner()).collect()),
+                A::M(attributes) => Value::M($map(attributes)),
+                A::L(items) => Value::L(items.into_iter().map($value).collect()),
+                A::Null(_) => Value::Null,
+                A::Bool(flag) => Value::Bool(flag),
+                // The SDK's enums are non-exhaustive: a type added after this build is described for
+                // the log rather than dropped.
+                other => Value::Unknown(format!("{other:?}")),
+            }
+        }
+    };
 }
 
-fn value(attribute: AttributeValue) -> Value {
-    match attribute {
-        AttributeValue::S(text) => Value::S(text),
-        AttributeValue::N(text) => Value::N(text),
-        AttributeValue::B(blob) => Value::B(blob.into_inner()),
-        AttributeValue::Ss(texts) => Value::Ss(texts),
-        AttributeValue::Ns(texts) => Value::Ns(texts),
-        AttributeValue::Bs(blobs) => Value::Bs(blobs.into_iter().map(|blob| blob.into_inner()).collect()),
-        AttributeValue::M(attributes) => Value::M(map(attributes)),
-        AttributeValue::L(items) => Value::L(items.into_iter().map(value).collect()),
-        AttributeValue::Null(_) => Value::Null,
-        AttributeValue::Bool(flag) => Value::Bool(flag),
-        other => Value::Unknown(format!("{other:?}")),
-    }
-}
+attribute_conversions!(fn map, fn value, AttributeValue);
+attribute_conversions!(
+    /// A whole item as `Scan` returns it (a backfill's snapshot row).
+    pub fn item, fn item_value, aws_sdk_dynamodb::types::AttributeValue
+);
 
 #[cfg(test)]
 mod tests {
@@ -120,6 +138,34 @@ mod tests {
         fn attributes_keep_their_values(image in proptest::collection::hash_map("[a-z]{1,8}", attribute(), 0..8)) {
             let converted = map(image.clone());
             prop_assert!(same_map(&image, &converted), "{image:?} became {converted:?}");
+        }
+
+        /// A `Scan` item becomes exactly what the same attributes in a stream image become, so snapshot
+        /// rows and stream events of an item are written alike.
+        #[test]
+        fn items_convert_like_stream_images(image in proptest::collection::hash_map("[a-z]{1,8}", attribute(), 0..8)) {
+            let scanned = image.iter().map(|(name, value)| (name.clone(), as_item_attribute(value))).collect();
+            prop_assert_eq!(item(scanned), map(image));
+        }
+    }
+
+    /// The same attribute as DynamoDB's own type (what `Scan` returns).
+    fn as_item_attribute(attribute: &AttributeValue) -> aws_sdk_dynamodb::types::AttributeValue {
+        use aws_sdk_dynamodb::types::AttributeValue as D;
+        match attribute {
+            AttributeValue::S(text) => D::S(text.clone()),
+            AttributeValue::N(text) => D::N(text.clone()),
+            AttributeValue::B(blob) => D::B(blob.clone()),
+            AttributeValue::Ss(texts) => D::Ss(texts.clone()),
+            AttributeValue::Ns(texts) => D::Ns(texts.clone()),
+            AttributeValue::Bs(blobs) => D::Bs(blobs.clone()),
+            AttributeValue::M(attributes) => {
+                D::M(attributes.iter().map(|(name, value)| (name.clone(), as_item_attribute(value))).collect())
+            }
+            AttributeValue::L(items) => D::L(items.iter().map(as_item_attribute).collect()),
+            AttributeValue::Null(flag) => D::Null(*flag),
+            AttributeValue::Bool(flag) => D::Bool(*flag),
+            other => panic!("the strategy makes no {other:?}"),
         }
     }
 

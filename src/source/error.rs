@@ -102,4 +102,24 @@ mod tests {
         assert_eq!(c(None, Some(429)), "throttled");
         assert_eq!(c(Some("AccessDeniedException"), Some(400)), "other");
     }
+
+    /// A `Scan` refused for capacity, as the DynamoDB client reports it, is throttling (retried with
+    /// backoff by the segment reader), not a failure to log loudly.
+    #[test]
+    fn scan_throttling_of_the_dynamodb_client_is_throttled() {
+        use aws_sdk_dynamodb::operation::scan::ScanError;
+        use aws_smithy_runtime_api::http::StatusCode;
+        use aws_smithy_types::body::SdkBody;
+        use aws_smithy_types::error::ErrorMetadata;
+
+        let scan_error = |code: &str| {
+            let error = ScanError::generic(ErrorMetadata::builder().code(code).message("slow down").build());
+            let status = StatusCode::try_from(400).expect("a valid status");
+            ReadError::from_sdk(SdkError::service_error(error, Response::new(status, SdkBody::empty())))
+        };
+        for code in ["ProvisionedThroughputExceededException", "RequestLimitExceeded", "ThrottlingException"] {
+            assert!(matches!(scan_error(code), ReadError::Throttled(_)), "{code}: {:?}", scan_error(code));
+        }
+        assert!(matches!(scan_error("ValidationException"), ReadError::Other(_)));
+    }
 }

@@ -139,27 +139,6 @@ impl Progress for SegmentProgress {
     }
 }
 
-/// What a backfill needs to know of a table before it scans it (`DescribeTable`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TableShape {
-    /// The key schema's attribute names, hash key first.
-    pub key_attributes: Vec<String>,
-    /// DynamoDB's estimate of the items (updated about every six hours).
-    pub item_count: i64,
-    /// DynamoDB's estimate of the table's size in bytes.
-    pub size_bytes: i64,
-}
-
-/// Segments of a table's scan: `configured` (`BACKFILL_SEGMENTS`) if set, else one per 64 MiB of the
-/// table, at least 4 (so that several replicas share even a small table) and at most 1000.
-pub fn segments_for(size_bytes: i64, configured: Option<u32>) -> u32 {
-    const SEGMENT_BYTES: i64 = 64 << 20;
-    configured.unwrap_or_else(|| {
-        let segments = size_bytes.max(0) / SEGMENT_BYTES + 1;
-        u32::try_from(segments.clamp(4, 1000)).unwrap_or(1000)
-    })
-}
-
 /// Scanning a table: DynamoDB in the service, memory in unit tests.
 #[async_trait]
 pub trait TableScan: Send + Sync {
@@ -174,6 +153,45 @@ pub trait TableScan: Send + Sync {
         start: Option<&ScanPosition>,
         limit: i32,
     ) -> Result<ScanPage, ReadError>;
+}
+
+/// What a backfill needs to know of a table before it scans (`DescribeTable`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableShape {
+    /// The key schema's attribute names, the hash key first: the `keys` of each snapshot row.
+    pub key_attributes: Vec<String>,
+    /// DynamoDB's item count and size, refreshed by AWS about every six hours: an estimate, good for
+    /// choosing segments and estimating the time left, not for counting.
+    pub item_count: i64,
+    pub size_bytes: i64,
+}
+
+/// Table bytes per segment when the segment count follows the table's size. One segment is read by
+/// one replica at a time; 64 MiB is 8,192 read units of an eventually consistent scan (8 KiB per
+/// unit), under a minute and a half of the default fleet budget (100 units per second), so segments
+/// are many enough to spread over the fleet and each is short enough to hand over cheaply.
+pub const BYTES_PER_SEGMENT: i64 = 64 * 1024 * 1024;
+
+/// The fewest segments a table is scanned in, however small: several replicas share even a small
+/// table, and none waits for one slow segment.
+pub const MIN_SEGMENTS: u32 = 4;
+
+/// The most segments: each is a lease and a checkpoint key in the bucket while the backfill runs,
+/// so the count is kept far below DynamoDB's own limit (`TotalSegments` up to 1,000,000).
+pub const MAX_SEGMENTS: u32 = 1000;
+
+/// How many segments to scan a table of `size_bytes` in: `configured` (`BACKFILL_SEGMENTS`) when
+/// set, else one per [`BYTES_PER_SEGMENT`], within [`MIN_SEGMENTS`]`..=`[`MAX_SEGMENTS`]. A configured
+/// count is only kept within `1..=MAX_SEGMENTS` (the configuration already refuses others).
+pub fn segments_for(size_bytes: i64, configured: Option<u32>) -> u32 {
+    match configured {
+        Some(count) => count.clamp(1, MAX_SEGMENTS),
+        None => {
+            // Unsigned: `div_ceil` of signed integers is not stable yet.
+            let by_size = size_bytes.max(0).unsigned_abs().div_ceil(BYTES_PER_SEGMENT.unsigned_abs());
+            u32::try_from(by_size).unwrap_or(MAX_SEGMENTS).clamp(MIN_SEGMENTS, MAX_SEGMENTS)
+        }
+    }
 }
 
 /// The primary key of `item`: its attributes named in `key_attributes` (the table's key schema).
@@ -228,10 +246,23 @@ mod tests {
 
     #[test]
     fn segments_follow_the_table_size_within_bounds() {
-        assert_eq!(segments_for(0, None), 4);
-        assert_eq!(segments_for(1 << 30, None), 17);
-        assert_eq!(segments_for(1 << 50, None), 1000);
-        assert_eq!(segments_for(1 << 50, Some(3)), 3);
+        const MIB: i64 = 1024 * 1024;
+        assert_eq!(segments_for(0, None), MIN_SEGMENTS);
+        assert_eq!(segments_for(-1, None), MIN_SEGMENTS, "a size DynamoDB did not report");
+        assert_eq!(segments_for(200 * MIB, None), 4, "small tables still get several segments");
+        assert_eq!(segments_for(256 * MIB + 1, None), 5, "a part of a segment counts as one");
+        assert_eq!(segments_for(1024 * MIB, None), 16, "1 GiB is 16 segments of 64 MiB");
+        assert_eq!(segments_for(10 * 1024 * MIB, None), 160);
+        assert_eq!(segments_for(1024 * 1024 * MIB, None), MAX_SEGMENTS);
+        assert_eq!(segments_for(i64::MAX, None), MAX_SEGMENTS);
+    }
+
+    #[test]
+    fn a_configured_segment_count_wins_over_the_size() {
+        assert_eq!(segments_for(10 * 1024 * 1024 * 1024, Some(2)), 2);
+        assert_eq!(segments_for(0, Some(1)), 1, "one segment is allowed when asked for");
+        assert_eq!(segments_for(0, Some(0)), 1);
+        assert_eq!(segments_for(0, Some(5000)), MAX_SEGMENTS);
     }
 
     #[test]
