@@ -527,6 +527,7 @@ fn iam_policies_grant_exactly_the_aws_calls_the_code_makes() {
             "dynamodb:DescribeStream",
             "dynamodb:GetShardIterator",
             "dynamodb:GetRecords",
+            "dynamodb:Scan",
             "sts:AssumeRole"
         ]
         .map(str::to_owned)
@@ -545,7 +546,7 @@ fn iam_policies_grant_exactly_the_aws_calls_the_code_makes() {
                 for resource in &resources {
                     assert!(resource.contains("ACCOUNT_ID"), "{file}: {resource} has no ACCOUNT_ID placeholder");
                     let expected_suffix = match action.as_str() {
-                        "dynamodb:DescribeTable" => ":table/TABLE_NAME",
+                        "dynamodb:DescribeTable" | "dynamodb:Scan" => ":table/TABLE_NAME",
                         "sts:AssumeRole" => "",
                         _ => ":table/TABLE_NAME/stream/*",
                     };
