@@ -4,9 +4,10 @@
 //! environment or a flag) and is checked in [`Args::validate`], which reports *every* bad variable in
 //! one error instead of stopping at the first: an operator fixes a deployment in one round trip.
 //! The flags and the validated [`Config`] live here; the NATS connection settings (`nats`), the lease
-//! settings (`lease`), the naming rules (`names`) and the problem-collecting `checker` each have
-//! their own module.
+//! settings (`lease`), the backfill settings (`backfill`), the naming rules (`names`) and the
+//! problem-collecting `checker` each have their own module.
 
+mod backfill;
 mod checker;
 mod lease;
 mod names;
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+pub use backfill::{BackfillConfig, DEFAULT_PAGE_ITEMS, DEFAULT_READ_UNITS_PER_SEC};
 use checker::Checker;
 pub use lease::table_set_fingerprint;
 use names::{is_literal_subject, is_valid_bucket_name, is_valid_stream_name};
@@ -131,6 +133,19 @@ pub struct Args {
     /// Log format: `text` or `json`
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Comma-separated tables (of DYNAMODB_TABLES) to backfill once, or `*` for all of them
+    #[arg(long, env = "BACKFILL_TABLES", default_value = "")]
+    pub backfill_tables: String,
+    /// Read capacity units per second that backfills may use, shared by the whole fleet (an eventually
+    /// consistent Scan reads 8 KB per unit: 100 is about 800 items of 1 KB a second)
+    #[arg(long, env = "BACKFILL_READ_UNITS_PER_SEC", default_value = "100")]
+    pub backfill_read_units_per_sec: String,
+    /// Segments of a backfill's parallel Scan, 1 to 1000 (default: one per 64 MiB of the table, at least 4)
+    #[arg(long, env = "BACKFILL_SEGMENTS", default_value = "")]
+    pub backfill_segments: String,
+    /// Items per Scan call of a backfill (its Limit), 1 to 10000
+    #[arg(long, env = "BACKFILL_PAGE_ITEMS", default_value = "1000")]
+    pub backfill_page_items: String,
 }
 
 /// Log line format.
@@ -172,6 +187,8 @@ pub struct Config {
     pub port: u16,
     pub debug: bool,
     pub log_format: LogFormat,
+    /// What to backfill and how fast.
+    pub backfill: BackfillConfig,
 }
 
 /// Every invalid setting, each with its variable name and the reason.
@@ -277,6 +294,7 @@ impl Args {
         }
 
         let lease = lease::lease_config(&mut check, self, &replica_id, &tables);
+        let backfill = backfill::backfill_config(&mut check, self, &tables);
 
         let port = check.number("PORT", &self.port, 0, u16::MAX.into()) as u16;
         let bind = match self.bind.trim() {
@@ -326,6 +344,7 @@ impl Args {
             port,
             debug,
             log_format,
+            backfill,
         })
     }
 }
