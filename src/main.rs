@@ -1,4 +1,7 @@
-//! The binary: parse and validate settings, start logging, run the service.
+//! The binary: parse and validate settings, then run the service, or the operator command given
+//! instead (`cli`).
+
+mod cli;
 
 use std::process::ExitCode;
 
@@ -12,7 +15,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EXIT_BAD_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     let config = match args.validate() {
         Ok(config) => config,
         Err(err) => {
@@ -20,6 +23,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    if let Some(command) = args.command.take() {
+        return cli::run(command, &config);
+    }
     dynamodb_stream_consumer::telemetry::init(config.log_format, config.debug);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

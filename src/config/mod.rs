@@ -9,6 +9,7 @@
 
 mod backfill;
 mod checker;
+mod command;
 mod lease;
 mod names;
 mod nats;
@@ -21,9 +22,10 @@ use clap::Parser;
 
 pub use backfill::{BackfillConfig, DEFAULT_PAGE_ITEMS, DEFAULT_READ_UNITS_PER_SEC};
 use checker::Checker;
+pub use command::{BackfillCommand, Command};
 pub use lease::table_set_fingerprint;
+pub use names::{backfill_request_key, is_valid_table_name, subject_for};
 use names::{is_literal_subject, is_valid_bucket_name, is_valid_stream_name};
-pub use names::{is_valid_table_name, subject_for};
 pub use nats::{NatsAuth, NatsTls, Secret, redact_url};
 
 /// GetRecords returns at most 1000 records per call (DynamoDB Streams API limit).
@@ -146,6 +148,9 @@ pub struct Args {
     /// Items per Scan call of a backfill (its Limit), 1 to 10000
     #[arg(long, env = "BACKFILL_PAGE_ITEMS", default_value = "1000")]
     pub backfill_page_items: String,
+    /// An operator command instead of the service (`backfill request TABLE`); none runs the service
+    #[command(subcommand)]
+    pub command: Option<Command>,
 }
 
 /// Log line format.

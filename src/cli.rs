@@ -1,0 +1,109 @@
+//! The operator commands ([`Command`]): short-lived runs of the binary that change the fleet's shared
+//! state in the checkpoint bucket and report what they did.
+//!
+//! Unlike the service, a command does not wait for NATS: an operator at a terminal wants the reason at
+//! once (server down, credentials refused, wrong bucket), not a retry loop. It never creates the
+//! bucket either: a bucket missing here means a mistyped `CHECKPOINT_BUCKET`, and a request written
+//! into a new bucket would never reach the fleet.
+
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream;
+use dynamodb_stream_consumer::config::{BackfillCommand, Command, Config, backfill_request_key};
+use dynamodb_stream_consumer::nats;
+
+/// Exit code of a command that its arguments or the settings make impossible (as for invalid
+/// settings: `EX_USAGE`-style).
+const EXIT_USAGE: u8 = 2;
+
+/// Why a command did not do its work.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error("cannot request a backfill of {table:?}: it is not one of DYNAMODB_TABLES ({tables})")]
+    UnknownTable { table: String, tables: String },
+    #[error(transparent)]
+    Connect(#[from] nats::SetupError),
+    #[error(
+        "checkpoint bucket {bucket:?} does not exist: set CHECKPOINT_BUCKET to the service's bucket (the service creates it when it first starts)"
+    )]
+    NoBucket { bucket: String },
+    #[error("checkpoint bucket {bucket:?}: {message}")]
+    Bucket { bucket: String, message: String },
+    #[error("the system clock is before 1970, so the request cannot be dated")]
+    Clock,
+}
+
+impl CommandError {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            CommandError::UnknownTable { .. } => ExitCode::from(EXIT_USAGE),
+            _ => ExitCode::FAILURE,
+        }
+    }
+}
+
+/// Carries out `command` with the validated settings; prints what it did, or why not.
+pub fn run(command: Command, config: &Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let done = match command {
+        Command::Backfill { action: BackfillCommand::Request { table } } => {
+            runtime.block_on(request_backfill(config, &table))
+        }
+    };
+    match done {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            err.exit_code()
+        }
+    }
+}
+
+/// Writes `backfill/{table}/request` with the time now. A plain put, not a compare-and-swap: the
+/// fleet compares the value with the last backfill it started, so a newer request replacing an older
+/// one not yet seen loses nothing.
+async fn request_backfill(config: &Config, table: &str) -> Result<String, CommandError> {
+    if !config.tables.iter().any(|configured| configured == table) {
+        return Err(CommandError::UnknownTable { table: table.to_owned(), tables: config.tables.join(", ") });
+    }
+    let requested_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|_| CommandError::Clock)?.as_millis();
+    let client = nats::connect(config).await?;
+    let bucket = config.bucket.clone();
+    let store = match jetstream::new(client).get_key_value(&bucket).await {
+        Ok(store) => store,
+        Err(err) if is_missing_bucket(&err) => return Err(CommandError::NoBucket { bucket }),
+        Err(err) => return Err(CommandError::Bucket { bucket, message: err.to_string() }),
+    };
+    let key = backfill_request_key(table);
+    store.put(&key, requested_ms.to_string().into()).await.map_err(|err| CommandError::Bucket {
+        bucket: bucket.clone(),
+        message: format!("cannot write {key}: {err}"),
+    })?;
+    Ok(format!(
+        "backfill of {table} requested (key {key} in bucket {bucket}); the fleet starts it within \
+         SHARD_REFRESH_INTERVAL_SEC ({} s)",
+        config.shard_refresh_interval.as_secs()
+    ))
+}
+
+/// Whether the bucket's stream does not exist, as opposed to a request that failed (a time-out, no
+/// JetStream): async-nats reports both as `GetBucket`, the JetStream error code inside tells them
+/// apart.
+fn is_missing_bucket(error: &jetstream::context::KeyValueError) -> bool {
+    use jetstream::context::{GetStreamError, GetStreamErrorKind};
+    let lookup = std::error::Error::source(error).and_then(|source| source.downcast_ref::<GetStreamError>());
+    matches!(
+        lookup.map(GetStreamError::kind),
+        Some(GetStreamErrorKind::JetStream(err)) if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
