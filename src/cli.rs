@@ -10,8 +10,9 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
-use dynamodb_stream_consumer::config::{BackfillCommand, Command, Config, backfill_request_key};
+use dynamodb_stream_consumer::config::{BackfillCommand, Command, Config};
 use dynamodb_stream_consumer::nats;
+use dynamodb_stream_consumer::pipeline::backfill::state::request_key;
 
 /// Exit code of a command that its arguments or the settings make impossible (as for invalid
 /// settings: `EX_USAGE`-style).
@@ -70,13 +71,15 @@ pub fn run(command: Command, config: &Config) -> ExitCode {
 }
 
 /// Writes `backfill/{table}/request` with the time now. A plain put, not a compare-and-swap: the
-/// fleet compares the value with the last backfill it started, so a newer request replacing an older
-/// one not yet seen loses nothing.
+/// fleet compares the value with the request its last backfill served, so a newer request replacing
+/// an older one not yet seen loses nothing. The value is kept above the one it replaces even when
+/// this machine's clock lags the one that wrote it: a request dated earlier than the last backfill's
+/// would be taken for one already served, and silently ignored.
 async fn request_backfill(config: &Config, table: &str) -> Result<String, CommandError> {
     if !config.tables.iter().any(|configured| configured == table) {
         return Err(CommandError::UnknownTable { table: table.to_owned(), tables: config.tables.join(", ") });
     }
-    let requested_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|_| CommandError::Clock)?.as_millis();
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|_| CommandError::Clock)?.as_millis();
     let client = nats::connect(config).await?;
     let bucket = config.bucket.clone();
     let store = match jetstream::new(client).get_key_value(&bucket).await {
@@ -84,11 +87,16 @@ async fn request_backfill(config: &Config, table: &str) -> Result<String, Comman
         Err(err) if is_missing_bucket(&err) => return Err(CommandError::NoBucket { bucket }),
         Err(err) => return Err(CommandError::Bucket { bucket, message: err.to_string() }),
     };
-    let key = backfill_request_key(table);
-    store.put(&key, requested_ms.to_string().into()).await.map_err(|err| CommandError::Bucket {
+    let key = request_key(table);
+    let failed = |action: &str, err: &dyn std::fmt::Display| CommandError::Bucket {
         bucket: bucket.clone(),
-        message: format!("cannot write {key}: {err}"),
-    })?;
+        message: format!("cannot {action} {key}: {err}"),
+    };
+    let previous = store.get(&key).await.map_err(|err| failed("read", &err))?;
+    // A value that is not a number cannot be compared; the fleet reads it as no request at all.
+    let previous_ms = previous.and_then(|value| std::str::from_utf8(&value).ok()?.trim().parse::<u128>().ok());
+    let requested_ms = previous_ms.map_or(now_ms, |previous| now_ms.max(previous + 1));
+    store.put(&key, requested_ms.to_string().into()).await.map_err(|err| failed("write", &err))?;
     Ok(format!(
         "backfill of {table} requested (key {key} in bucket {bucket}); the fleet starts it within \
          SHARD_REFRESH_INTERVAL_SEC ({} s)",

@@ -77,6 +77,20 @@ async fn a_request_writes_its_time_and_a_newer_one_replaces_it() {
 }
 
 #[tokio::test]
+async fn a_request_is_dated_after_the_one_it_replaces_even_from_a_lagging_clock() {
+    let nats = NatsServer::start().await;
+    let store = bucket(&nats).await;
+    // The last request came from a machine whose clock is an hour ahead of this one.
+    let ahead = now_ms() + 3_600_000;
+    store.put("backfill/orders/request", ahead.to_string().into()).await.unwrap();
+
+    let output = request(&nats, BUCKET, "orders").await;
+    assert!(output.status.success(), "{output:?}");
+    let (requested, _) = requested(&store).await.unwrap();
+    assert_eq!(requested, ahead + 1, "the fleet would take an earlier time for a request already served");
+}
+
+#[tokio::test]
 async fn a_table_that_is_not_read_is_refused_with_exit_code_2() {
     let nats = NatsServer::start().await;
     let store = bucket(&nats).await;

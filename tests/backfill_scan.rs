@@ -95,7 +95,7 @@ async fn segments_resumed_from_their_positions_yield_every_item_once() {
     }
     let api = api(&moto).await;
 
-    let shape = api.table_shape(TABLE).await.unwrap();
+    let shape = api.shape(TABLE).await.unwrap();
     assert_eq!(shape.key_attributes, ["pk", "sk"], "the hash key first");
     assert_eq!(shape.item_count, ITEMS as i64);
     let total = segments_for(shape.size_bytes, None);
@@ -136,7 +136,7 @@ async fn segments_resumed_from_their_positions_yield_every_item_once() {
 async fn a_missing_table_and_an_impossible_segment_are_errors() {
     let moto = Moto::start().await;
     let api = api(&moto).await;
-    let missing = api.table_shape("no_such_table").await.unwrap_err();
+    let missing = api.shape("no_such_table").await.unwrap_err();
     assert!(matches!(missing, ReadError::NotFound(_)), "{missing:?}");
     let scan = api.scan("no_such_table", Segment { index: 0, total: 1 }, None, 10).await.unwrap_err();
     assert!(matches!(scan, ReadError::NotFound(_)), "{scan:?}");

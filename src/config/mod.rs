@@ -24,8 +24,8 @@ pub use backfill::{BackfillConfig, DEFAULT_PAGE_ITEMS, DEFAULT_READ_UNITS_PER_SE
 use checker::Checker;
 pub use command::{BackfillCommand, Command};
 pub use lease::table_set_fingerprint;
-pub use names::{backfill_request_key, is_valid_table_name, subject_for};
 use names::{is_literal_subject, is_valid_bucket_name, is_valid_stream_name};
+pub use names::{is_valid_table_name, subject_for};
 pub use nats::{NatsAuth, NatsTls, Secret, redact_url};
 
 /// GetRecords returns at most 1000 records per call (DynamoDB Streams API limit).

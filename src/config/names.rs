@@ -1,5 +1,5 @@
 //! Naming rules of what the service reads from and writes to: DynamoDB tables, JetStream streams,
-//! KV buckets and subjects, the seed's table → subject mapping, and the key of a backfill request.
+//! KV buckets and subjects, and the seed's table → subject mapping.
 //!
 //! Checked at start-up, so a bad name fails validation instead of a later AWS or JetStream call.
 
@@ -36,14 +36,6 @@ pub fn subject_for(prefix: &str, table: &str) -> String {
     format!("{prefix}.{}", table.replace(['.', ' '], "_"))
 }
 
-/// The checkpoint bucket key that asks the fleet for a backfill of `table`: its value is the time of
-/// the request in Unix milliseconds, written by `dynamodb-stream-consumer backfill request TABLE`
-/// (`docs/backfill.md`, "Orchestration"). Table names are valid KV key tokens (checked at start-up),
-/// and no checkpoint key starts with `backfill/`.
-pub fn backfill_request_key(table: &str) -> String {
-    format!("backfill/{table}/request")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,10 +45,5 @@ mod tests {
         assert_eq!(subject_for("dynamodb_streams", "my.table"), "dynamodb_streams.my_table");
         assert_eq!(subject_for("dynamodb_streams", "my-table"), "dynamodb_streams.my-table");
         assert_eq!(subject_for("p", "a b.c"), "p.a_b_c");
-    }
-
-    #[test]
-    fn a_backfill_request_key_names_its_table() {
-        assert_eq!(backfill_request_key("orders.v2"), "backfill/orders.v2/request");
     }
 }
