@@ -170,8 +170,8 @@ async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) ->
             poll_gap: config.poll_gap,
             max_in_flight: config.max_in_flight,
         },
-        scan: Arc::new(TEMP_NO_SCAN),
-        backfill: pipeline::backfill::BackfillSettings::default(),
+        scan: Arc::new(api.clone()),
+        backfill: config.backfill.clone(),
     });
     let topology = TopologyContext {
         discovery: Discovery { api, checkpoints, metrics, start_from_latest: config.start_from_latest },
@@ -236,23 +236,4 @@ async fn aws_config(config: &Config) -> aws_config::SdkConfig {
         ),
     }
     sdk
-}
-
-// TEMP until the Scan call lands.
-struct TempNoScan;
-const TEMP_NO_SCAN: TempNoScan = TempNoScan;
-#[async_trait::async_trait]
-impl source::scan::TableScan for TempNoScan {
-    async fn shape(&self, _: &str) -> Result<source::scan::TableShape, source::error::ReadError> {
-        Err(source::error::ReadError::Other("no".into()))
-    }
-    async fn scan(
-        &self,
-        _: &str,
-        _: source::scan::Segment,
-        _: Option<&source::scan::ScanPosition>,
-        _: i32,
-    ) -> Result<source::scan::ScanPage, source::error::ReadError> {
-        Err(source::error::ReadError::Other("no".into()))
-    }
 }

@@ -53,7 +53,7 @@ pub struct Pipeline {
     pub settings: ReadSettings,
     /// Scans tables for backfills.
     pub scan: Arc<dyn TableScan>,
-    pub backfill: backfill::BackfillSettings,
+    pub backfill: crate::config::BackfillConfig,
 }
 
 /// How a reader that was told to stop, or whose lease ended, ends.

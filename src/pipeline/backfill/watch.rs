@@ -25,11 +25,11 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::BackfillSettings;
 use super::state::{
     BackfillState, EpochKey, Phase, ReplayProgress, encode_pin, epoch_prefix, pin_key, request_key, state_key,
 };
 use crate::checkpoint::{self, Checkpoints, Progress};
+use crate::config::BackfillConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::topology::ReadableShards;
 use crate::source::scan::{Segment, SegmentProgress, TableScan, segments_for};
@@ -100,7 +100,7 @@ pub struct BackfillContext {
     pub store: Arc<dyn LeaseStore>,
     pub checkpoints: Checkpoints,
     pub scan: Arc<dyn TableScan>,
-    pub settings: BackfillSettings,
+    pub settings: BackfillConfig,
     /// The configured tables.
     pub tables: Vec<String>,
     pub metrics: Arc<Metrics>,
@@ -132,8 +132,10 @@ impl Found {
     }
 
     fn of(state: BackfillState) -> Found {
+        // Past scanning, every segment is done.
+        let segments_done = if matches!(state.phase, Phase::Pinning | Phase::Scanning) { 0 } else { state.segments };
         Found {
-            backfill: Some(TableBackfill { state, segments_done: 0, replays_done: 0, replays_due: 0 }),
+            backfill: Some(TableBackfill { state, segments_done, replays_done: 0, replays_due: 0 }),
             segments: Vec::new(),
         }
     }
@@ -222,7 +224,7 @@ impl BackfillWatch {
                 }
             },
         };
-        if state.is_none() && request.is_none() && self.context.settings.tables.contains(table) {
+        if state.is_none() && request.is_none() && self.context.settings.tables.iter().any(|listed| listed == table) {
             let now = now_ms();
             match store.create(&request_key(table), now.to_string().into()).await {
                 Ok(_) => {

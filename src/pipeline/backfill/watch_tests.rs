@@ -10,8 +10,8 @@ use tokio::sync::watch;
 
 use super::{BackfillContext, BackfillWatch, Backfills, PIN_TAKEOVER, now_ms};
 use crate::checkpoint::{self, Checkpoints, Progress};
+use crate::config::BackfillConfig;
 use crate::metrics::Metrics;
-use crate::pipeline::backfill::BackfillSettings;
 use crate::pipeline::backfill::state::{
     BackfillState, Phase, ReplayProgress, pin_key, replay_key, request_key, segment_key, state_key,
 };
@@ -55,10 +55,10 @@ impl Rig {
             store: self.store.clone(),
             checkpoints: Checkpoints::new(self.store.clone()),
             scan: Arc::new(MemoryTable::new(Vec::new(), 1.0)),
-            settings: BackfillSettings {
+            settings: BackfillConfig {
                 tables: backfill_tables.iter().map(|table| (*table).to_owned()).collect(),
                 segments: Some(3),
-                ..BackfillSettings::default()
+                ..BackfillConfig::default()
             },
             tables: vec![TABLE.to_owned(), "other".to_owned()],
             metrics: Arc::new(Metrics::new()),

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Outcome, ShardReader};
 use crate::checkpoint::{self, Checkpoints, Position, Progress, SequenceNumber};
+use crate::config::BackfillConfig;
 use crate::metrics::{Metrics, PublishErrorKind as FailureKind};
-use crate::pipeline::backfill::BackfillSettings;
 use crate::pipeline::backfill::state::{BackfillState, Phase, ReplayProgress, pin_key, replay_key};
 use crate::pipeline::backfill::watch::{BackfillView, Backfills, TableBackfill};
 use crate::pipeline::topology::{Force, ReadableShards};
@@ -90,7 +90,7 @@ impl Harness {
                 max_in_flight: 64,
             },
             scan: Arc::new(MemoryTable::new(Vec::new(), 1.0)),
-            backfill: BackfillSettings::default(),
+            backfill: BackfillConfig::default(),
         });
         let (force, forced) = Force::detached();
         self.forced = forced;
