@@ -15,19 +15,13 @@ use dynamodb_stream_consumer::source::api::StreamsApi;
 use dynamodb_stream_consumer::source::error::ReadError;
 use dynamodb_stream_consumer::source::scan::{ScanPosition, Segment, TableScan, segments_for};
 use test_support::Moto;
-use test_support::fixtures::{self, REGION};
+use test_support::fixtures;
 
 const TABLE: &str = "backfill_scan";
 const ITEMS: usize = 60;
 
 async fn api(moto: &Moto) -> StreamsApi {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(REGION))
-        .endpoint_url(moto.endpoint())
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "tests"))
-        .load()
-        .await;
-    StreamsApi::new(&config)
+    StreamsApi::new(&fixtures::aws_config(moto).await)
 }
 
 /// A table keyed by `pk` (string) and `sk` (number), without a stream: a backfill needs none.

@@ -14,15 +14,19 @@ use crate::{Moto, NatsServer, free_port};
 /// The region every test uses (moto keeps state per region).
 pub const REGION: &str = "us-east-1";
 
-/// A DynamoDB client on the emulator.
-pub async fn dynamodb(moto: &Moto) -> aws_sdk_dynamodb::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+/// The AWS configuration of a client of the emulator (test credentials, [`REGION`]).
+pub async fn aws_config(moto: &Moto) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(REGION))
         .endpoint_url(moto.endpoint())
         .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "tests"))
         .load()
-        .await;
-    aws_sdk_dynamodb::Client::new(&config)
+        .await
+}
+
+/// A DynamoDB client on the emulator.
+pub async fn dynamodb(moto: &Moto) -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&aws_config(moto).await)
 }
 
 /// Creates a table keyed by the string `pk`, with a stream of the given view type (`None`: no stream).
