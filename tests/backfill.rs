@@ -16,8 +16,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{AttributeValue as Av, PutRequest, StreamSpecification, StreamViewType, WriteRequest};
@@ -117,6 +117,8 @@ async fn prefill(ddb: &aws_sdk_dynamodb::Client) {
 /// that it touches items already scanned and items not scanned yet.
 struct Writer {
     stop: Arc<AtomicBool>,
+    /// When each put (pk, v) returned (Unix seconds).
+    puts: Arc<Mutex<HashMap<(String, u64), f64>>>,
     writes: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -125,7 +127,8 @@ impl Writer {
     fn start(ddb: aws_sdk_dynamodb::Client, seed: usize) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let writes = Arc::new(AtomicUsize::new(0));
-        let (flag, count) = (Arc::clone(&stop), Arc::clone(&writes));
+        let puts = Arc::new(Mutex::new(HashMap::new()));
+        let (flag, count, log) = (Arc::clone(&stop), Arc::clone(&writes), Arc::clone(&puts));
         let task = tokio::spawn(async move {
             let mut versions: HashMap<usize, u64> = HashMap::new();
             let mut step = seed;
@@ -136,22 +139,48 @@ impl Writer {
                 if step.is_multiple_of(4) {
                     ddb.delete_item().table_name(TABLE).key("pk", Av::S(pk(n))).send().await.unwrap();
                 } else {
-                    let version = versions.entry(n).or_default();
+                    // Versions start at the seed, so two writers' puts never share a version.
+                    let version = versions.entry(n).or_insert(seed as u64);
                     *version += 1;
                     ddb.put_item().table_name(TABLE).set_item(Some(item(n, *version))).send().await.unwrap();
+                    log.lock().unwrap().insert((pk(n), *version), unix_now());
                 }
                 count.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });
-        Writer { stop, writes, task }
+        Writer { stop, puts, writes, task }
     }
 
-    async fn finish(self) -> usize {
+    /// Stops; returns how many writes it made and when each put returned.
+    async fn finish(self) -> (usize, HashMap<(String, u64), f64>) {
         self.stop.store(true, Ordering::SeqCst);
         self.task.await.unwrap();
-        self.writes.load(Ordering::SeqCst)
+        (self.writes.load(Ordering::SeqCst), self.puts.lock().unwrap().clone())
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// Milliseconds from each put's return to its live event's storing, as (p50, p99, max): printed to
+/// show what a backfill does to live changes (the benchmark shows speed; nothing here asserts time).
+fn live_latency_ms(messages: &[Stored], puts: &HashMap<(String, u64), f64>) -> (f64, f64, f64) {
+    let mut latencies: Vec<f64> = messages
+        .iter()
+        .filter_map(|message| {
+            let event = message.json();
+            if event["snapshot"] == true || event["replay"] == true || event["event_name"] == "REMOVE" {
+                return None;
+            }
+            let key = (event["keys"]["pk"].as_str()?.to_owned(), event["new_image"]["v"].as_u64()?);
+            puts.get(&key).map(|written| (message.stored_at - written) * 1000.0)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0.0);
+    (at(0.5), at(0.99), latencies.last().copied().unwrap_or(0.0))
 }
 
 /// The table as a consistent `Scan` reads it now: pk → image.
@@ -319,7 +348,7 @@ async fn a_backfill_under_writes_kills_and_restarts_converges_to_the_table() {
     c = Replica::start("replica-c2", &nats, &moto, &slow).await;
     b = Replica::start("replica-b2", &nats, &moto, &slow).await;
     let done = until_backfill(&[&a, &b, &c], "the backfill done", |backfill| backfill["phase"] == "done").await;
-    let writes = writer.finish().await;
+    let (writes, puts) = writer.finish().await;
     assert_eq!(done["epoch"], 1);
     assert_eq!(done["segments_done"], 8);
 
@@ -346,8 +375,9 @@ async fn a_backfill_under_writes_kills_and_restarts_converges_to_the_table() {
         image(&item(n, 0)),
         "every attribute type as the stream writes it"
     );
+    let (p50, p99, max) = live_latency_ms(&messages, &puts);
     println!(
-        "backfill convergence: {PREFILL} items before the stream, {writes} writes during the backfill, {} snapshot rows, {replayed} replayed changes, {} messages, {} items at the end",
+        "backfill convergence: {PREFILL} items before the stream, {writes} writes during the backfill, {} snapshot rows, {replayed} replayed changes, {} messages, {} items at the end; live changes meanwhile (a crash takeover included): write to stored p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms",
         snapshots.len(),
         messages.len(),
         table.len()
@@ -365,9 +395,23 @@ async fn a_backfill_under_writes_kills_and_restarts_converges_to_the_table() {
         backfill["epoch"] == 2 && backfill["phase"] == "done"
     })
     .await;
-    writer.finish().await;
+    let (writes, puts) = writer.finish().await;
     let messages = converged(&js, &table_now(&ddb).await).await;
     assert!(messages.iter().any(|m| m.json()["event_id"] == "snapshot-2"));
+    let (p50, p99, max) = live_latency_ms(&messages, &puts);
+    println!(
+        "second backfill (no fault): {writes} writes during it; live changes: write to stored p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms"
+    );
+
+    // The same writer without a backfill, for comparison.
+    let writer = Writer::start(ddb.clone(), 2_000_000);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (writes, puts) = writer.finish().await;
+    let messages = converged(&js, &table_now(&ddb).await).await;
+    let (p50, p99, max) = live_latency_ms(&messages, &puts);
+    println!(
+        "no backfill: {writes} writes; live changes: write to stored p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms"
+    );
 
     for replica in [&mut a, &mut b, &mut c] {
         let name = replica.name;

@@ -8,8 +8,11 @@
 //!   the lease is released so that a peer takes it at once;
 //! - `Revoked` → the reader stops at once (its guard already forbids publishing and checkpointing).
 //!
-//! Backfill segments (`super::backfill`) are leased beside the shards: the coordinator's set is the
-//! readable shards and the segments the [`BackfillWatch`] lists, and a segment lease runs a
+//! Backfill segments (`super::backfill`) are leased through a coordinator of their own, started
+//! while the [`BackfillWatch`] lists segments to read: its lease group is the shards' group with
+//! `.backfill` appended, so segments are shared out among themselves and their coming and going
+//! never moves a shard (one coordinator for both once handed shards over as segments came and went,
+//! and each hand-over paused the shard's changes for a second or more). A segment lease runs a
 //! [`SegmentReader`].
 //!
 //! A reader that reads its shard to the end finishes the lease and makes this replica refresh the
@@ -33,10 +36,33 @@ use crate::config::Config;
 use crate::metrics::LeaseChange;
 use crate::source::topology::Readable;
 
-/// A running reader: its generation (a re-acquired shard gets a new reader) and how to stop it.
+/// A running reader: its generation (a re-acquired shard gets a new reader), how to stop it, and
+/// whose lease it holds.
 struct Running {
     generation: u64,
     stop: CancellationToken,
+    leases: Leases,
+}
+
+/// Which coordinator a lease comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leases {
+    Shards,
+    Segments,
+}
+
+/// The coordinator of backfill segments, while there are segments to read.
+struct SegmentLeases {
+    coordinator: Coordinator,
+    events: Events,
+}
+
+/// The next lease event of the segments' coordinator; never ready while it does not run.
+async fn segment_event(leases: &mut Option<SegmentLeases>) -> Option<Event> {
+    match leases {
+        Some(leases) => leases.events.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Owns the coordinator and the shard readers of this replica.
@@ -46,6 +72,8 @@ pub struct Fleet {
     coordinator: Coordinator,
     events: Events,
     status: watch::Receiver<Status>,
+    store: Arc<dyn LeaseStore>,
+    segment_leases: Option<SegmentLeases>,
     tracker: TaskTracker,
     /// Parent of every reader's stop token.
     readers: CancellationToken,
@@ -78,7 +106,7 @@ impl Fleet {
         let status = coordinator.watch_status();
         let (topology, readable_rx, force) = TopologyWatch::new(Arc::new(topology), Arc::clone(&store));
         let backfill = BackfillContext {
-            store,
+            store: Arc::clone(&store),
             checkpoints: pipeline.checkpoints.clone(),
             scan: Arc::clone(&pipeline.scan),
             settings: pipeline.backfill.clone(),
@@ -93,6 +121,8 @@ impl Fleet {
             coordinator,
             events,
             status: status.clone(),
+            store,
+            segment_leases: None,
             tracker,
             readers: CancellationToken::new(),
             watch: Some(topology),
@@ -130,9 +160,10 @@ impl Fleet {
                 biased;
                 () = stop.cancelled() => break,
                 Some((shard, generation, outcome)) = self.ended_rx.recv() => self.ended(shard, generation, outcome),
-                Some(event) = self.events.recv() => self.on_event(event),
+                Some(event) = self.events.recv() => self.on_event(event, Leases::Shards),
+                Some(event) = segment_event(&mut self.segment_leases) => self.on_event(event, Leases::Segments),
                 Ok(()) = self.readable_rx.changed() => self.shards_changed(),
-                Ok(()) = self.backfills_rx.changed() => self.shards_changed(),
+                Ok(()) = self.backfills_rx.changed() => self.segments_changed(),
                 Ok(()) = self.status.changed() => {
                     let status = self.status.borrow_and_update();
                     self.pipeline.metrics.leases_held.set(status.held.len() as i64);
@@ -143,19 +174,34 @@ impl Fleet {
         self.shutdown().await;
     }
 
-    fn on_event(&mut self, event: Event) {
+    /// The coordinator `leases` come from (the segments' one may have stopped meanwhile).
+    fn coordinator(&self, leases: Leases) -> Option<&Coordinator> {
+        match leases {
+            Leases::Shards => Some(&self.coordinator),
+            Leases::Segments => self.segment_leases.as_ref().map(|segments| &segments.coordinator),
+        }
+    }
+
+    fn release(&self, shard: &ShardKey, leases: Leases) {
+        self.pipeline.metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc();
+        if let Some(coordinator) = self.coordinator(leases) {
+            coordinator.release(shard);
+        }
+    }
+
+    fn on_event(&mut self, event: Event, leases: Leases) {
         let metrics = &self.pipeline.metrics;
         match event {
             Event::Acquired { shard, guard } => {
                 metrics.lease_changes.with_label_values(&[LeaseChange::Acquired.as_str()]).inc();
                 let readable = self.readable.as_deref().and_then(|readable| readable.get(&shard)).cloned();
-                match (readable, self.backfills.segments.get(&shard).cloned()) {
-                    (Some(readable), _) => self.spawn_reader(shard, readable, guard),
-                    (None, Some(segment)) => self.spawn_segment_reader(shard, segment, guard),
-                    (None, None) => {
+                let segment = self.backfills.segments.get(&shard).cloned();
+                match (leases, readable, segment) {
+                    (Leases::Shards, Some(readable), _) => self.spawn_reader(shard, readable, guard),
+                    (Leases::Segments, _, Some(segment)) => self.spawn_segment_reader(shard, segment, guard),
+                    _ => {
                         tracing::info!(shard = %shard, "lease for a shard that is not readable here; releasing it");
-                        metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc();
-                        self.coordinator.release(&shard);
+                        self.release(&shard, leases);
                     }
                 }
             }
@@ -163,10 +209,7 @@ impl Fleet {
                 metrics.lease_changes.with_label_values(&[LeaseChange::HandedOver.as_str()]).inc();
                 match self.running.get(&shard) {
                     Some(running) => running.stop.cancel(),
-                    None => {
-                        metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc();
-                        self.coordinator.release(&shard);
-                    }
+                    None => self.release(&shard, leases),
                 }
             }
             Event::Revoked { shard, reason } => {
@@ -185,12 +228,11 @@ impl Fleet {
     /// A new tenure of `shard`: its generation and stop token. A reader still ending from an earlier
     /// tenure cannot publish (its guard is invalid); the new one replaces it, and the old one's end
     /// is ignored.
-    fn tenure(&mut self, shard: &ShardKey) -> (u64, CancellationToken) {
+    fn tenure(&self, shard: &ShardKey) -> (u64, CancellationToken) {
         if let Some(old) = self.running.get(shard) {
             old.stop.cancel();
         }
-        self.generation += 1;
-        (self.generation, self.readers.child_token())
+        (self.generation + 1, self.readers.child_token())
     }
 
     fn spawn_reader(&mut self, shard: ShardKey, readable: Readable, guard: LeaseGuard) {
@@ -205,7 +247,7 @@ impl Fleet {
             force: self.force.clone(),
             backfills: self.backfills_rx.clone(),
         };
-        self.track(shard, generation, stop, reader.run());
+        self.track(shard, Running { generation, stop, leases: Leases::Shards }, reader.run());
     }
 
     fn spawn_segment_reader(&mut self, shard: ShardKey, work: SegmentWork, guard: LeaseGuard) {
@@ -231,18 +273,19 @@ impl Fleet {
             cancel: stop.clone(),
             guard,
         };
-        self.track(shard, generation, stop, reader.run());
+        self.track(shard, Running { generation, stop, leases: Leases::Segments }, reader.run());
     }
 
     /// Runs a reader of `shard` and reports its end to the fleet.
     fn track(
         &mut self,
         shard: ShardKey,
-        generation: u64,
-        stop: CancellationToken,
+        running: Running,
         reader: impl std::future::Future<Output = Outcome> + Send + 'static,
     ) {
-        self.running.insert(shard.clone(), Running { generation, stop });
+        let generation = running.generation;
+        self.generation = generation;
+        self.running.insert(shard.clone(), running);
         let ended = self.ended_tx.clone();
         self.tracker.spawn(async move {
             let outcome = reader.await;
@@ -252,14 +295,17 @@ impl Fleet {
     }
 
     fn ended(&mut self, shard: ShardKey, generation: u64, outcome: Outcome) {
-        if self.running.get(&shard).map(|running| running.generation) != Some(generation) {
+        let Some(running) = self.running.get(&shard).filter(|running| running.generation == generation) else {
             return;
-        }
+        };
+        let leases = running.leases;
         self.running.remove(&shard);
         match outcome {
             Outcome::Finished => {
                 self.pipeline.metrics.lease_changes.with_label_values(&[LeaseChange::Finished.as_str()]).inc();
-                self.coordinator.finish(&shard);
+                if let Some(coordinator) = self.coordinator(leases) {
+                    coordinator.finish(&shard);
+                }
                 // Its children may be readable now: refresh the table at once.
                 if let Some(readable) = self.readable.as_deref().and_then(|readable| readable.get(&shard)) {
                     self.force.refresh(&readable.table);
@@ -267,32 +313,73 @@ impl Fleet {
             }
             // Handed over, or its lease lost, or its checkpoint moved by someone else: release (a no-op
             // when the lease is already gone), and whoever takes it resumes from the checkpoint.
-            Outcome::Stopped | Outcome::LeaseLost | Outcome::CheckpointTaken => {
-                if outcome != Outcome::LeaseLost {
-                    self.pipeline.metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc();
+            Outcome::LeaseLost => {
+                if let Some(coordinator) = self.coordinator(leases) {
+                    coordinator.release(&shard);
                 }
-                self.coordinator.release(&shard);
             }
+            Outcome::Stopped | Outcome::CheckpointTaken => self.release(&shard, leases),
+        }
+        self.segments_changed();
+    }
+
+    /// The readable shards changed: the shards' coordinator follows.
+    fn shards_changed(&mut self) {
+        let readable = self.readable_rx.borrow_and_update().clone();
+        let Some(shards) = readable.as_deref() else { return };
+        if self.readable.as_deref().is_none_or(|old| !old.keys().eq(shards.keys())) {
+            self.coordinator.set_shards(shards.keys().cloned());
+        }
+        self.readable = readable;
+    }
+
+    /// The backfills changed (or a segment reader ended): the segments' coordinator follows. It is
+    /// started when there are segments to read and stopped once there are none and none is read here.
+    fn segments_changed(&mut self) {
+        let backfills = self.backfills_rx.borrow_and_update().clone();
+        let changed = !self.backfills.segments.keys().eq(backfills.segments.keys());
+        self.backfills = backfills;
+        if self.backfills.segments.is_empty() {
+            let reading = self.running.values().any(|running| running.leases == Leases::Segments);
+            if !reading && let Some(leases) = self.segment_leases.take() {
+                tracing::info!("no backfill segments left to read: their coordinator stops");
+                self.tracker.spawn(leases.coordinator.shutdown());
+            }
+            return;
+        }
+        if self.segment_leases.is_none() {
+            match self.start_segment_leases() {
+                Ok(leases) => self.segment_leases = Some(leases),
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot lease backfill segments");
+                    return;
+                }
+            }
+        } else if !changed {
+            return;
+        }
+        if let Some(leases) = &self.segment_leases {
+            leases.coordinator.set_shards(self.backfills.segments.keys().cloned());
         }
     }
 
-    /// The readable shards or the backfill segments changed: the coordinator's set follows.
-    fn shards_changed(&mut self) {
-        let readable = self.readable_rx.borrow_and_update().clone();
-        let backfills = self.backfills_rx.borrow_and_update().clone();
-        let Some(shards) = readable.as_deref() else { return };
-        let changed = self.readable.as_deref().is_none_or(|old| !old.keys().eq(shards.keys()))
-            || !self.backfills.segments.keys().eq(backfills.segments.keys());
-        if changed {
-            self.coordinator.set_shards(shards.keys().chain(backfills.segments.keys()).cloned());
-        }
-        self.readable = readable;
-        self.backfills = backfills;
+    /// The segments' coordinator: the shards' settings, its own instance, and the group of the
+    /// shards with `.backfill` appended.
+    fn start_segment_leases(&self) -> Result<SegmentLeases, coordination::ConfigError> {
+        let mut config = self.config.lease.clone();
+        config.instance = uuid::Uuid::new_v4().to_string();
+        config.group = format!("{}.backfill", config.group);
+        let (coordinator, events) = Coordinator::start(Arc::clone(&self.store), config)?;
+        tracing::info!("backfill segments to read: their coordinator starts");
+        Ok(SegmentLeases { coordinator, events })
     }
 
     async fn shutdown(mut self) {
         // No lease is taken from now on; held ones are released once their readers are done.
         self.coordinator.drain();
+        if let Some(segments) = &self.segment_leases {
+            segments.coordinator.drain();
+        }
         self.readers.cancel();
         tracing::info!(readers = self.running.len(), "stopping shard readers; final checkpoints follow");
         while !self.running.is_empty() {
@@ -303,6 +390,9 @@ impl Fleet {
         }
         let held = self.coordinator.status().held.len() as u64;
         self.pipeline.metrics.lease_changes.with_label_values(&[LeaseChange::Released.as_str()]).inc_by(held);
+        if let Some(segments) = self.segment_leases.take() {
+            segments.coordinator.shutdown().await;
+        }
         self.coordinator.shutdown().await;
         tracing::info!(released = held, "leases released");
     }

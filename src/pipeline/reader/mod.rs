@@ -281,7 +281,7 @@ impl ShardReader {
             }
         }
         let Some(iterator) = page.next_iterator else { return State::Finishing };
-        let replaying = match self.replay_turn(cursor).await {
+        let replaying = match self.replay_turn(cursor, false).await {
             Ok(replaying) => replaying,
             Err(outcome) => return State::Ended(outcome),
         };

@@ -11,6 +11,11 @@
 //! finished only after its replay (its children must not publish before it).
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{Cursor, Outcome, ShardReader};
 use crate::checkpoint::{AdvanceError, Fenced, SequenceNumber};
@@ -41,8 +46,15 @@ pub(super) struct Replay {
     skim: Option<Skim>,
     /// The iterator of the next replay (or skim) read; `None`: get one at the position.
     iterator: Option<String>,
+    /// The read of the next page, running beside the live reading.
+    fetch: Option<Fetch>,
+    /// After a failed read, the next one is not made before this.
+    retry_at: Option<Instant>,
     delays: Backoff,
 }
+
+/// A replay page being read, or why it was not (with the iterator to try again; `None`: a new one).
+type Fetch = AbortOnDropHandle<Result<Page, (Option<String>, ReadError)>>;
 
 /// Live records already published after `P1`, read for their items only.
 struct Skim {
@@ -93,9 +105,10 @@ impl ShardReader {
         }
     }
 
-    /// Starts the table's replay when it is due, and reads one page of it: called after each live
-    /// page. True while a replay is under way (the reader then reads on without waiting).
-    pub(super) async fn replay_turn(&self, cursor: &mut Cursor) -> Result<bool, Outcome> {
+    /// Starts the table's replay when it is due, and handles its next page if it has been read (or,
+    /// with `wait`, once it is): called after each live page. True when a replay page was handled
+    /// (the reader then reads on without waiting).
+    pub(super) async fn replay_turn(&self, cursor: &mut Cursor, wait: bool) -> Result<bool, Outcome> {
         let due = {
             let backfills = self.backfills.borrow();
             match backfills.running(&self.shard.table) {
@@ -111,8 +124,7 @@ impl ShardReader {
         if cursor.replay.is_none() {
             return Ok(false);
         }
-        Box::pin(self.replay_page(cursor)).await?;
-        Ok(cursor.replay.is_some())
+        Box::pin(self.replay_page(cursor, wait)).await
     }
 
     /// The shard has ended: while its table's backfill runs, it replays first (waiting for the scan
@@ -126,7 +138,7 @@ impl ShardReader {
                 None => return Ok(()),
                 Some((epoch, _)) if cursor.replayed == Some(epoch) => return Ok(()),
                 Some((_, Phase::Replaying)) => {
-                    self.replay_turn(cursor).await?;
+                    self.replay_turn(cursor, true).await?;
                 }
                 Some((epoch, phase)) => {
                     if !told {
@@ -192,6 +204,8 @@ impl ShardReader {
             skip: HashSet::new(),
             skim,
             iterator: None,
+            fetch: None,
+            retry_at: None,
             delays: retry::backoff(),
         };
         let first = replay.progress(false);
@@ -200,32 +214,43 @@ impl ShardReader {
         Ok(())
     }
 
-    /// Reads one page of the replay (or of the skim before it) and publishes what it replays.
-    async fn replay_page(&self, cursor: &mut Cursor) -> Result<(), Outcome> {
+    /// Handles the replay's next page (or the skim's) once it has been read: the read runs as a task
+    /// of its own, so the live reading goes on meanwhile (a page of 1000 records can take seconds on a
+    /// slow endpoint). With `wait` (a shard that has ended: nothing live to read) the read is awaited.
+    /// True when a page was handled (read on at once: there is likely more).
+    async fn replay_page(&self, cursor: &mut Cursor, wait: bool) -> Result<bool, Outcome> {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
-        let Some(replay) = cursor.replay.as_mut() else { return Ok(()) };
-        let iterator = match replay.iterator.take() {
-            Some(iterator) => iterator,
-            None => {
-                let start = replay.start();
-                let call = self.pipeline.source.iterator(&self.shard.stream_arn, shard_id, &start);
-                match self.unless_stopped(call).await {
-                    None => return Err(self.stopped()),
-                    Some(Ok(iterator)) => iterator,
-                    Some(Err(err)) => return self.replay_failed(replay, err).await,
-                }
+        let Some(replay) = cursor.replay.as_mut() else { return Ok(false) };
+        if let Some(at) = replay.retry_at {
+            if !wait && Instant::now() < at {
+                return Ok(false);
             }
-        };
-        let page = match self.unless_stopped(self.pipeline.source.records(&iterator)).await {
-            None => return Err(self.stopped()),
-            Some(Ok(page)) => page,
+            if !self.pause(Some(at.saturating_duration_since(Instant::now()))).await {
+                return Err(self.stopped());
+            }
+            replay.retry_at = None;
+        }
+        if replay.fetch.is_none() {
+            let start = replay.start();
+            replay.fetch = Some(self.spawn_fetch(replay.iterator.take(), start));
+        }
+        let Some(fetch) = replay.fetch.as_mut() else { return Ok(false) };
+        if !wait && !fetch.is_finished() {
+            return Ok(false);
+        }
+        let Some(joined) = self.unless_stopped(fetch).await else { return Err(self.stopped()) };
+        replay.fetch = None;
+        // A fetch that panicked is a failed call: a new iterator is asked for at the same position.
+        let page = match joined.unwrap_or_else(|err| Err((None, ReadError::Transient(err.to_string())))) {
+            Ok(read) => read,
             // A new iterator at the same position.
-            Some(Err(ReadError::IteratorExpired)) => return Ok(()),
-            Some(Err(err)) => {
+            Err((_, ReadError::IteratorExpired)) => return Ok(false),
+            Err((iterator, err)) => {
                 if !matches!(err, ReadError::Trimmed(_)) {
-                    replay.iterator = Some(iterator);
+                    replay.iterator = iterator;
                 }
-                return self.replay_failed(replay, err).await;
+                self.replay_failed(replay, err);
+                return Ok(false);
             }
         };
         replay.delays = retry::backoff();
@@ -250,7 +275,7 @@ impl ShardReader {
             } else {
                 replay.iterator = next_iterator;
             }
-            return Ok(());
+            return Ok(true);
         }
         let mut done = next_iterator.is_none();
         let mut batch = Vec::new();
@@ -282,8 +307,7 @@ impl ShardReader {
         let progress = replay.progress(done);
         self.advance_replay(&mut replay.checkpoint, progress).await?;
         if done {
-            let lost = replay.lost;
-            let epoch = replay.epoch;
+            let (lost, epoch) = (replay.lost, replay.epoch);
             if lost {
                 tracing::error!(
                     table,
@@ -299,18 +323,32 @@ impl ShardReader {
         } else {
             replay.iterator = next_iterator;
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Reads the replay's next page as a task: at `iterator`, or at a new one at `start`.
+    fn spawn_fetch(&self, iterator: Option<String>, start: StartAt) -> Fetch {
+        let source = Arc::clone(&self.pipeline.source);
+        let (stream_arn, shard_id) = (self.shard.stream_arn.clone(), self.shard.shard_id.clone());
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            let iterator = match iterator {
+                Some(iterator) => iterator,
+                None => source.iterator(&stream_arn, &shard_id, &start).await.map_err(|err| (None, err))?,
+            };
+            source.records(&iterator).await.map_err(|err| (Some(iterator), err))
+        }))
     }
 
     /// A failed replay read: a trimmed range is counted as lost and the replay goes on from the
-    /// oldest record; anything else is retried after a pause.
-    async fn replay_failed(&self, replay: &mut Replay, err: ReadError) -> Result<(), Outcome> {
+    /// oldest record; anything else is tried again after a pause (the live reading goes on).
+    fn replay_failed(&self, replay: &mut Replay, err: ReadError) {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
         self.count_error(&err);
         if let ReadError::Trimmed(_) = err {
             if replay.start() == StartAt::TrimHorizon {
                 // The horizon moved between the iterator and the read: no new loss.
-                return if self.pause(replay.delays.next()).await { Ok(()) } else { Err(self.stopped()) };
+                replay.retry_at = replay.delays.next().map(|delay| Instant::now() + delay);
+                return;
             }
             if !replay.lost {
                 self.pipeline.metrics.backfill_handoff_lost.with_label_values(&[table]).inc();
@@ -322,14 +360,16 @@ impl ShardReader {
                 );
             }
             replay.lost = true;
+            replay.iterator = None;
             match replay.skim.as_mut() {
                 Some(skim) => skim.after = None,
                 None => replay.after = None,
             }
-            return Ok(());
+            return;
         }
-        tracing::warn!(table, shard_id, error = %err, "backfill replay read failed; retrying");
-        if self.pause(replay.delays.next()).await { Ok(()) } else { Err(self.stopped()) }
+        let delay = replay.delays.next().unwrap_or(Duration::from_secs(1));
+        tracing::warn!(table, shard_id, error = %err, retry_in_ms = delay.as_millis() as u64, "backfill replay read failed; retrying");
+        replay.retry_at = Some(Instant::now() + delay);
     }
 
     /// Writes the replay's progress, as shard checkpoints are written (see `write.rs`).

@@ -84,6 +84,8 @@ pub struct Stored {
     pub subject: String,
     pub headers: HashMap<String, String>,
     pub payload: String,
+    /// When JetStream stored it (Unix seconds).
+    pub stored_at: f64,
 }
 
 impl Stored {
@@ -142,6 +144,7 @@ pub async fn all_messages(js: &async_nats::jetstream::Context, stream: &str) -> 
             subject: message.subject.to_string(),
             headers,
             payload: String::from_utf8_lossy(&message.payload).into_owned(),
+            stored_at: message.time.unix_timestamp_nanos() as f64 / 1e9,
         });
     }
     out
