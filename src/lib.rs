@@ -172,6 +172,7 @@ async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) ->
         },
         scan: Arc::new(api.clone()),
         backfill: config.backfill.clone(),
+        value_limit,
     });
     let topology = TopologyContext {
         discovery: Discovery { api, checkpoints, metrics, start_from_latest: config.start_from_latest },

@@ -270,6 +270,7 @@ impl Fleet {
             metrics: Arc::clone(&pipeline.metrics),
             page_limit: pipeline.backfill.page_items,
             window: pipeline.settings.max_in_flight,
+            value_limit: pipeline.value_limit,
             cancel: stop.clone(),
             guard,
         };

@@ -54,6 +54,8 @@ pub struct Pipeline {
     /// Scans tables for backfills.
     pub scan: Arc<dyn TableScan>,
     pub backfill: crate::config::BackfillConfig,
+    /// The largest value the checkpoint bucket takes (see `crate::nats::VALUE_HEADROOM`).
+    pub value_limit: usize,
 }
 
 /// How a reader that was told to stop, or whose lease ended, ends.

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::state::segment_key;
 use super::watch::now_ms;
-use crate::checkpoint::{AdvanceError, Checkpoints};
+use crate::checkpoint::{AdvanceError, Checkpoints, Progress};
 use crate::metrics::Metrics;
 use crate::pipeline::deliver::Delivery;
 use crate::pipeline::reader::Outcome;
@@ -88,6 +88,8 @@ pub struct SegmentReader {
     pub page_limit: i32,
     /// Publishes in flight (`MAX_IN_FLIGHT`).
     pub window: usize,
+    /// The largest value the checkpoint bucket takes.
+    pub value_limit: usize,
     /// Told to stop gracefully: the page in hand is still published and checkpointed.
     pub cancel: CancellationToken,
     pub guard: LeaseGuard,
@@ -115,6 +117,7 @@ impl SegmentReader {
             return self.stopped();
         }
         let mut delays = retry::backoff();
+        let mut oversized = false;
         loop {
             if self.cancel.is_cancelled() || !self.guard.is_valid() {
                 return self.stopped();
@@ -162,7 +165,17 @@ impl SegmentReader {
                 Some(next) => SegmentProgress::After(next.clone()),
                 None => SegmentProgress::Done,
             };
-            match checkpoint.advance(progress).await {
+            // A key too large for the bucket's values (keys may hold 3 KB) is not written: a
+            // resumption reads again from the last position that fitted (its rows are deduplicated).
+            // `DONE` always fits.
+            let fits = progress.encode().len() <= self.value_limit;
+            if !fits && !oversized {
+                oversized = true;
+                tracing::warn!(table = %self.table, segment = self.segment.index, value_limit = self.value_limit,
+                    "a scan position does not fit the checkpoint bucket's values: not checkpointed (a resumed segment reads again from the last one that fit)");
+            }
+            let advanced = if fits { checkpoint.advance(progress).await } else { Ok(false) };
+            match advanced {
                 Ok(_) => {}
                 Err(AdvanceError::LeaseLost(_)) => return Outcome::LeaseLost,
                 Err(AdvanceError::Taken(key)) => {

@@ -39,6 +39,7 @@ struct Rig {
     sink: Arc<MemorySink>,
     store: Arc<MemoryStore>,
     budget: Arc<ReadBudget>,
+    value_limit: usize,
 }
 
 impl Rig {
@@ -48,6 +49,7 @@ impl Rig {
             sink: Arc::new(MemorySink::default()),
             store: Arc::new(MemoryStore::new()),
             budget: Arc::new(ReadBudget::new(budget)),
+            value_limit: usize::MAX,
         }
     }
 
@@ -69,6 +71,7 @@ impl Rig {
             metrics: Arc::new(Metrics::new()),
             page_limit: 100,
             window: 64,
+            value_limit: self.value_limit,
             cancel: CancellationToken::new(),
             guard,
         };
@@ -165,4 +168,16 @@ fn a_finished_segment_never_moves_again() {
     assert!(!SegmentProgress::Done.is_after(Some(&SegmentProgress::Done)));
     assert_eq!(SegmentProgress::parse(&SegmentProgress::Done.encode()), Some(SegmentProgress::Done));
     assert_eq!(SegmentProgress::parse(&position("x").encode()), Some(position("x")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_position_too_large_for_the_bucket_is_not_checkpointed_and_the_segment_still_ends_done() {
+    let mut rig = Rig::new(250, 0.5, 1e9);
+    rig.value_limit = 10;
+    let segment = Segment { index: 0, total: 1 };
+    assert_eq!(rig.read(segment).await, Outcome::Finished);
+    assert_eq!(rig.published_keys().len(), 250);
+    let stored =
+        Checkpoints::new(rig.store.clone()).load_as::<SegmentProgress>(&segment_key(TABLE, 1, segment)).await.unwrap();
+    assert_eq!(stored.position, Some(SegmentProgress::Done));
 }

@@ -91,6 +91,7 @@ impl Harness {
             },
             scan: Arc::new(MemoryTable::new(Vec::new(), 1.0)),
             backfill: BackfillConfig::default(),
+            value_limit: usize::MAX,
         });
         let (force, forced) = Force::detached();
         self.forced = forced;
