@@ -26,9 +26,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::state::{
-    BackfillState, EpochKey, Phase, ReplayProgress, encode_pin, epoch_prefix, pin_key, request_key, state_key,
+    BackfillState, EpochKey, Phase, ReplayProgress, encode_pin, epoch_prefix, pin_key, replay_key, request_key,
+    state_key,
 };
-use crate::checkpoint::{self, Checkpoints, Progress};
+use crate::checkpoint::{self, Checkpoints, Position, Progress};
 use crate::config::BackfillConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::topology::ReadableShards;
@@ -387,11 +388,16 @@ impl BackfillWatch {
 
     /// Replaying: done once every shard that was pinned or is readable now has replayed.
     async fn replaying(&self, table: &str, state: BackfillState, revision: Revision) -> Result<Found, StoreError> {
-        let keys = self.epoch_keys(table, state.epoch).await?;
+        let mut keys = self.epoch_keys(table, state.epoch).await?;
+        let readable: BTreeSet<String> = match self.readable.borrow().as_deref() {
+            Some(readable) => {
+                readable.values().filter(|shard| shard.table == table).map(|shard| shard.shard_id.clone()).collect()
+            }
+            None => return Ok(Found::of(state)),
+        };
+        self.unreplayable(table, &state, &readable, &mut keys).await?;
         let mut due: BTreeSet<String> = keys.pins.clone();
-        if let Some(readable) = self.readable.borrow().as_deref() {
-            due.extend(readable.values().filter(|shard| shard.table == table).map(|shard| shard.shard_id.clone()));
-        }
+        due.extend(readable);
         let done = due.iter().filter(|shard| keys.replays.get(*shard).is_some_and(ReplayProgress::is_done)).count();
         let backfill = |state| TableBackfill {
             state,
@@ -423,6 +429,53 @@ impl BackfillWatch {
                 "backfill INEXACT: changes made during it were trimmed from the stream before they could be replayed (the scan took longer than the stream's 24 h retention); consumers may hold stale or deleted items: request a new backfill with a higher BACKFILL_READ_UNITS_PER_SEC");
         }
         Ok(Found { backfill: Some(backfill(next)), segments: Vec::new() })
+    }
+
+    /// A pinned shard that is no longer readable and was finished without replaying (by a replica
+    /// of the previous version, during a rolling upgrade) can never replay: its replay is recorded
+    /// lost (create-only), so the backfill ends `inexact` instead of waiting for ever.
+    async fn unreplayable(
+        &self,
+        table: &str,
+        state: &BackfillState,
+        readable: &BTreeSet<String>,
+        keys: &mut EpochKeys,
+    ) -> Result<(), StoreError> {
+        let waiting: Vec<String> = keys
+            .pins
+            .iter()
+            .filter(|shard| {
+                !readable.contains(*shard) && !keys.replays.get(*shard).is_some_and(ReplayProgress::is_done)
+            })
+            .cloned()
+            .collect();
+        for shard_id in waiting {
+            let stored = self
+                .context
+                .checkpoints
+                .load(&checkpoint::key(table, &shard_id))
+                .await
+                .map_err(|err| StoreError::Unavailable { reason: err.to_string() })?;
+            if !matches!(stored.position, Some(Position::Finished { .. })) || keys.replays.contains_key(&shard_id) {
+                continue;
+            }
+            let lost = ReplayProgress::Done { lost: true };
+            match self.context.store.create(&replay_key(table, state.epoch, &shard_id), lost.encode().into()).await {
+                Ok(_) => {
+                    self.context.metrics.backfill_handoff_lost.with_label_values(&[table]).inc();
+                    tracing::error!(
+                        table,
+                        shard_id,
+                        epoch = state.epoch,
+                        "a pinned shard was read to its end without its backfill replay (by a replica of an earlier version?): the backfill is inexact"
+                    );
+                    keys.replays.insert(shard_id, lost);
+                }
+                Err(StoreError::Conflict { .. }) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
     }
 
     /// The pins, segment checkpoints and replay progress of one backfill.

@@ -206,3 +206,26 @@ async fn pinning_left_unfinished_is_taken_over() {
     assert_eq!(rig.value(&pin_key(TABLE, 1, "shardId-1")).await.as_deref(), Some("90"));
     assert_eq!(rig.value(&pin_key(TABLE, 1, "shardId-2")).await.as_deref(), Some("START"));
 }
+
+#[tokio::test]
+async fn a_pinned_shard_finished_without_its_replay_makes_the_backfill_inexact_not_stuck() {
+    let rig = Rig::new().await;
+    let (mut watch, _) = rig.watch(&[TABLE]);
+    watch.read().await;
+    for index in 0..3 {
+        rig.segment_done(1, index).await;
+    }
+    watch.read().await;
+    assert_eq!(rig.state().await.unwrap().phase, Phase::Replaying);
+    // A replica of the previous version read shardId-2 to its end: it is no longer readable.
+    rig.put(&checkpoint::key(TABLE, "shardId-2"), "SHARD_END".to_owned()).await;
+    rig.readable.send_modify(|readable| {
+        let mut shards = readable.as_deref().unwrap().clone();
+        shards.retain(|_, shard| shard.shard_id != "shardId-2");
+        *readable = Some(Arc::new(shards));
+    });
+    rig.replayed(1, "shardId-1", false).await;
+    watch.read().await;
+    assert_eq!(rig.state().await.unwrap().phase, Phase::Inexact);
+    assert_eq!(rig.value(&replay_key(TABLE, 1, "shardId-2")).await.as_deref(), Some("LOST"));
+}
