@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::FaultyStreams;
 use super::faults::{Fault, Op, Throttle};
+use super::scan::Synthetic;
 use super::types::{Attributes, NewRecord, ViewType, Written};
 
 impl FaultyStreams {
@@ -24,6 +25,21 @@ impl FaultyStreams {
     /// key-hash space (a table of many partitions: the idle-fleet benchmark's thousand shards).
     pub fn create_table_with_shards(&self, name: &str, key: &str, view: ViewType, shards: usize) -> String {
         self.model().create_table(name, key, view, shards)
+    }
+
+    /// Creates a table keyed by the string attribute `pk`, with a `NEW_AND_OLD_IMAGES` stream of one
+    /// open shard, whose `items` items of `item_bytes` bytes each (by DynamoDB's size rules) are
+    /// generated when a `Scan` reads them: item `i` has key `i` zero-padded to ten digits, a number
+    /// `n`, a boolean `even`, a list `tags` and a pseudo-random string `payload` filling it up, the
+    /// same on every read. `DescribeTable` reports their count and size. The items cannot be written
+    /// (records can still be [`Self::put`] into the stream). Returns the stream ARN.
+    pub fn synthetic_table(&self, name: &str, items: u64, item_bytes: usize) -> String {
+        self.model().create_synthetic_table(name, ViewType::NewAndOldImages, Synthetic { items, item_bytes })
+    }
+
+    /// The key of the synthetic tables' item `index` (see [`Self::synthetic_table`]).
+    pub fn synthetic_key(index: u64) -> String {
+        Synthetic::key(index)
     }
 
     /// The ARN of the table's latest stream.

@@ -19,12 +19,14 @@ pub enum Op {
     GetRecords,
     /// `DynamoDBStreams_20120810.ListStreams`.
     ListStreams,
+    /// `DynamoDB_20120810.Scan`.
+    Scan,
 }
 
 impl Op {
     /// Every operation, for looking one up by its target.
-    pub const ALL: [Op; 5] =
-        [Op::DescribeTable, Op::DescribeStream, Op::GetShardIterator, Op::GetRecords, Op::ListStreams];
+    pub const ALL: [Op; 6] =
+        [Op::DescribeTable, Op::DescribeStream, Op::GetShardIterator, Op::GetRecords, Op::ListStreams, Op::Scan];
 
     /// The `X-Amz-Target` header value that selects this operation.
     pub fn target(self) -> &'static str {
@@ -34,6 +36,7 @@ impl Op {
             Op::GetShardIterator => "DynamoDBStreams_20120810.GetShardIterator",
             Op::GetRecords => "DynamoDBStreams_20120810.GetRecords",
             Op::ListStreams => "DynamoDBStreams_20120810.ListStreams",
+            Op::Scan => "DynamoDB_20120810.Scan",
         }
     }
 

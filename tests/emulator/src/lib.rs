@@ -2,18 +2,22 @@
 //!
 //! [`FaultyStreams`] is an HTTP server on 127.0.0.1 that speaks the AWS JSON 1.0 protocol of DynamoDB
 //! Streams (`DescribeStream`, `GetShardIterator`, `GetRecords`, `ListStreams`) and of DynamoDB's
-//! `DescribeTable`, so the production SDK clients talk to it unchanged once
+//! `DescribeTable` and `Scan` (parallel, paged, with consumed capacity: a backfill's reads), so the
+//! production SDK clients talk to it unchanged once
 //! `AWS_ENDPOINT_URL_DYNAMODB_STREAMS` and `AWS_ENDPOINT_URL_DYNAMODB` point at [`FaultyStreams::endpoint`].
 //! Behind it is an in-memory model of tables, streams, shards and records that a test drives directly:
 //! it writes items, splits and rolls over shards, expires iterators, trims and drops data, re-enables
 //! and deletes streams, and queues per-operation faults (throttling, HTTP 500, delays that become SDK
-//! time-outs, stale `DescribeTable` answers).
+//! time-outs, stale `DescribeTable` answers). A *synthetic* table generates its items from their
+//! index whenever a `Scan` reads them, so the backfill benchmark scans a million items without
+//! storing them.
 //! A write goes to the one open shard that owns its key hash, so the same item always lands in the
 //! same child after a split, and sequence numbers are unique across the whole server.
 //!
 //! Layout: `model` (state and its changes), `types` (the values tests pass), `names` (ids and ARNs),
 //! `faults` (queued faults and call counts), `iterator` (stateless tokens), `ops` and `shapes` (the API
-//! operations and their JSON), `http` (the server), `controls` (the methods tests call). The
+//! operations and their JSON), `scan` (segments, pages, item sizes and read units of `Scan`, and the
+//! synthetic items), `http` (the server), `controls` (the methods tests call). The
 //! `streams-fault` binary (`src/bin/streams-fault/`) serves the same endpoint as a process of its
 //! own, with many shards that roll over and split on timers.
 
@@ -24,6 +28,7 @@ mod iterator;
 mod model;
 mod names;
 mod ops;
+mod scan;
 mod shapes;
 mod types;
 

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use super::faults::Faults;
 use super::names;
+use super::scan::{self, Synthetic};
 use super::shapes;
 use super::types::{Attributes, EventName, NewRecord, ViewType, Written};
 
@@ -144,6 +145,9 @@ pub(crate) struct Table {
     pub created_seconds: u64,
     /// The current items by their key value.
     pub items: BTreeMap<String, Attributes>,
+    /// Set for a synthetic table: its items are generated, not stored (`items` stays empty), and
+    /// `Scan` reads them.
+    pub synthetic: Option<Synthetic>,
     /// The latest stream (the one writes go to while enabled).
     pub stream_arn: String,
     pub stream_enabled: bool,
@@ -179,6 +183,21 @@ impl Default for Model {
     }
 }
 
+impl Table {
+    /// How many items the table holds, generated ones included.
+    pub fn item_count(&self) -> u64 {
+        self.synthetic.map_or(self.items.len() as u64, |synthetic| synthetic.items)
+    }
+
+    /// The table's size in bytes by DynamoDB's item size rules.
+    pub fn size_bytes(&self) -> u64 {
+        match self.synthetic {
+            Some(synthetic) => synthetic.size_bytes(),
+            None => self.items.values().map(|item| scan::item_size(item) as u64).sum(),
+        }
+    }
+}
+
 impl Model {
     pub fn table(&self, name: &str) -> Option<&Table> {
         self.tables.get(name)
@@ -205,6 +224,7 @@ impl Model {
             view,
             created_seconds: now_millis() / 1000,
             items: BTreeMap::new(),
+            synthetic: None,
             stream_arn: arn.clone(),
             stream_enabled: true,
         };
@@ -212,10 +232,19 @@ impl Model {
         arn
     }
 
+    /// Creates a table like [`Self::create_table`] (key `pk`, one shard) whose items are `synthetic`:
+    /// generated when a `Scan` reads them, never stored.
+    pub fn create_synthetic_table(&mut self, name: &str, view: ViewType, synthetic: Synthetic) -> String {
+        let arn = self.create_table(name, "pk", view, 1);
+        self.table_mut(name).synthetic = Some(synthetic);
+        arn
+    }
+
     /// Puts (`Some`) or deletes (`None`) the item `pk` and appends the record that change makes.
     /// No change (deleting a missing item, writing identical attributes) makes no record.
     pub fn write(&mut self, table: &str, pk: &str, attributes: Option<Attributes>) -> Option<Written> {
         let current = self.table_mut(table);
+        assert!(current.synthetic.is_none(), "table {table} is synthetic: its items are generated, not written");
         let key_value = json!({ "S": pk });
         let mut keys = Attributes::new();
         keys.insert(current.key.clone(), key_value.clone());

@@ -1,8 +1,10 @@
-//! The five API operations, from request body to output JSON or AWS error, over a locked model.
+//! The six API operations, from request body to output JSON or AWS error, over a locked model.
 //!
 //! Nothing here panics on request input: a body that is not JSON is a `SerializationException`, a
 //! missing or mistyped field, an out-of-range `Limit`, an unknown iterator type or a token this server
 //! did not issue is a `ValidationException`, as DynamoDB answers them.
+
+use std::ops::Bound::{Excluded, Unbounded};
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -11,7 +13,9 @@ use serde_json::{Value, json};
 use super::faults::Op;
 use super::iterator::IteratorToken;
 use super::model::{MAX_SHARDS_PER_PAGE, Model, Shard, Stream};
+use super::scan::{self, MAX_TOTAL_SEGMENTS};
 use super::shapes;
+use super::types::Attributes;
 
 /// `GetRecords` returns at most 1000 records per call (the maximum and default of its `Limit`).
 const MAX_RECORDS_PER_CALL: usize = 1000;
@@ -51,6 +55,7 @@ pub(crate) fn dispatch(model: &Model, op: Op, body: &[u8]) -> Result<String, Api
         Op::GetShardIterator => get_shard_iterator(model, parse(body)?),
         Op::GetRecords => return get_records(model, parse(body)?),
         Op::ListStreams => list_streams(model, parse(body)?),
+        Op::Scan => return scan(model, parse(body)?),
     };
     output.map(|value| value.to_string())
 }
@@ -100,6 +105,18 @@ struct ListStreamsInput {
     table_name: Option<String>,
     limit: Option<i64>,
     exclusive_start_stream_arn: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ScanInput {
+    table_name: String,
+    segment: Option<i64>,
+    total_segments: Option<i64>,
+    limit: Option<i64>,
+    exclusive_start_key: Option<Attributes>,
+    return_consumed_capacity: Option<String>,
+    consistent_read: Option<bool>,
 }
 
 /// `DescribeTable` answered as if `stream_arn` were the table's latest stream (a stale read).
@@ -225,6 +242,63 @@ fn list_streams(model: &Model, input: ListStreamsInput) -> Result<Value, ApiErro
         output["LastEvaluatedStreamArn"] = json!(last.arn);
     }
     Ok(output)
+}
+
+/// One page of one segment (the whole table when `TotalSegments` is not given). Answered as text: a
+/// synthetic table's items are generated as JSON text, not as values.
+fn scan(model: &Model, input: ScanInput) -> Result<String, ApiError> {
+    let name = &input.table_name;
+    let table = model.table(name).ok_or_else(|| ApiError::not_found(format!("Table: {name} not found")))?;
+    let (segment, total) = match (input.segment, input.total_segments) {
+        (None, None) => (0, 1),
+        (Some(segment), Some(total)) => {
+            let total = u32::try_from(total).ok().filter(|total| (1..=MAX_TOTAL_SEGMENTS).contains(total));
+            let total = total.ok_or_else(|| {
+                ApiError::validation(format!("TotalSegments must be between 1 and {MAX_TOTAL_SEGMENTS}"))
+            })?;
+            let segment = u32::try_from(segment).ok().filter(|segment| *segment < total);
+            (
+                segment
+                    .ok_or_else(|| ApiError::validation("Segment must be at least 0 and less than TotalSegments"))?,
+                total,
+            )
+        }
+        _ => return Err(ApiError::validation("Segment and TotalSegments must be given together")),
+    };
+    let limit = match input.limit.map(usize::try_from) {
+        None => usize::MAX,
+        Some(Ok(limit)) if limit >= 1 => limit,
+        Some(_) => return Err(ApiError::validation("Limit must be at least 1")),
+    };
+    let invalid_start = || ApiError::validation("The provided starting key is invalid");
+    let start = match &input.exclusive_start_key {
+        None => None,
+        Some(key) => {
+            let value = key.get(&table.key).filter(|_| key.len() == 1).and_then(|value| value["S"].as_str());
+            Some(value.ok_or_else(invalid_start)?)
+        }
+    };
+    let page = match table.synthetic {
+        Some(synthetic) => {
+            let after = start.map(|key| synthetic.index(key).ok_or_else(invalid_start)).transpose()?;
+            scan::page(synthetic.members(segment, total, after), limit)
+        }
+        None => {
+            let lower = start.map_or(Unbounded, Excluded);
+            let members = table
+                .items
+                .range::<str, _>((lower, Unbounded))
+                .filter(|(key, _)| scan::segment_of(key, total) == segment)
+                .map(|(key, item)| scan::stored_item(key, item));
+            scan::page(members, limit)
+        }
+    };
+    let capacity = match input.return_consumed_capacity.as_deref() {
+        None | Some("NONE") => None,
+        Some("TOTAL" | "INDEXES") => Some(page.capacity_units(input.consistent_read.unwrap_or(false))),
+        Some(other) => return Err(ApiError::validation(format!("Invalid ReturnConsumedCapacity: {other}"))),
+    };
+    Ok(shapes::scan(table, &page, capacity))
 }
 
 fn find_stream<'m>(model: &'m Model, arn: &str) -> Result<&'m Stream, ApiError> {

@@ -8,6 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::model::{Shard, Stream, Table};
 use super::names;
+use super::scan::ScanPage;
 use super::types::{NewRecord, ViewType};
 
 /// `DescribeTable`'s `Table`, naming `stream_arn` (with its `stream_label`) as the latest stream.
@@ -21,7 +22,8 @@ pub(crate) fn table(table: &Table, stream_arn: &str, stream_label: &str) -> Valu
         "TableArn": names::table_arn(&table.name),
         "TableStatus": "ACTIVE",
         "CreationDateTime": table.created_seconds,
-        "ItemCount": table.items.len(),
+        "ItemCount": table.item_count(),
+        "TableSizeBytes": table.size_bytes(),
         "KeySchema": key_schema(&table.key),
         "AttributeDefinitions": [{ "AttributeName": table.key, "AttributeType": "S" }],
         "BillingModeSummary": { "BillingMode": "PAY_PER_REQUEST" },
@@ -98,6 +100,33 @@ pub(crate) fn record(sequence_number: u128, created_seconds: u64, record: &NewRe
         value["userIdentity"] = json!({ "PrincipalId": identity.principal_id, "Type": identity.kind });
     }
     value
+}
+
+/// `Scan`'s output for one page, as text (the items are JSON text already); `capacity_units` gives its
+/// `ConsumedCapacity` when the request asked for it.
+pub(crate) fn scan(table: &Table, page: &ScanPage, capacity_units: Option<f64>) -> String {
+    let mut output = String::with_capacity(128 + page.items.iter().map(|item| item.json.len() + 1).sum::<usize>());
+    output.push_str("{\"Items\":[");
+    for (i, item) in page.items.iter().enumerate() {
+        if i > 0 {
+            output.push(',');
+        }
+        output.push_str(&item.json);
+    }
+    output.push_str("],\"Count\":");
+    output.push_str(&page.items.len().to_string());
+    output.push_str(",\"ScannedCount\":");
+    output.push_str(&page.items.len().to_string());
+    if let Some(key) = &page.last_evaluated_key {
+        output.push_str(",\"LastEvaluatedKey\":");
+        output.push_str(&json!({ table.key.as_str(): { "S": key } }).to_string());
+    }
+    if let Some(units) = capacity_units {
+        output.push_str(",\"ConsumedCapacity\":");
+        output.push_str(&json!({ "TableName": table.name, "CapacityUnits": units }).to_string());
+    }
+    output.push('}');
+    output
 }
 
 fn key_schema(key: &str) -> Value {

@@ -1,7 +1,7 @@
 //! The benchmark: `cargo run --release -p tools --bin bench`. It reports; it asserts nothing.
 //!
-//! Four parts, each on fresh servers, each printing a Markdown table (`BENCH_ONLY=throughput,latency,
-//! idle,failover` runs a subset; the default is all four):
+//! Five parts, each on fresh servers, each printing a Markdown table (`BENCH_ONLY=throughput,latency,
+//! idle,failover,backfill` runs a subset; the default is all five):
 //! - **throughput** (`throughput.rs`): for each shard count (1, 8, 64) and record size (about 200 B and
 //!   2 KB), the real release binary reading pre-filled records from the project's own DynamoDB Streams
 //!   endpoint (the real AWS JSON protocol, so the SDK path is measured) against the **ceiling**, a plain
@@ -20,9 +20,13 @@
 //!   checkpoint bucket by kind, RSS per idle shard, and whether any lease was lost meanwhile.
 //! - **failover** (`failover.rs`): three replicas at the default lease settings under a steady writer;
 //!   the silence of a replica's shards after SIGKILL and after SIGTERM, and that nothing was lost.
+//! - **backfill** (`backfill.rs`): one replica backfilling a synthetic table of `BENCH_BACKFILL_ITEMS`
+//!   (default 1,000,000) items of 1 KiB at an unlimited read budget: items/s against the ceiling for
+//!   rows of the same size, read units per item, CPU per 1000 items and peak RSS.
 
 #![allow(clippy::unwrap_used)]
 
+mod backfill;
 mod failover;
 mod idle;
 mod kv_traffic;
@@ -34,7 +38,7 @@ mod service;
 mod throughput;
 
 /// The parts `BENCH_ONLY` can name, in the order they run.
-const PARTS: [&str; 4] = ["throughput", "latency", "idle", "failover"];
+const PARTS: [&str; 5] = ["throughput", "latency", "idle", "failover", "backfill"];
 
 /// The parts to run: those `BENCH_ONLY` names (comma-separated), or all of them.
 fn selected() -> Vec<&'static str> {
@@ -69,6 +73,7 @@ async fn main() {
             "latency" => latency::run(&binary).await,
             "idle" => idle::run(&binary).await,
             "failover" => failover::run(&binary).await,
+            "backfill" => backfill::run(&binary).await,
             other => unreachable!("{other} is not in PARTS"),
         }
     }

@@ -126,11 +126,19 @@ async fn ceiling(scenario: Scenario) -> Measured {
     }
 }
 
-async fn stream_messages(js: &jetstream::Context) -> u64 {
+/// How many messages the service's stream holds (0 before it exists).
+pub async fn stream_messages(js: &jetstream::Context) -> u64 {
     match js.get_stream(STREAM).await {
         Ok(mut stream) => stream.info().await.map(|info| info.state.messages).unwrap_or(0),
         Err(_) => 0,
     }
+}
+
+/// The ceiling's rate for `records` events of about `size` bytes published over `pipelines` concurrent
+/// pipelines of the service's window each (the backfill compares its segments with it).
+pub async fn ceiling_rate(pipelines: usize, size: usize, records: usize) -> f64 {
+    let records = (records / pipelines).max(1) * pipelines;
+    ceiling(Scenario { shards: pipelines, size, records }).await.records_per_sec
 }
 
 /// The real service draining the scenario's records from the synthetic source.
