@@ -1,6 +1,6 @@
 //! A backfill's scan segments (`docs/backfill.md`): one segment read page by page, each page's items
-//! published as snapshot rows, and the segment's checkpoint moved past the page once every row of it
-//! is acknowledged; reads paced by a read budget. The fleet runs one per segment lease it holds.
+//! published as snapshot rows (while the next page is read), and the segment's checkpoint moved past
+//! the page once every row of it is acknowledged; reads paced by a read budget. The fleet runs one per segment lease it holds.
 //!
 //! Invariants: a page's position is checkpointed only after every row of the page is acknowledged, so
 //! a segment resumed elsewhere reads that page again at worst (its rows are deduplicated by message
@@ -14,6 +14,7 @@ use std::time::Duration;
 use coordination::LeaseGuard;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::state::segment_key;
 use super::watch::now_ms;
@@ -25,7 +26,7 @@ use crate::publish::{Destination, EventSink};
 use crate::record::{ChangeRecord, Origin};
 use crate::retry;
 use crate::source::error::ReadError;
-use crate::source::scan::{ScanPosition, Segment, SegmentProgress, TableScan, keys_of};
+use crate::source::scan::{ScanPage, ScanPosition, Segment, SegmentProgress, TableScan, keys_of};
 use crate::status::now_secs;
 
 /// Read capacity units per second, spent as pages report what they consumed (`ConsumedCapacity` is
@@ -118,21 +119,22 @@ impl SegmentReader {
         }
         let mut delays = retry::backoff();
         let mut oversized = false;
+        let mut prefetch = None;
         loop {
             if self.cancel.is_cancelled() || !self.guard.is_valid() {
                 return self.stopped();
             }
-            tokio::select! {
-                () = self.cancel.cancelled() => return self.stopped(),
-                _ = self.guard.lost() => return Outcome::LeaseLost,
-                () = self.budget.ready() => {}
-            }
-            let call = self.scan.scan(&self.table, self.segment, start.as_ref(), self.page_limit);
+            let read = match prefetch.take() {
+                Some(read) => read,
+                None => self.read_page(start.clone()),
+            };
             let page = tokio::select! {
                 // Biased: a stop wins over a page arriving at the same moment (nothing is in hand).
                 biased;
                 () = self.cancel.cancelled() => return self.stopped(),
-                page = call => page,
+                _ = self.guard.lost() => return Outcome::LeaseLost,
+                // A read that panicked is a failed call: the same position is asked again.
+                joined = read => joined.unwrap_or_else(|err| Err(ReadError::Transient(err.to_string()))),
             };
             let page = match page {
                 Ok(page) => page,
@@ -155,6 +157,9 @@ impl SegmentReader {
             };
             delays = retry::backoff();
             self.budget.charge(page.read_units);
+            // The next page is read (once the budget allows, this page charged) while this one is
+            // published.
+            prefetch = page.next.clone().map(|next| self.read_page(Some(next)));
             self.metrics.backfill_read_units.with_label_values(&[&self.table]).inc_by(page.read_units);
             let count = page.items.len() as u64;
             if let Err(outcome) = self.publish(page.items).await {
@@ -192,6 +197,16 @@ impl SegmentReader {
                 Some(next) => start = Some(next),
             }
         }
+    }
+
+    /// Reads the page at `start` as a task of its own, once the budget allows.
+    fn read_page(&self, start: Option<ScanPosition>) -> AbortOnDropHandle<Result<ScanPage, ReadError>> {
+        let (scan, budget, table) = (Arc::clone(&self.scan), Arc::clone(&self.budget), self.table.clone());
+        let (segment, limit) = (self.segment, self.page_limit);
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            budget.ready().await;
+            scan.scan(&table, segment, start.as_ref(), limit).await
+        }))
     }
 
     /// Publishes a page's items as snapshot rows until every one is acknowledged.
