@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod backfill;
 mod backpressure;
 mod bucket;
 mod harness;
