@@ -27,11 +27,11 @@ fn deploy(path: &str) -> PathBuf {
     test_support::workspace_root().join("deploy").join(path)
 }
 
-/// The service's environment with its own log settings: `RUST_LOG` removed, so `DEBUG` and
-/// `LOG_FORMAT` decide.
+/// The service's environment with its own log settings: `RUST_LOG` and `LOG_FORMAT` removed, so
+/// `DEBUG` and the defaults (or `extra`) decide.
 fn env(nats: &NatsServer, moto: &Moto, port: u16, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env = fixtures::service_env(nats, moto, "orders,customers,nostream", port);
-    env.retain(|(key, _)| key != "RUST_LOG");
+    env.retain(|(key, _)| key != "RUST_LOG" && key != "LOG_FORMAT");
     // Leases outlive the NATS outage this test provokes, so it measures the outage, not a failover.
     env.push(("LEASE_TTL_SEC".into(), "30".into()));
     env.extend(extra.iter().map(|(key, value)| (key.to_string(), value.to_string())));
@@ -235,15 +235,21 @@ async fn scrape_until(port: u16, what: &str, done: impl Fn(&Exposition) -> bool)
 // ---------------------------------------------------------------------------------------------------
 // Logs.
 
-/// Every line of a `LOG_FORMAT=json` log, each a JSON object with the standard keys.
+/// Every line of a JSON log (the default), each a JSON object with the original's `slog` keys first
+/// (`time`, `level`, `msg`), then the event's fields and `target`.
 fn json_lines(log: &str) -> Vec<serde_json::Value> {
     log.lines()
         .map(|line| {
             let json: serde_json::Value =
                 serde_json::from_str(line).unwrap_or_else(|err| panic!("not a JSON log line ({err}): {line:?}"));
-            for key in ["timestamp", "level", "target", "message"] {
+            assert!(line.starts_with(r#"{"time":""#) && line.contains(r#"","level":""#), "slog's order: {line}");
+            for key in ["time", "level", "msg", "target"] {
                 assert!(json[key].is_string(), "{key} missing in {line}");
             }
+            let time = json["time"].as_str().unwrap();
+            assert!(time.len() >= 20 && time.ends_with('Z') && &time[10..11] == "T", "RFC 3339 UTC: {time}");
+            assert!(matches!(json["level"].as_str(), Some("DEBUG" | "INFO" | "WARN" | "ERROR")), "{line}");
+            assert!(json.get("source").is_none(), "source only at debug: {line}");
             json
         })
         .collect()
@@ -251,7 +257,7 @@ fn json_lines(log: &str) -> Vec<serde_json::Value> {
 
 /// The lines whose message starts with `message`.
 fn lines_with<'a>(lines: &'a [serde_json::Value], message: &str) -> Vec<&'a serde_json::Value> {
-    lines.iter().filter(|line| line["message"].as_str().is_some_and(|text| text.starts_with(message))).collect()
+    lines.iter().filter(|line| line["msg"].as_str().is_some_and(|text| text.starts_with(message))).collect()
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -371,7 +377,8 @@ async fn metrics_status_and_logs_show_what_flowed_what_failed_and_where_the_leas
     let js = async_nats::jetstream::new(client);
 
     let port_a = fixtures::http_port();
-    let env_a = env(&nats, &moto, port_a, &[("LOG_FORMAT", "json"), ("REPLICA_ID", "replica-a")]);
+    // Logs as the original wrote them unless told otherwise: JSON lines on stdout.
+    let env_a = env(&nats, &moto, port_a, &[("REPLICA_ID", "replica-a")]);
     let a = ServiceProcess::start_ready(binary(), &env_a, port_a, DEADLINE).await;
 
     // Records flow: every counter matches what was written, and lag returns to 0 once caught up.

@@ -132,8 +132,8 @@ pub struct Args {
     /// Enable debug logging
     #[arg(long, env = "DEBUG", default_value = "false")]
     pub debug: String,
-    /// Log format: `text` or `json`
-    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    /// Log format: `json` (the original's JSON lines) or `text`
+    #[arg(long, env = "LOG_FORMAT", default_value = "json")]
     pub log_format: String,
     /// Comma-separated tables (of DYNAMODB_TABLES) to backfill once, or `*` for all of them
     #[arg(long, env = "BACKFILL_TABLES", default_value = "")]
@@ -312,11 +312,11 @@ impl Args {
         };
         let debug = check.bool("DEBUG", &self.debug);
         let log_format = match self.log_format.trim().to_ascii_lowercase().as_str() {
-            "text" | "" => LogFormat::Text,
-            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            "json" | "" => LogFormat::Json,
             other => {
-                check.fail("LOG_FORMAT", format!("{other:?} is not `text` or `json`"));
-                LogFormat::Text
+                check.fail("LOG_FORMAT", format!("{other:?} is not `json` or `text`"));
+                LogFormat::Json
             }
         };
 

@@ -113,6 +113,7 @@ impl Rig {
             ("SHARD_REFRESH_INTERVAL_SEC", "1"),
             ("SHUTDOWN_TIMEOUT_SEC", "10"),
             ("RUST_LOG", "info"),
+            ("LOG_FORMAT", "text"),
         ];
         let mut env: BTreeMap<String, String> =
             base.iter().chain(extra).map(|(k, v)| (k.to_string(), v.to_string())).collect();

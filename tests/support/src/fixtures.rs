@@ -66,6 +66,8 @@ pub fn service_env(nats: &NatsServer, moto: &Moto, tables: &str, http_port: u16)
         ("SHARD_REFRESH_INTERVAL_SEC", "1".to_owned()),
         ("SHUTDOWN_TIMEOUT_SEC", "10".to_owned()),
         ("RUST_LOG", "info".to_owned()),
+        // Test logs are read by people and searched for words: text (JSON is the default).
+        ("LOG_FORMAT", "text".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
