@@ -13,7 +13,7 @@
 //! (table → its latest backfill: `epoch`, `phase`, `segments_done`, `segments`, `replays_done`,
 //! `replays_due`, `items_estimate`, `items_published_here`, `elapsed_s`, `eta_s`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -155,13 +155,39 @@ impl Health {
     }
 }
 
+/// Listens on `address`. The unspecified IPv6 address (`BIND=*`) takes IPv4 connections too, as the
+/// original's `:port` did (whatever the host's `bindv6only`), so IPv4-only and IPv6-only clusters
+/// both reach it; a host without IPv6 gets `0.0.0.0` instead.
+async fn listen(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    if address.ip() != IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        return tokio::net::TcpListener::bind(address).await;
+    }
+    let dual_stack = || -> std::io::Result<std::net::TcpListener> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        socket.set_only_v6(false)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&address.into())?;
+        socket.listen(1024)?;
+        Ok(socket.into())
+    };
+    match dual_stack() {
+        Ok(listener) => tokio::net::TcpListener::from_std(listener),
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => Err(err),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen on IPv6 ([::]); listening on IPv4 only (0.0.0.0)");
+            tokio::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), address.port())).await
+        }
+    }
+}
+
 /// Binds the listener (so a bad BIND or a taken PORT fails start-up) and returns the server task.
 pub async fn serve(
     address: SocketAddr,
     health: Arc<Health>,
     cancel: CancellationToken,
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
-    let listener = tokio::net::TcpListener::bind(address).await?;
+    let listener = listen(address).await?;
     tracing::info!(address = %listener.local_addr()?, "http server listening");
     let app = Router::new()
         .route("/livez", get(livez))

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{AttributeValue as Av, StreamViewType};
 use test_support::fixtures::{self, Stored};
-use test_support::{Moto, NatsServer, ServiceProcess, http_get, wait_for};
+use test_support::{Moto, NatsServer, ServiceProcess, http_get, http_get_at, wait_for};
 
 const STREAM: &str = "dynamodb_streams";
 const BUCKET: &str = "dynamodb-stream-checkpoints";
@@ -395,4 +395,22 @@ async fn a_stream_that_does_not_capture_the_subjects_is_refused() {
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("does not capture subject \"dynamodb_streams.orders\""), "{log}");
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// `BIND=*` (the default) listens on IPv6 and IPv4 alike, as the original's `:port` did: IPv6-only
+/// clusters exist (issue 18).
+#[tokio::test(flavor = "multi_thread")]
+async fn bind_star_listens_on_ipv4_and_ipv6() {
+    let (nats, moto) = (NatsServer::start().await, Moto::start().await);
+    let ddb = fixtures::dynamodb(&moto).await;
+    fixtures::create_table(&ddb, "orders", Some(StreamViewType::NewAndOldImages)).await;
+    let port = fixtures::http_port();
+    let mut env = fixtures::service_env(&nats, &moto, "orders", port);
+    env.retain(|(key, _)| key != "BIND");
+    let service = start(&env, port).await;
+    for ip in [std::net::Ipv4Addr::LOCALHOST.into(), std::net::Ipv6Addr::LOCALHOST.into()] {
+        let (status, body) = http_get_at(ip, port, "/livez").await.unwrap_or_else(|err| panic!("{ip}: {err}"));
+        assert_eq!((status, body.as_str()), (200, "ok\n"), "{ip}");
+    }
+    stop(service).await;
 }

@@ -15,7 +15,7 @@ mod names;
 mod nats;
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use clap::Parser;
@@ -303,7 +303,8 @@ impl Args {
 
         let port = check.number("PORT", &self.port, 0, u16::MAX.into()) as u16;
         let bind = match self.bind.trim() {
-            "*" | "" => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            // IPv6 and IPv4 (`crate::http`), as the original's `:port`.
+            "*" | "" => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
             text => text.trim_matches(['[', ']']).parse().unwrap_or_else(|_| {
                 check.fail("BIND", format!("{text:?} is not an IP address or '*'"));
@@ -398,7 +399,7 @@ mod tests {
         assert_eq!(config.poll_interval, Duration::from_millis(1000));
         assert_eq!(config.shard_refresh_interval, Duration::from_secs(10));
         assert_eq!(config.port, 8080);
-        assert_eq!(config.bind, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(config.bind, IpAddr::V6(Ipv6Addr::UNSPECIFIED), "`*`: IPv6 and IPv4");
         assert!(!config.debug);
         assert_eq!(config.lease.ttl, Duration::from_secs(10));
         assert_eq!(config.lease.renew_interval, Duration::from_secs(10) / 3);

@@ -84,8 +84,13 @@ pub fn free_port() -> u16 {
 
 /// A plain HTTP/1.0 GET against 127.0.0.1; returns the status code and the body.
 pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    http_get_at(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), port, path).await
+}
+
+/// `http_get` at an address of this host (e.g. `::1`).
+pub async fn http_get_at(ip: std::net::IpAddr, port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect((ip, port)).await?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
