@@ -229,12 +229,17 @@ async fn aws_config(config: &Config) -> aws_config::SdkConfig {
                 .build()
         }
     };
-    match aws_sdk_sts::Client::new(&sdk).get_caller_identity().send().await {
-        Ok(identity) => tracing::info!(arn = identity.arn().unwrap_or_default(), "aws identity"),
-        Err(err) => tracing::error!(
-            error = %aws_smithy_types::error::display::DisplayErrorContext(&err),
-            "cannot confirm the AWS identity (sts:GetCallerIdentity); reads will fail until credentials work"
-        ),
-    }
+    // Logged beside start-up, never before ready: a slow STS endpoint (up to `AWS_OPERATION_TIMEOUT`)
+    // must not outlast a start-up probe (the original's chart allows 30 s), and nothing waits on it.
+    let sts = aws_sdk_sts::Client::new(&sdk);
+    tokio::spawn(async move {
+        match sts.get_caller_identity().send().await {
+            Ok(identity) => tracing::info!(arn = identity.arn().unwrap_or_default(), "aws identity"),
+            Err(err) => tracing::error!(
+                error = %aws_smithy_types::error::display::DisplayErrorContext(&err),
+                "cannot confirm the AWS identity (sts:GetCallerIdentity); reads will fail until credentials work"
+            ),
+        }
+    });
     sdk
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{AttributeValue as Av, StreamViewType};
 use test_support::fixtures::{self, Stored};
+use test_support::proxy::FaultProxy;
 use test_support::{Moto, NatsServer, ServiceProcess, http_get, http_get_at, wait_for};
 
 const STREAM: &str = "dynamodb_streams";
@@ -412,5 +413,22 @@ async fn bind_star_listens_on_ipv4_and_ipv6() {
         let (status, body) = http_get_at(ip, port, "/livez").await.unwrap_or_else(|err| panic!("{ip}: {err}"));
         assert_eq!((status, body.as_str()), (200, "ok\n"), "{ip}");
     }
+    stop(service).await;
+}
+
+/// Nothing slow stands between start-up and ready: the AWS identity check (STS) runs beside it, so a
+/// slow STS endpoint does not outlast the original chart's start-up probe (30 × 1 s; issue 18).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_sts_endpoint_does_not_delay_ready() {
+    let (nats, moto) = (NatsServer::start().await, Moto::start().await);
+    let ddb = fixtures::dynamodb(&moto).await;
+    fixtures::create_table(&ddb, "orders", Some(StreamViewType::NewAndOldImages)).await;
+    let slow = FaultProxy::start(moto.port).await;
+    slow.set_latency(Duration::from_secs(20));
+    let port = fixtures::http_port();
+    let mut env = fixtures::service_env(&nats, &moto, "orders", port);
+    env.push(("AWS_ENDPOINT_URL_STS".to_owned(), format!("http://127.0.0.1:{}", slow.port)));
+    let service = ServiceProcess::start_ready(binary(), &env, port, Duration::from_secs(5)).await;
+    assert!(slow.connections() > 0, "the identity check went to the slow endpoint");
     stop(service).await;
 }
