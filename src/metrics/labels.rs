@@ -120,6 +120,16 @@ label! {
     }
 }
 
+label! {
+    /// `omitted` of `oversize_events_total`: what an event over the max payload was published without.
+    Omitted {
+        /// Its old image: the new one, what a consumer upserts, is still there.
+        OldImage = "old_image",
+        /// Both images: keys only.
+        Images = "images",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +143,7 @@ mod tests {
             ShardState::ALL.iter().map(|v| v.as_str()).collect(),
             LeaseChange::ALL.iter().map(|v| v.as_str()).collect(),
             UnreadableReason::ALL.iter().map(|v| v.as_str()).collect(),
+            Omitted::ALL.iter().map(|v| v.as_str()).collect(),
         ]
         .concat();
         for value in &all {

@@ -22,7 +22,7 @@ use prometheus::{
 };
 
 pub use labels::{
-    EventName, LeaseChange, PublishErrorKind, ReadErrorKind, ShardState, TableErrorKind, UnreadableReason,
+    EventName, LeaseChange, Omitted, PublishErrorKind, ReadErrorKind, ShardState, TableErrorKind, UnreadableReason,
 };
 
 use crate::status::ShardProgress;
@@ -179,8 +179,8 @@ impl Metrics {
             oversize_events: counter(
                 r,
                 "oversize_events_total",
-                "Records published as reduced events because they exceed the max payload",
-                &["table"],
+                "Records over the max payload, published without their old image or without both images",
+                &["table", "omitted"],
             ),
             unrepresentable_records: counter(
                 r,
@@ -343,9 +343,11 @@ impl Metrics {
             for reason in UnreadableReason::ALL {
                 self.table_unreadable.with_label_values(&[t, reason.as_str()]);
             }
+            for omitted in Omitted::ALL {
+                self.oversize_events.with_label_values(&[t, omitted.as_str()]);
+            }
             for counter in [
                 &self.duplicate_publishes,
-                &self.oversize_events,
                 &self.unrepresentable_records,
                 &self.get_records_calls,
                 &self.trimmed_data_gaps,

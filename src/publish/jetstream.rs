@@ -202,7 +202,7 @@ impl Job {
                         pending.push_back((next, Instant::now(), ack));
                         next += 1;
                     }
-                    Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded && !record.reduced => {
+                    Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded && record.reducible() => {
                         // Our estimate of the headers' size was short; reduce and send again.
                         record.reduce(table, shard_id, publisher.client.max_payload(), &publisher.metrics);
                     }

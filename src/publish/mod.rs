@@ -29,7 +29,7 @@ use bytes::Bytes;
 use coordination::LeaseGuard;
 
 use crate::checkpoint::SequenceNumber;
-use crate::metrics::{Metrics, PublishErrorKind as FailureKind};
+use crate::metrics::{Metrics, Omitted, PublishErrorKind as FailureKind};
 use crate::record::{ChangeRecord, Map, Origin};
 use event::{Event, message_id};
 
@@ -83,7 +83,15 @@ pub struct Prepared {
     payload: Bytes,
     /// Kept until published, in case the full event turns out to exceed the max payload.
     record: ChangeRecord,
-    reduced: bool,
+    reduced: Reduction,
+}
+
+/// How far an event over the max payload was made lighter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reduction {
+    None,
+    OldImage,
+    Images,
 }
 
 impl Prepared {
@@ -116,7 +124,7 @@ impl Prepared {
             message_id,
             payload: encoded.payload,
             record,
-            reduced: false,
+            reduced: Reduction::None,
         };
         let headers = prepared.build_headers(table, shard_id);
         if prepared.payload.len() + header_wire_len(&headers) > max_payload {
@@ -154,14 +162,37 @@ impl Prepared {
         headers
     }
 
-    /// Swaps in the reduced event (keys and metadata, images dropped), counted and logged.
+    /// Swaps in a lighter event, counted and logged: without the old image if that fits (and was not
+    /// tried already), else without both images (keys and metadata). A consumer that upserts
+    /// `new_image` loses nothing in the first case.
     fn reduce(&mut self, table: &str, shard_id: &str, max_payload: usize, metrics: &Metrics) {
         let full = self.payload.len();
-        self.payload = Event::from_record(table, &self.record).reduced().encode().payload;
-        self.reduced = true;
-        metrics.oversize_events.with_label_values(&[table]).inc();
+        let event = Event::from_record(table, &self.record);
+        let headers = header_wire_len(&self.build_headers(table, shard_id));
+        let lighter = match self.reduced {
+            Reduction::None => event.without_old_image().map(|event| event.encode().payload),
+            Reduction::OldImage | Reduction::Images => None,
+        };
+        let (payload, reduction, omitted) = match lighter {
+            Some(payload) if payload.len() + headers <= max_payload => {
+                (payload, Reduction::OldImage, Omitted::OldImage)
+            }
+            _ => (event.reduced().encode().payload, Reduction::Images, Omitted::Images),
+        };
+        self.payload = payload;
+        self.reduced = reduction;
+        metrics.oversize_events.with_label_values(&[table, omitted.as_str()]).inc();
+        let what = match omitted {
+            Omitted::OldImage => "published without its old image",
+            Omitted::Images => "published without images",
+        };
         tracing::warn!(table, shard_id, sequence_number = %self.sequence_number, bytes = full,
-            max_payload, "event exceeds the max payload: published without images");
+            max_payload, "event exceeds the max payload: {what}");
+    }
+
+    /// True while the event can still be made lighter.
+    pub(crate) fn reducible(&self) -> bool {
+        self.reduced != Reduction::Images
     }
 }
 

@@ -117,10 +117,11 @@ async fn publishes_that_time_out_are_retried_in_order() {
     rig.assert_exact(&rig.messages().await, &rig.written);
 }
 
-/// A record whose event exceeds the server's max payload (4 KiB here) is published without its images,
-/// counted and logged, and the shard goes on.
+/// A record whose event exceeds the server's max payload (4 KiB here) is published without its old
+/// image when that is enough (the new image, what a consumer upserts, is kept), else without both
+/// images; each is counted and logged, and the shard goes on.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_oversize_record_is_published_without_images_and_the_shard_goes_on() {
+async fn an_oversize_record_loses_its_old_image_first_then_its_images_and_the_shard_goes_on() {
     let config = tempfile::tempdir().unwrap();
     let file = config.path().join("nats.conf");
     std::fs::write(&file, "max_payload: 4096\n").unwrap();
@@ -128,13 +129,15 @@ async fn an_oversize_record_is_published_without_images_and_the_shard_goes_on() 
     let mut rig = Rig::with_nats(nats, Window::Tiny).await;
     rig.start(&[]).await;
     rig.write("a").unwrap();
+    // Its new image alone is too large: published with keys only.
     rig.write_with("big", json!({ "blob": { "S": "x".repeat(8000) } })).unwrap();
-    // Its old image is the big one: too large as well.
+    // Its old image is the big one: dropping it is enough.
     rig.write("big").unwrap();
     rig.write("a").unwrap();
     let expected = rig.written.clone();
     rig.settle(&expected).await;
-    assert_eq!(rig.metric("oversize_events_total", &[]).await, 2.0);
+    assert_eq!(rig.metric("oversize_events_total", &[("omitted", "images")]).await, 1.0);
+    assert_eq!(rig.metric("oversize_events_total", &[("omitted", "old_image")]).await, 1.0);
     assert_eq!(rig.log_lines(&["event exceeds the max payload"]).len(), 2, "{}", rig.log_tail());
     rig.stop().await;
 
@@ -142,14 +145,22 @@ async fn an_oversize_record_is_published_without_images_and_the_shard_goes_on() 
     rig.assert_exact(&messages, &expected);
     for (message, record) in messages.iter().zip(&expected) {
         let event = message.json();
-        let reduced = record.pk == "big";
-        assert_eq!(event["images_omitted"] == json!(true), reduced, "{event}");
         assert_eq!(event["keys"], json!({ "pk": record.pk }));
-        if reduced {
-            assert!(event["new_image"].is_null() && event["old_image"].is_null(), "{event}");
-            assert!(message.payload.len() < 4096);
-        } else {
-            assert_eq!(event["new_image"]["v"], json!(record.version));
+        assert!(message.payload.len() < 4096);
+        match (record.pk.as_str(), record.version) {
+            ("big", 1) => {
+                assert_eq!(event["images_omitted"], json!(true), "{event}");
+                assert!(event["new_image"].is_null() && event["old_image"].is_null(), "{event}");
+            }
+            ("big", _) => {
+                assert_eq!(event["old_image_omitted"], json!(true), "{event}");
+                assert!(event["old_image"].is_null(), "{event}");
+                assert_eq!(event["new_image"]["v"], json!(record.version), "the new image is kept");
+            }
+            _ => {
+                assert!(event.get("images_omitted").is_none() && event.get("old_image_omitted").is_none());
+                assert_eq!(event["new_image"]["v"], json!(record.version));
+            }
         }
     }
 }

@@ -38,6 +38,9 @@ pub struct Event<'r> {
     /// Set on a reduced event: the images were dropped because the full event exceeds the server's
     /// max payload.
     pub images_omitted: bool,
+    /// Set on a lighter event: the old image was dropped because the full event exceeds the server's
+    /// max payload (the new image, what a consumer upserts, is kept).
+    pub old_image_omitted: bool,
     /// A snapshot row or a replayed change is flagged (`"snapshot": true`, `"replay": true`).
     pub origin: Origin,
     /// What the record itself lacks (keys, creation time): written as empty values and reported.
@@ -85,6 +88,7 @@ impl<'r> Event<'r> {
                 .as_ref()
                 .map(|identity| UserIdentity { kind: &identity.kind, principal_id: &identity.principal_id }),
             images_omitted: false,
+            old_image_omitted: false,
             origin: record.origin,
             problems,
         }
@@ -139,13 +143,27 @@ impl<'r> Event<'r> {
             w.field("images_omitted");
             w.raw("true");
         }
+        if self.old_image_omitted {
+            w.field("old_image_omitted");
+            w.raw("true");
+        }
         w.raw("}");
         Encoded { payload: Bytes::from(w.out), lossy: w.lossy, item, keys: keys_start..keys_end }
     }
 
     /// The same event without images, for a record whose full JSON exceeds the max payload.
     pub fn reduced(&self) -> Event<'r> {
-        Event { new_image: None, old_image: None, images_omitted: true, ..self.clone() }
+        Event { new_image: None, old_image: None, images_omitted: true, old_image_omitted: false, ..self.clone() }
+    }
+
+    /// The same event without its old image (`None` when it has no old image to drop, or no new image
+    /// to keep), the first thing to drop for a record whose full JSON exceeds the max payload.
+    pub fn without_old_image(&self) -> Option<Event<'r>> {
+        (self.old_image.is_some() && self.new_image.is_some()).then(|| Event {
+            old_image: None,
+            old_image_omitted: true,
+            ..self.clone()
+        })
     }
 }
 
@@ -255,6 +273,21 @@ mod tests {
             json.ends_with(r#""user_identity":{"type":"Service","principal_id":"dynamodb.amazonaws.com"}}"#),
             "{json}"
         );
+    }
+
+    #[test]
+    fn a_lighter_event_drops_only_the_old_image_and_says_so() {
+        let mut record = record("MODIFY", Some(key("a")));
+        record.old_image = Some(key("old"));
+        let event = Event::from_record("t", &record);
+        let json: serde_json::Value =
+            serde_json::from_slice(&event.without_old_image().expect("has both").encode().payload).expect("json");
+        assert_eq!(json["old_image"], serde_json::Value::Null);
+        assert!(json["new_image"].is_object());
+        assert_eq!(json["old_image_omitted"], true);
+        assert_eq!(json.get("images_omitted"), None);
+        record.new_image = None;
+        assert!(Event::from_record("t", &record).without_old_image().is_none(), "a REMOVE keeps nothing then");
     }
 
     #[test]
