@@ -5,7 +5,6 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use dynamodb_stream_consumer::config::Args;
 
 #[global_allocator]
@@ -15,7 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EXIT_BAD_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    let mut args = Args::parse();
+    let mut args = Args::from_process();
     let config = match args.validate() {
         Ok(config) => config,
         Err(err) => {

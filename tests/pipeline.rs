@@ -368,6 +368,44 @@ async fn bad_configuration_names_every_bad_variable_and_exits_2() {
     assert!(help.log().contains("[default: dynamodb-stream-checkpoints]"), "{}", help.log());
 }
 
+/// The Go service's deployment still starts: its flags `-d -p PORT -bind ADDR` (which win over the
+/// variables), empty variables read as unset, and a boolean that means nothing refused with its name.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_go_services_flags_and_empty_variables_still_start() {
+    let (nats, moto) = (NatsServer::start().await, Moto::start().await);
+    let ddb = fixtures::dynamodb(&moto).await;
+    fixtures::create_table(&ddb, "orders", Some(StreamViewType::NewAndOldImages)).await;
+    let (port, env_port) = (fixtures::http_port(), fixtures::http_port());
+    let mut env = fixtures::service_env(&nats, &moto, "orders", env_port);
+    // `RUST_LOG` would override the level that `-d` sets.
+    env.retain(|(key, _)| key != "RUST_LOG" && key != "BIND");
+    for empty in ["BIND", "DEBUG", "START_FROM_LATEST", "LOG_FORMAT", "MAX_LEASES", "NATS_STREAM_NAME"] {
+        env.push((empty.to_owned(), String::new()));
+    }
+    let port_text = port.to_string();
+    let mut service = ServiceProcess::start(binary(), &["-d", "-p", &port_text, "-bind", "127.0.0.1"], &env);
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    while !matches!(http_get(port, "/readyz").await, Ok((200, _))) {
+        if let Some(status) = service.try_status() {
+            panic!("service exited with {status} before it was ready; log:\n{}", service.log());
+        }
+        assert!(tokio::time::Instant::now() < give_up, "no /readyz 200 on the port of -p; log:\n{}", service.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(http_get(env_port, "/readyz").await.is_err(), "PORT is overridden by -p");
+    let log = stop(service).await;
+    let debug_lines = log.lines().filter(|l| l.contains(" DEBUG ") || l.contains("\"level\":\"DEBUG\""));
+    assert!(debug_lines.count() >= 1, "-d turns debug logging on:\n{log}");
+
+    let mut env = fixtures::service_env(&nats, &moto, "orders", fixtures::http_port());
+    env.push(("DEBUG".to_owned(), "maybe".to_owned()));
+    let mut service = ServiceProcess::start(binary(), &[], &env);
+    let status = service.wait_exit(Duration::from_secs(10)).await;
+    let log = service.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("DEBUG: \"maybe\" is not a boolean"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_that_does_not_capture_the_subjects_is_refused() {
     let nats = NatsServer::start().await;

@@ -16,12 +16,18 @@ impl Checker {
         self.0.push((variable, reason.into()));
     }
 
+    /// A boolean in any of the spellings the Go service and Go's `strconv.ParseBool` accept, in any
+    /// case: `true yes t y 1` and `false no f n 0`. Anything else is refused rather than read as
+    /// false, as the Go service did: `DEBUG=maybe` is a mistake to report, not a choice.
     pub(super) fn bool(&mut self, variable: &'static str, text: &str) -> bool {
         match text.trim().to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" => true,
-            "false" | "0" | "no" | "" => false,
+            "true" | "yes" | "t" | "y" | "1" => true,
+            "false" | "no" | "f" | "n" | "0" => false,
             _ => {
-                self.fail(variable, format!("{text:?} is not a boolean (use true or false)"));
+                self.fail(
+                    variable,
+                    format!("{text:?} is not a boolean (true, yes, t, y, 1 or false, no, f, n, 0, in any case)"),
+                );
                 false
             }
         }
@@ -81,6 +87,44 @@ impl Checker {
                 None
             }
             None => Some(path),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `text` in lower case, upper case and capitalized.
+    fn cases(text: &str) -> [String; 3] {
+        let mut capitalized = text.to_owned();
+        capitalized[..1].make_ascii_uppercase();
+        [text.to_owned(), text.to_ascii_uppercase(), capitalized]
+    }
+
+    #[test]
+    fn booleans_in_every_spelling_of_the_go_service_and_strconv_parse_bool() {
+        for (spellings, expected) in [(["true", "yes", "t", "y", "1"], true), (["false", "no", "f", "n", "0"], false)] {
+            for spelling in spellings {
+                for text in cases(spelling).into_iter().chain([format!(" {spelling} "), "tRuE".to_owned()]) {
+                    let text = if text == "tRuE" && !expected { "fAlSe".to_owned() } else { text };
+                    let mut check = Checker::default();
+                    assert_eq!(check.bool("DEBUG", &text), expected, "{text:?}");
+                    assert!(check.0.is_empty(), "{text:?} refused: {:?}", check.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_boolean_that_means_nothing_is_refused_with_its_variable() {
+        for text in ["maybe", "on", "off", "2", "truee", "-1", ""] {
+            let mut check = Checker::default();
+            assert!(!check.bool("DEBUG", text));
+            assert_eq!(check.0.len(), 1, "{text:?} must be refused");
+            let (variable, reason) = &check.0[0];
+            assert_eq!(*variable, "DEBUG");
+            assert!(reason.contains(&format!("{text:?} is not a boolean")), "{reason}");
         }
     }
 }

@@ -4,8 +4,9 @@
 //! environment or a flag) and is checked in [`Args::validate`], which reports *every* bad variable in
 //! one error instead of stopping at the first: an operator fixes a deployment in one round trip.
 //! The flags and the validated [`Config`] live here; the NATS connection settings (`nats`), the lease
-//! settings (`lease`), the backfill settings (`backfill`), the naming rules (`names`) and the
-//! problem-collecting `checker` each have their own module.
+//! settings (`lease`), the backfill settings (`backfill`), the naming rules (`names`), how the
+//! command line and the environment become flags (`sources`: the Go service's flags, empty variables
+//! as unset) and the problem-collecting `checker` each have their own module.
 
 mod backfill;
 mod checker;
@@ -13,6 +14,7 @@ mod command;
 mod lease;
 mod names;
 mod nats;
+mod sources;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -32,7 +34,7 @@ pub use nats::{NatsAuth, NatsTls, Secret, redact_url};
 pub const MAX_RECORDS_PER_CALL: i32 = 1000;
 
 /// Command-line flags, each backed by the environment variable named in `--help`.
-#[derive(Debug, Clone, Parser)]
+#[derive(Debug, Clone, PartialEq, Eq, Parser)]
 #[command(name = "dynamodb-stream-consumer", version, about, long_about = None)]
 pub struct Args {
     /// Comma-separated DynamoDB table names to read the streams of
@@ -124,13 +126,22 @@ pub struct Args {
     #[arg(long, env = "MAX_LEASES", default_value = "")]
     pub max_leases: String,
     /// HTTP port for health checks and metrics
-    #[arg(long, env = "PORT", default_value = "8080")]
+    #[arg(short = 'p', long, alias = "p", env = "PORT", default_value = "8080")]
     pub port: String,
-    /// Interface to bind the HTTP server on (`*` for all)
+    /// Interface to bind the HTTP server on (`*` for all; also `-bind ADDR`, as the Go service spelled it)
     #[arg(long, env = "BIND", default_value = "*")]
     pub bind: String,
-    /// Enable debug logging
-    #[arg(long, env = "DEBUG", default_value = "false")]
+    /// Enable debug logging: `-d` alone, or a boolean (`--debug=false`, `-d=true`)
+    #[arg(
+        short = 'd',
+        long,
+        alias = "d",
+        env = "DEBUG",
+        default_value = "false",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
     pub debug: String,
     /// Log format: `json` (the original's JSON lines) or `text`
     #[arg(long, env = "LOG_FORMAT", default_value = "json")]
@@ -377,13 +388,14 @@ impl Config {
 mod tests {
     use super::*;
 
-    /// The flags parsed from `--{flag}={value}` pairs, as the binary would parse them.
+    /// The flags parsed from `--{flag}={value}` pairs, as the binary would parse them, with an empty
+    /// environment (whatever the test process's own holds).
     pub(super) fn args(pairs: &[(&str, &str)]) -> Args {
         let mut argv = vec!["dynamodb-stream-consumer".to_owned()];
         for (flag, value) in pairs {
             argv.push(format!("--{flag}={value}"));
         }
-        Args::try_parse_from(argv).expect("flags parse")
+        Args::parse_with_env(argv, |_| None).expect("flags parse")
     }
 
     #[test]
