@@ -231,9 +231,9 @@ async fn aws_config(config: &Config) -> aws_config::SdkConfig {
     };
     // Logged beside start-up, never before ready: a slow STS endpoint (up to `AWS_OPERATION_TIMEOUT`)
     // must not outlast a start-up probe (the original's chart allows 30 s), and nothing waits on it.
-    let sts = aws_sdk_sts::Client::new(&sdk);
+    let identity_config = sdk.clone();
     tokio::spawn(async move {
-        match sts.get_caller_identity().send().await {
+        match aws_sdk_sts::Client::new(&identity_config).get_caller_identity().send().await {
             Ok(identity) => tracing::info!(arn = identity.arn().unwrap_or_default(), "aws identity"),
             Err(err) => tracing::error!(
                 error = %aws_smithy_types::error::display::DisplayErrorContext(&err),
