@@ -137,8 +137,13 @@ impl ShardReader {
             match running {
                 None => return Ok(()),
                 Some((epoch, _)) if cursor.replayed == Some(epoch) => return Ok(()),
-                Some((_, Phase::Replaying)) => {
+                Some((epoch, Phase::Replaying)) => {
                     self.replay_turn(cursor, true).await?;
+                    // Not begun (the bucket did not answer): again after a pause, not in a spin.
+                    let waiting = cursor.replay.is_none() && cursor.replayed != Some(epoch);
+                    if waiting && !self.pause(Some(Duration::from_secs(1))).await {
+                        return Err(self.stopped());
+                    }
                 }
                 Some((epoch, phase)) => {
                     if !told {
@@ -175,10 +180,18 @@ impl ShardReader {
                 (from, p1, after, lost, skim)
             }
             None => {
-                let pin = self.pipeline.checkpoints.load(&pin_key(table, epoch, shard_id)).await;
+                let pin = match self.pipeline.checkpoints.load(&pin_key(table, epoch, shard_id)).await {
+                    Ok(pin) => pin,
+                    // Tried again at the next turn: a replay from the shard's oldest record would be
+                    // exact too, but may re-publish a day of changes.
+                    Err(err) => {
+                        tracing::warn!(table, shard_id, error = %err, "cannot read the backfill's pin; retrying");
+                        return Ok(());
+                    }
+                };
                 // No pin (a shard that appeared after the pins) or an unreadable one: from the
                 // shard's oldest record, a wider replay that is still exact.
-                let from = pin.ok().and_then(|stored| stored.position).and_then(|pin| pin.last().cloned());
+                let from = pin.position.and_then(|pin| pin.last().cloned());
                 match published {
                     Some(p1) if from.as_ref().is_none_or(|from| *from < p1) => {
                         tracing::info!(table, shard_id, epoch, from = ?from.as_ref().map(ToString::to_string), %p1,
