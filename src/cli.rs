@@ -13,6 +13,7 @@ use async_nats::jetstream;
 use dynamodb_stream_consumer::config::{BackfillCommand, Command, Config};
 use dynamodb_stream_consumer::nats;
 use dynamodb_stream_consumer::pipeline::backfill::state::request_key;
+use dynamodb_stream_consumer::pipeline::backfill::watch::BACKFILL_READ_INTERVAL;
 
 /// Exit code of a command that its arguments or the settings make impossible (as for invalid
 /// settings: `EX_USAGE`-style).
@@ -98,9 +99,9 @@ async fn request_backfill(config: &Config, table: &str) -> Result<String, Comman
     let requested_ms = previous_ms.map_or(now_ms, |previous| now_ms.max(previous + 1));
     store.put(&key, requested_ms.to_string().into()).await.map_err(|err| failed("write", &err))?;
     Ok(format!(
-        "backfill of {table} requested (key {key} in bucket {bucket}); the fleet starts it within \
-         SHARD_REFRESH_INTERVAL_SEC ({} s)",
-        config.shard_refresh_interval.as_secs()
+        "backfill of {table} requested (key {key} in bucket {bucket}); the fleet reads requests every {} s \
+         and starts it then, or once a backfill of the table still running is over (see /status)",
+        BACKFILL_READ_INTERVAL.as_secs()
     ))
 }
 

@@ -61,7 +61,8 @@ async fn a_request_writes_its_time_and_a_newer_one_replaces_it() {
         text(&output.stdout).trim(),
         format!(
             "backfill of orders requested (key backfill/orders/request in bucket {BUCKET}); \
-             the fleet starts it within SHARD_REFRESH_INTERVAL_SEC (7 s)"
+             the fleet reads requests every 2 s and starts it then, or once a backfill of the table \
+             still running is over (see /status)"
         )
     );
     let (first, first_revision) = requested(&store).await.expect("the request key is written");
