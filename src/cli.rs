@@ -10,7 +10,12 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
-use dynamodb_stream_consumer::config::{BackfillCommand, Command, Config};
+use std::sync::Arc;
+
+use coordination::lease::{LeaseValue, PresenceValue};
+use coordination::{LeaseStore, NatsKvStore, ShardKey, keys};
+use dynamodb_stream_consumer::checkpoint::Checkpoints;
+use dynamodb_stream_consumer::config::{BackfillCommand, CheckpointsCommand, Command, Config};
 use dynamodb_stream_consumer::nats;
 use dynamodb_stream_consumer::pipeline::backfill::state::request_key;
 use dynamodb_stream_consumer::pipeline::backfill::watch::BACKFILL_READ_INTERVAL;
@@ -22,8 +27,8 @@ const EXIT_USAGE: u8 = 2;
 /// Why a command did not do its work.
 #[derive(Debug, thiserror::Error)]
 enum CommandError {
-    #[error("cannot request a backfill of {table:?}: it is not one of DYNAMODB_TABLES ({tables})")]
-    UnknownTable { table: String, tables: String },
+    #[error("cannot {action} {table:?}: it is not one of DYNAMODB_TABLES ({tables})")]
+    UnknownTable { action: &'static str, table: String, tables: String },
     #[error(transparent)]
     Connect(#[from] nats::SetupError),
     #[error(
@@ -58,6 +63,9 @@ pub fn run(command: Command, config: &Config) -> ExitCode {
         Command::Backfill { action: BackfillCommand::Request { table } } => {
             runtime.block_on(request_backfill(config, &table))
         }
+        Command::Checkpoints { action: CheckpointsCommand::List { table } } => {
+            runtime.block_on(list_checkpoints(config, table.as_deref()))
+        }
     };
     match done {
         Ok(report) => {
@@ -77,17 +85,10 @@ pub fn run(command: Command, config: &Config) -> ExitCode {
 /// this machine's clock lags the one that wrote it: a request dated earlier than the last backfill's
 /// would be taken for one already served, and silently ignored.
 async fn request_backfill(config: &Config, table: &str) -> Result<String, CommandError> {
-    if !config.tables.iter().any(|configured| configured == table) {
-        return Err(CommandError::UnknownTable { table: table.to_owned(), tables: config.tables.join(", ") });
-    }
+    known_table(config, table, "request a backfill of")?;
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|_| CommandError::Clock)?.as_millis();
-    let client = nats::connect(config).await?;
+    let store = open_bucket(config).await?;
     let bucket = config.bucket.clone();
-    let store = match jetstream::new(client).get_key_value(&bucket).await {
-        Ok(store) => store,
-        Err(err) if is_missing_bucket(&err) => return Err(CommandError::NoBucket { bucket }),
-        Err(err) => return Err(CommandError::Bucket { bucket, message: err.to_string() }),
-    };
     let key = request_key(table);
     let failed = |action: &str, err: &dyn std::fmt::Display| CommandError::Bucket {
         bucket: bucket.clone(),
@@ -103,6 +104,80 @@ async fn request_backfill(config: &Config, table: &str) -> Result<String, Comman
          and starts it then, or once a backfill of the table still running is over (see /status)",
         BACKFILL_READ_INTERVAL.as_secs()
     ))
+}
+
+/// Refuses a table the service does not read.
+fn known_table(config: &Config, table: &str, action: &'static str) -> Result<(), CommandError> {
+    if config.tables.iter().any(|configured| configured == table) {
+        return Ok(());
+    }
+    Err(CommandError::UnknownTable { action, table: table.to_owned(), tables: config.tables.join(", ") })
+}
+
+/// The service's checkpoint bucket; never created here (see the module docs).
+async fn open_bucket(config: &Config) -> Result<jetstream::kv::Store, CommandError> {
+    let client = nats::connect(config).await?;
+    let bucket = config.bucket.clone();
+    match jetstream::new(client).get_key_value(&bucket).await {
+        Ok(store) => Ok(store),
+        Err(err) if is_missing_bucket(&err) => Err(CommandError::NoBucket { bucket }),
+        Err(err) => Err(CommandError::Bucket { bucket, message: err.to_string() }),
+    }
+}
+
+/// Lists every checkpoint of `table` (or of every configured table): its stored value (a sequence
+/// number, or `SHARD_END…` once read to its end) and its lease: the replica holding it while that
+/// replica is alive (its presence key is there), `expired` when the holder is gone, `free` when
+/// released or never taken.
+async fn list_checkpoints(config: &Config, table: Option<&str>) -> Result<String, CommandError> {
+    let tables: Vec<&str> = match table {
+        Some(table) => {
+            known_table(config, table, "list the checkpoints of")?;
+            vec![table]
+        }
+        None => config.tables.iter().map(String::as_str).collect(),
+    };
+    let store: Arc<dyn LeaseStore> = Arc::new(NatsKvStore::new(open_bucket(config).await?));
+    let bucket = config.bucket.clone();
+    let failed =
+        |err: &dyn std::fmt::Display| CommandError::Bucket { bucket: bucket.clone(), message: err.to_string() };
+    let checkpoints = Checkpoints::new(Arc::clone(&store));
+    let mut rows = vec![["TABLE".to_owned(), "SHARD".to_owned(), "CHECKPOINT".to_owned(), "LEASE".to_owned()]];
+    for table in tables {
+        let mut shards = checkpoints.shards_of(table).await.map_err(|err| failed(&err))?;
+        shards.sort();
+        for (key, shard_id) in shards {
+            let value = store.get(&key).await.map_err(|err| failed(&err))?;
+            let value = value.map(|entry| String::from_utf8_lossy(&entry.value).into_owned()).unwrap_or_default();
+            let lease = lease_of(store.as_ref(), table, &shard_id).await.map_err(|err| failed(&err))?;
+            rows.push([table.to_owned(), shard_id, value, lease]);
+        }
+    }
+    let count = rows.len() - 1;
+    let widths: Vec<usize> = (0..4).map(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0)).collect();
+    let mut out: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+            cells.join("  ").trim_end().to_owned()
+        })
+        .collect();
+    out.push(format!("{count} checkpoint{} in bucket {bucket}", if count == 1 { "" } else { "s" }));
+    Ok(out.join("\n"))
+}
+
+/// Who holds the lease of a shard, as the bucket shows it now.
+async fn lease_of(store: &dyn LeaseStore, table: &str, shard_id: &str) -> Result<String, coordination::StoreError> {
+    let key = keys::shard_lease_key(&ShardKey::for_shard(table, shard_id));
+    let owner = store
+        .get(&key)
+        .await?
+        .and_then(|entry| serde_json::from_slice::<LeaseValue>(&entry.value).ok())
+        .and_then(|lease| lease.owner);
+    let Some(owner) = owner else { return Ok("free".to_owned()) };
+    let presence = store.get(&keys::presence_key(&owner.instance)).await?;
+    let alive = presence.and_then(|entry| serde_json::from_slice::<PresenceValue>(&entry.value).ok()).is_some();
+    Ok(if alive { format!("held by {}", owner.replica) } else { format!("expired (was {})", owner.replica) })
 }
 
 /// Whether the bucket's stream does not exist, as opposed to a request that failed (a time-out, no

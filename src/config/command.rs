@@ -13,6 +13,21 @@ pub enum Command {
         #[command(subcommand)]
         action: BackfillCommand,
     },
+    /// Checkpoints: how far each shard has been published
+    Checkpoints {
+        #[command(subcommand)]
+        action: CheckpointsCommand,
+    },
+}
+
+/// What to do about checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum CheckpointsCommand {
+    /// List each shard's checkpoint and who holds its lease, for TABLE or every table
+    List {
+        /// A table of DYNAMODB_TABLES (all of them when left out)
+        table: Option<String>,
+    },
 }
 
 /// What to do about backfills.

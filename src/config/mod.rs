@@ -24,7 +24,7 @@ use clap::Parser;
 
 pub use backfill::{BackfillConfig, DEFAULT_PAGE_ITEMS, DEFAULT_READ_UNITS_PER_SEC};
 use checker::Checker;
-pub use command::{BackfillCommand, Command};
+pub use command::{BackfillCommand, CheckpointsCommand, Command};
 pub use lease::table_set_fingerprint;
 use names::{is_literal_subject, is_valid_bucket_name, is_valid_stream_name};
 pub use names::{is_valid_table_name, subject_for};
