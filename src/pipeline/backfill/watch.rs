@@ -258,6 +258,9 @@ impl BackfillWatch {
             return match self.swap(table, revision, &claim).await? {
                 Some(revision) => {
                     tracing::info!(table, epoch, "backfill started: pinning each shard's position");
+                    if epoch > 1 {
+                        self.forget(table, epoch - 1).await;
+                    }
                     self.pin(table, claim, revision).await
                 }
                 None => Ok(state.map_or_else(Found::none, Found::of)),
@@ -476,6 +479,29 @@ impl BackfillWatch {
             }
         }
         Ok(())
+    }
+
+    /// Deletes the keys of backfill `epoch` of `table`, long over once the next one is claimed (no
+    /// reader looks at a backfill that is over), so the bucket keeps those of one finished backfill
+    /// at most. Best effort: what is left is deleted at the next claim.
+    async fn forget(&self, table: &str, epoch: u64) {
+        let store = self.context.store.as_ref();
+        let prefix = epoch_prefix(table, epoch);
+        let entries = match store.scan(&[prefix.as_str()]).await {
+            Ok(entries) => entries,
+            Err(err) => {
+                tracing::warn!(table, epoch, error = %err, "cannot list the keys of an earlier backfill; left");
+                return;
+            }
+        };
+        let mut deleted = 0usize;
+        for (key, entry) in entries {
+            match store.delete(&key, entry.revision).await {
+                Ok(()) => deleted += 1,
+                Err(err) => tracing::debug!(key, error = %err, "key of an earlier backfill not deleted"),
+            }
+        }
+        tracing::info!(table, epoch, deleted, "keys of the earlier backfill deleted");
     }
 
     /// The pins, segment checkpoints and replay progress of one backfill.

@@ -13,7 +13,7 @@ use crate::checkpoint::{self, Checkpoints, Progress};
 use crate::config::BackfillConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::backfill::state::{
-    BackfillState, Phase, ReplayProgress, pin_key, replay_key, request_key, segment_key, state_key,
+    BackfillState, Phase, ReplayProgress, epoch_prefix, pin_key, replay_key, request_key, segment_key, state_key,
 };
 use crate::pipeline::topology::ReadableShards;
 use crate::source::StartAt;
@@ -159,6 +159,9 @@ async fn a_new_request_starts_the_next_backfill_and_a_trimmed_replay_makes_it_in
     let state = rig.state().await.unwrap();
     assert_eq!((state.epoch, state.phase), (2, Phase::Scanning));
     assert_eq!(segments(&view), BTreeSet::from([0, 1, 2]));
+    // The first backfill's keys are gone; the second's are there.
+    assert!(rig.store.keys(&epoch_prefix(TABLE, 1)).await.unwrap().is_empty());
+    assert!(!rig.store.keys(&epoch_prefix(TABLE, 2)).await.unwrap().is_empty());
 }
 
 #[tokio::test]
