@@ -23,7 +23,7 @@ use backon::Retryable;
 use coordination::LeaseGuard;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{Checkpoints, Fenced, Progress};
+use crate::checkpoint::{AdvanceError, Checkpoints, Fenced, Progress};
 use crate::metrics::Metrics;
 use crate::publish::EventSink;
 use crate::retry;
@@ -88,5 +88,24 @@ async fn load_fenced<V: Progress>(
         () = cancel.cancelled() => None,
         _ = guard.lost() => None,
         loaded = loaded => loaded.ok(),
+    }
+}
+
+/// What a progress write of a reader means for it (`what` names the progress in the log): a lost
+/// lease or a key moved by another writer ends the reader; a bucket that does not answer leaves the
+/// write to the next one (what it covers is published: a resumption from older progress publishes it
+/// again, with the same message ids).
+fn settle(advanced: Result<bool, AdvanceError>, table: &str, what: &str) -> Result<(), Outcome> {
+    match advanced {
+        Ok(_) => Ok(()),
+        Err(AdvanceError::LeaseLost(_)) => Err(Outcome::LeaseLost),
+        Err(AdvanceError::Taken(key)) => {
+            tracing::error!(table, key, "{what} was moved by another writer; this reader stops");
+            Err(Outcome::CheckpointTaken)
+        }
+        Err(AdvanceError::Unavailable(err)) => {
+            tracing::warn!(table, error = %err, "{what} not written; the next write covers it");
+            Ok(())
+        }
     }
 }

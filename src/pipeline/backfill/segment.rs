@@ -18,7 +18,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::state::segment_key;
 use super::watch::now_ms;
-use crate::checkpoint::{AdvanceError, Checkpoints, Progress};
+use crate::checkpoint::{Checkpoints, Progress};
 use crate::metrics::Metrics;
 use crate::pipeline::deliver::Delivery;
 use crate::pipeline::reader::Outcome;
@@ -180,17 +180,8 @@ impl SegmentReader {
                     "a scan position does not fit the checkpoint bucket's values: not checkpointed (a resumed segment reads again from the last one that fit)");
             }
             let advanced = if fits { checkpoint.advance(progress).await } else { Ok(false) };
-            match advanced {
-                Ok(_) => {}
-                Err(AdvanceError::LeaseLost(_)) => return Outcome::LeaseLost,
-                Err(AdvanceError::Taken(key)) => {
-                    tracing::error!(table = %self.table, key, "segment checkpoint was moved by another writer; this reader stops");
-                    return Outcome::CheckpointTaken;
-                }
-                // The rows are published; a resumption reads this page again (deduplicated).
-                Err(AdvanceError::Unavailable(err)) => {
-                    tracing::warn!(table = %self.table, segment = self.segment.index, error = %err, "segment checkpoint not written; the next one will cover it");
-                }
+            if let Err(outcome) = crate::pipeline::settle(advanced, &self.table, "segment checkpoint") {
+                return outcome;
             }
             match page.next {
                 None => return Outcome::Finished,

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{Cursor, Outcome, ShardReader};
-use crate::checkpoint::{AdvanceError, Fenced, SequenceNumber};
+use crate::checkpoint::{Fenced, SequenceNumber};
 use crate::pipeline::backfill::state::{Phase, ReplayProgress, pin_key, replay_key};
 use crate::pipeline::deliver::Delivery;
 use crate::publish::Destination;
@@ -391,25 +391,6 @@ impl ShardReader {
         checkpoint: &mut Fenced<ReplayProgress>,
         progress: ReplayProgress,
     ) -> Result<(), Outcome> {
-        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
-        match checkpoint.advance(progress).await {
-            Ok(_) => Ok(()),
-            Err(AdvanceError::LeaseLost(_)) => Err(Outcome::LeaseLost),
-            Err(AdvanceError::Taken(key)) => {
-                tracing::error!(
-                    table,
-                    shard_id,
-                    key,
-                    "backfill replay progress was moved by another writer; this reader stops"
-                );
-                Err(Outcome::CheckpointTaken)
-            }
-            // Replayed records are published; a reader resuming from older progress replays them
-            // again (with the same message ids: deduplicated within the window).
-            Err(AdvanceError::Unavailable(err)) => {
-                tracing::warn!(table, shard_id, error = %err, "backfill replay progress not written; the next write covers it");
-                Ok(())
-            }
-        }
+        crate::pipeline::settle(checkpoint.advance(progress).await, &self.shard.table, "backfill replay progress")
     }
 }
