@@ -4,7 +4,7 @@
 //! mid-scan and one stopped gracefully and restarted. The stream, applied as a consumer applies it
 //! (`INSERT`, `MODIFY` and snapshot rows upsert `new_image`, `REMOVE` deletes), must then hold exactly
 //! what a final `Scan` of the table holds. A second backfill, requested with the subcommand, converges
-//! the same way.
+//! the same way. The checkpoint bucket is the original deployment's (1 KiB values, history 1).
 //!
 //! The race the hand-off exists for is provoked, not hoped for: the replicas reach DynamoDB (`Scan`)
 //! through a TCP proxy that delays every chunk, while they read the stream directly, so a change made
@@ -330,6 +330,18 @@ async fn a_backfill_under_writes_kills_and_restarts_converges_to_the_table() {
         .unwrap();
     ddb.update_table().table_name(TABLE).stream_specification(spec).send().await.unwrap();
 
+    // The bucket as the original deployment creates it: values of at most 1 KiB, history 1. Every
+    // backfill key (state, pins, segment positions, replay progress) must fit it.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: "dynamodb-stream-checkpoints".to_owned(),
+        history: 1,
+        max_value_size: 1024,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
     // DynamoDB (Scan) through a slow network, the stream directly.
     let slow = FaultProxy::start(moto.port).await;
     slow.set_latency(Duration::from_millis(500));
@@ -352,7 +364,6 @@ async fn a_backfill_under_writes_kills_and_restarts_converges_to_the_table() {
     assert_eq!(done["epoch"], 1);
     assert_eq!(done["segments_done"], 8);
 
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let table = table_now(&ddb).await;
     let messages = converged(&js, &table).await;
 
