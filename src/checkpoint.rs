@@ -258,6 +258,8 @@ pub struct Fenced<V: Progress> {
     unconfirmed: Vec<V>,
     /// The shard's lease: checked before every write.
     guard: LeaseGuard,
+    /// Another writer moved the key under this process (a write ended in [`AdvanceError::Taken`]).
+    taken: bool,
 }
 
 /// Why a checkpoint was not advanced.
@@ -281,11 +283,30 @@ impl<V: Progress> Fenced<V> {
     /// Reads the checkpoint at `key` of what `guard` is the lease of.
     pub async fn load(store: Checkpoints, key: String, guard: LeaseGuard) -> Result<Self, CheckpointError> {
         let stored = store.load_as::<V>(&key).await?;
-        Ok(Fenced { store, key, position: stored.position, revision: stored.revision, unconfirmed: Vec::new(), guard })
+        Ok(Fenced {
+            store,
+            key,
+            position: stored.position,
+            revision: stored.revision,
+            unconfirmed: Vec::new(),
+            guard,
+            taken: false,
+        })
     }
 
     pub fn position(&self) -> Option<&V> {
         self.position.as_ref()
+    }
+
+    /// The key's revision as this process last read or wrote it; `None` while absent.
+    pub fn revision(&self) -> Option<Revision> {
+        self.revision
+    }
+
+    /// Whether a write found the key moved by another writer ([`AdvanceError::Taken`]): what this
+    /// process holds is no longer the checkpoint.
+    pub fn taken(&self) -> bool {
+        self.taken
     }
 
     /// Writes `next` if it moves forward (`Ok(false)`: a step that would not is skipped), while the
@@ -332,6 +353,7 @@ impl<V: Progress> Fenced<V> {
                 Ok(true)
             }
             Err(err) => {
+                self.taken |= matches!(err, AdvanceError::Taken(_));
                 if matches!(err, AdvanceError::Unavailable(_)) {
                     if self.unconfirmed.len() == MAX_UNCONFIRMED {
                         self.unconfirmed.remove(0);

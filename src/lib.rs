@@ -169,6 +169,7 @@ async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) ->
             poll_interval: config.poll_interval,
             poll_gap: config.poll_gap,
             max_in_flight: config.max_in_flight,
+            quiet_for: config.lease.ttl,
         },
         scan: Arc::new(api.clone()),
         backfill: config.backfill.clone(),

@@ -44,6 +44,11 @@ pub struct Metrics {
     pub trimmed_data_gaps: IntCounterVec,
     pub checkpoints_written: IntCounterVec,
     pub checkpoint_conflicts: IntCounterVec,
+    /// Moves of a held shard's checkpoint by a writer outside the fleet (the Go service during an
+    /// upgrade, an operator), by table.
+    pub foreign_checkpoint_moves: IntCounterVec,
+    /// Shards held here but left alone until such a writer has stopped, by table.
+    pub foreign_writer_shards: IntGaugeVec,
     pub table_errors: IntCounterVec,
     pub shards_known: IntGaugeVec,
     pub table_unreadable: IntGaugeVec,
@@ -215,6 +220,18 @@ impl Metrics {
                 "Checkpoint writes refused because another writer moved the key",
                 &["table"],
             ),
+            foreign_checkpoint_moves: counter(
+                r,
+                "foreign_checkpoint_moves_total",
+                "Moves of a held shard's checkpoint by a writer outside the fleet (the Go service during an upgrade, an operator)",
+                &["table"],
+            ),
+            foreign_writer_shards: gauge_vec(
+                r,
+                "foreign_writer_shards",
+                "Shards held but not read until a writer outside the fleet stops moving their checkpoints",
+                &["table"],
+            ),
             table_errors: counter(
                 r,
                 "table_errors_total",
@@ -334,6 +351,7 @@ impl Metrics {
             self.backfill_throttles.with_label_values(&[t]);
             self.backfill_replayed.with_label_values(&[t]);
             self.backfill_handoff_lost.with_label_values(&[t]);
+            self.foreign_writer_shards.with_label_values(&[t]);
             for phase in crate::pipeline::backfill::state::Phase::ALL {
                 self.backfill_phase.with_label_values(&[t, phase.as_str()]);
             }
@@ -353,6 +371,7 @@ impl Metrics {
                 &self.trimmed_data_gaps,
                 &self.checkpoints_written,
                 &self.checkpoint_conflicts,
+                &self.foreign_checkpoint_moves,
             ] {
                 counter.with_label_values(&[t]);
             }

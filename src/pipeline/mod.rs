@@ -41,6 +41,9 @@ pub struct ReadSettings {
     pub poll_gap: Duration,
     /// `MAX_IN_FLIGHT`: unacknowledged publishes per shard.
     pub max_in_flight: usize,
+    /// `LEASE_TTL_SEC`: how long a checkpoint moved by a writer outside the fleet (the Go service
+    /// during an upgrade) must stay unchanged before the shard is read here.
+    pub quiet_for: Duration,
 }
 
 /// What every shard reader reads from, publishes to, checkpoints in and reports to.

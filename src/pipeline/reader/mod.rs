@@ -4,9 +4,18 @@
 //! ```text
 //! Positioning ──iterator──▶ Reading ──page, next iterator──▶ Reading
 //!     ▲                        │ └──last page (no next iterator)──▶ Finishing ──▶ Ended(Finished)
-//!     └──expired / trimmed─────┘
+//!     ├──expired / trimmed─────┘
+//!     └──still for a lease TTL── Holding ◀──checkpoint moved by another writer── Reading | Finishing
 //! any state ──stop or lease lost──▶ Ended(Stopped | LeaseLost)   (a page in hand is drained first)
 //! ```
+//!
+//! A writer outside the fleet may move a shard's checkpoint: the Go service this one replaces, run
+//! beside it during a rolling upgrade (it holds no lease and puts its checkpoint after every record),
+//! or an operator. The lease holder then leaves the shard alone (`Holding`) until the key has not
+//! moved for a lease TTL, and resumes from the checkpoint as that writer left it. A shard leased for
+//! the first time (term 1) whose checkpoint exists was last written outside the fleet: it is held the
+//! same way before its first read, so that a Go service still running is seen before anything is
+//! published twice.
 //!
 //! While the table's backfill hands off to the stream, the reader also replays the shard's changes
 //! since the backfill's pin, a page after each live page ([`replay`]); a shard that ends meanwhile
@@ -25,8 +34,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use coordination::LeaseGuard;
+use coordination::{LeaseGuard, Revision, Term};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -53,8 +63,9 @@ pub enum Outcome {
     Finished,
     /// Told to stop; its progress is checkpointed.
     Stopped,
-    /// Its checkpoint was moved by another writer (which reads the shard now); it stopped without
-    /// writing.
+    /// Progress it writes beside the shard's checkpoint (a backfill's replay position, a segment's)
+    /// was moved by another writer; it stopped without writing. (A shard checkpoint moved by another
+    /// writer is held off instead, see the module docs.)
     CheckpointTaken,
     /// Its lease was lost (expired or taken): it stopped without publishing or writing more.
     LeaseLost,
@@ -71,7 +82,18 @@ enum State {
     },
     /// The shard has ended: its checkpoint is marked finished so its children may be read.
     Finishing,
+    /// Another writer moves (or may be moving) the checkpoint: nothing is read until it is still.
+    Holding(Hold),
     Ended(Outcome),
+}
+
+/// Why a reader holds off its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// First lease of a shard with a checkpoint: written outside the fleet, maybe still being written.
+    FirstLease,
+    /// A checkpoint write found the key moved by another writer.
+    Moved,
 }
 
 /// A `GetRecords` page made ready to publish: its records converted, the page itself dropped.
@@ -147,26 +169,24 @@ impl ShardReader {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
         let Some(checkpoint) = Box::pin(self.load_checkpoint()).await else { return self.stopped() };
         self.pipeline.progress.started(table, shard_id, checkpoint.position());
-        let start = match checkpoint.position() {
-            Some(Position::Finished { .. }) => return Outcome::Finished,
-            Some(Position::After(seq)) => StartAt::After(seq.to_string()),
-            None => self.shard.fresh_start.clone(),
-        };
-        // Only a shard read from its start skips: one with a checkpoint resumes after it, whoever wrote
-        // it (the Go service during an upgrade included).
-        let skip_before = self.shard.skip_before.filter(|_| checkpoint.position().is_none());
+        let Some((start, skip_before)) = self.resume_at(checkpoint.position()) else { return Outcome::Finished };
         tracing::info!(table, shard_id, ?start, skip_before, "shard reader started");
+        let first_lease = self.guard.term() == Term::new(1) && checkpoint.position().is_some();
         let mut cursor =
             Cursor { start, checkpoint, delays: retry::backoff(), skip_before, replay: None, replayed: None };
-        let mut state = State::Positioning;
+        let mut state = if first_lease { State::Holding(Hold::FirstLease) } else { State::Positioning };
         loop {
             state = match state {
+                // Only this shard's checkpoint is held off; a backfill's replay progress moved by
+                // another writer ends the reader as before.
+                State::Ended(Outcome::CheckpointTaken) if cursor.checkpoint.taken() => State::Holding(Hold::Moved),
                 State::Ended(outcome) => return outcome,
                 State::Finishing => match Box::pin(self.replay_before_finish(&mut cursor)).await {
                     Ok(()) => State::Ended(Box::pin(self.finish(&mut cursor.checkpoint)).await),
                     Err(outcome) => State::Ended(outcome),
                 },
                 _ if self.cancel.is_cancelled() || !self.guard.is_valid() => State::Ended(self.stopped()),
+                State::Holding(why) => Box::pin(self.hold(&mut cursor, why)).await,
                 State::Positioning => Box::pin(self.position(&mut cursor)).await,
                 State::Reading { iterator, prefetch } => {
                     Box::pin(self.read_page(&mut cursor, iterator, prefetch)).await
@@ -296,6 +316,94 @@ impl ShardReader {
             return State::Ended(self.stopped());
         }
         State::Reading { iterator, prefetch }
+    }
+
+    /// Where reading starts from a checkpoint: after it, whoever wrote it (the Go service during an
+    /// upgrade included), or at the shard's fresh start when there is none (only then skipping what
+    /// `START_FROM_LATEST` skips); `None` for a shard read to its end.
+    fn resume_at(&self, position: Option<&Position>) -> Option<(StartAt, Option<u64>)> {
+        match position {
+            Some(Position::Finished { .. }) => None,
+            Some(Position::After(seq)) => Some((StartAt::After(seq.to_string()), None)),
+            None => Some((self.shard.fresh_start.clone(), self.shard.skip_before)),
+        }
+    }
+
+    /// `Holding`: leaves the shard to the writer that moves its checkpoint until the key has stayed
+    /// unchanged for a lease TTL, then resumes from the checkpoint as that writer left it. The lease
+    /// is kept meanwhile, so the shard does not wander from replica to replica while it waits.
+    async fn hold(&self, cursor: &mut Cursor, why: Hold) -> State {
+        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
+        let quiet_for_s = self.pipeline.settings.quiet_for.as_secs_f64();
+        match why {
+            Hold::FirstLease => tracing::info!(
+                table,
+                shard_id,
+                quiet_for_s,
+                "first lease of a shard with a checkpoint written outside this fleet (by the Go service?): reading it once the checkpoint has not moved for a lease TTL"
+            ),
+            Hold::Moved => tracing::warn!(
+                table,
+                shard_id,
+                quiet_for_s,
+                "checkpoint moved by a writer outside this fleet (the Go service during an upgrade, or an operator): not reading this shard until it has not moved for a lease TTL"
+            ),
+        }
+        let waiting = self.pipeline.metrics.foreign_writer_shards.with_label_values(&[table]);
+        waiting.inc();
+        let still = self.until_still(cursor.checkpoint.revision()).await;
+        waiting.dec();
+        if !still {
+            return State::Ended(self.stopped());
+        }
+        let Some(checkpoint) = Box::pin(self.load_checkpoint()).await else { return State::Ended(self.stopped()) };
+        let resumed = self.resume_at(checkpoint.position());
+        tracing::info!(
+            table,
+            shard_id,
+            checkpoint = checkpoint.position().map(Position::encode),
+            "checkpoint still for a lease TTL: reading the shard from it"
+        );
+        cursor.checkpoint = checkpoint;
+        let Some((start, skip_before)) = resumed else { return State::Ended(Outcome::Finished) };
+        (cursor.start, cursor.skip_before) = (start, skip_before);
+        State::Positioning
+    }
+
+    /// Reads the shard's checkpoint until its revision has stayed the same for a lease TTL, counting
+    /// each move away from `seen` (the revision this reader held); false if told to stop (or the lease
+    /// is lost) first. A read the bucket does not answer is no news.
+    async fn until_still(&self, mut seen: Option<Revision>) -> bool {
+        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
+        let quiet_for = self.pipeline.settings.quiet_for;
+        let every = (quiet_for / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let key = checkpoint::key(table, shard_id);
+        let mut still_since = Instant::now();
+        loop {
+            match self.pipeline.checkpoints.load(&key).await {
+                Ok(stored) if stored.revision != seen => {
+                    self.pipeline.metrics.foreign_checkpoint_moves.with_label_values(&[table]).inc();
+                    tracing::debug!(
+                        table,
+                        shard_id,
+                        checkpoint = stored.position.map(|p| p.encode()),
+                        "checkpoint moved by another writer"
+                    );
+                    (seen, still_since) = (stored.revision, Instant::now());
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::debug!(table, shard_id, error = %err, "cannot read checkpoint while holding; no news")
+                }
+            }
+            let still_for = still_since.elapsed();
+            if still_for >= quiet_for {
+                return true;
+            }
+            if !self.pause(Some(every.min(quiet_for - still_for))).await {
+                return false;
+            }
+        }
     }
 
     /// How a reader that was told to stop (or lost its lease) ends.

@@ -32,6 +32,8 @@ const TABLE: &str = "t";
 const SHARD: &str = "shardId-1";
 /// Records are created at this second (epoch) unless a test says otherwise.
 const CREATED: f64 = 1_767_225_600.0;
+/// How long another writer's checkpoint must stay unchanged before a reader goes on with the shard.
+const QUIET_FOR: Duration = Duration::from_secs(10);
 
 struct Harness {
     source: Arc<MemorySource>,
@@ -88,6 +90,7 @@ impl Harness {
                 poll_interval: Duration::from_millis(500),
                 poll_gap: Duration::from_millis(100),
                 max_in_flight: 64,
+                quiet_for: QUIET_FOR,
             },
             scan: Arc::new(MemoryTable::new(Vec::new(), 1.0)),
             backfill: BackfillConfig::default(),
@@ -212,21 +215,79 @@ async fn a_trimmed_checkpoint_goes_on_from_trim_horizon_and_counts_the_gap_once(
     assert_eq!(h.metrics.trimmed_data_gaps.with_label_values(&[TABLE]).get(), 1);
 }
 
+/// Another writer outside the fleet (a Go service during an upgrade, say): puts `sequences` as the
+/// checkpoint one after another, `every` apart; returns when done.
+async fn foreign_writer(store: Arc<MemoryStore>, sequences: std::ops::RangeInclusive<u64>, every: Duration) {
+    let key = checkpoint::key(TABLE, SHARD);
+    for seq in sequences {
+        let value = Bytes::from(format!("{seq:021}"));
+        match store.get(&key).await.unwrap() {
+            Some(stored) => store.update(&key, value, stored.revision).await.unwrap(),
+            None => store.create(&key, value).await.unwrap(),
+        };
+        tokio::time::sleep(every).await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_checkpoint_moved_by_another_writer_ends_the_reader_without_writing() {
+async fn a_checkpoint_moved_by_another_writer_is_left_to_it_until_still_for_a_lease_ttl() {
     let mut h = Harness::new(1000).await;
     h.source.append(SHARD, records(1, 10, 2));
     let (task, _) = h.start(shard());
     h.until_stored(10).await;
-    // Another writer (a Go service during an upgrade, say) moves the checkpoint.
-    let key = checkpoint::key(TABLE, SHARD);
-    let stored = h.store.get(&key).await.unwrap().unwrap();
-    let theirs = Bytes::from(format!("{:021}", 99));
-    h.store.update(&key, theirs.clone(), stored.revision).await.unwrap();
-    h.source.append(SHARD, records(11, 5, 2));
-    assert_eq!(outcome(task).await, Outcome::CheckpointTaken);
-    assert_eq!(h.store.get(&key).await.unwrap().unwrap().value, theirs, "their checkpoint stands");
+    // The other writer publishes 11..=14 itself and checkpoints each, 2 s apart; then it stops. The
+    // page this reader had in hand when the first move happened is published (it learns of the move
+    // at its next checkpoint write); nothing more until the key has been still for a lease TTL.
+    let writer = tokio::spawn(foreign_writer(h.store.clone(), 11..=14, Duration::from_secs(2)));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    h.source.append(SHARD, records(11, 6, 2));
+    let started = tokio::time::Instant::now();
+    h.until_stored(16).await;
+    h.source.append(SHARD, records(17, 2, 2));
+    h.until_stored(18).await;
+    writer.await.unwrap();
+    // 15 and 16 are published again from the other writer's checkpoint: same message ids, dropped by
+    // the duplicate window.
+    assert_complete_and_ordered(&h.sink, 1, 18);
+    assert!(
+        started.elapsed() >= Duration::from_secs(6) + QUIET_FOR,
+        "read again only a lease TTL after the last move ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(h.checkpoint().await, Some(Position::After(SequenceNumber::parse(&format!("{:021}", 18)).unwrap())));
     assert_eq!(h.metrics.checkpoint_conflicts.with_label_values(&[TABLE]).get(), 1);
+    assert!(h.metrics.foreign_checkpoint_moves.with_label_values(&[TABLE]).get() >= 3);
+    assert_eq!(h.metrics.foreign_writer_shards.with_label_values(&[TABLE]).get(), 0);
+    assert!(!task.is_finished(), "the reader goes on with the shard");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_lease_with_a_checkpoint_waits_until_its_writer_has_stopped() {
+    let mut h = Harness::new(1000).await;
+    h.source.append(SHARD, records(1, 20, 2));
+    // The Go service read 1..=5 before this fleet took its first lease, and goes on to 8.
+    foreign_writer(h.store.clone(), 5..=5, Duration::ZERO).await;
+    let writer = tokio::spawn(foreign_writer(h.store.clone(), 6..=8, Duration::from_secs(3)));
+    let started = tokio::time::Instant::now();
+    let (_task, _) = h.start(shard());
+    h.until_stored(12).await;
+    writer.await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(6) + QUIET_FOR, "{:?}", started.elapsed());
+    assert_complete_and_ordered(&h.sink, 9, 12);
+    assert!(h.metrics.foreign_checkpoint_moves.with_label_values(&[TABLE]).get() >= 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_lease_with_a_still_checkpoint_reads_after_one_lease_ttl() {
+    let mut h = Harness::new(1000).await;
+    h.source.append(SHARD, records(1, 10, 2));
+    foreign_writer(h.store.clone(), 4..=4, Duration::ZERO).await;
+    let started = tokio::time::Instant::now();
+    let (_task, _) = h.start(shard());
+    h.until_stored(6).await;
+    assert!(started.elapsed() >= QUIET_FOR && started.elapsed() < QUIET_FOR * 2, "{:?}", started.elapsed());
+    assert_complete_and_ordered(&h.sink, 5, 6);
+    assert_eq!(h.metrics.foreign_checkpoint_moves.with_label_values(&[TABLE]).get(), 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub mod cluster;
+pub mod go_service;
 pub mod process;
 pub mod proxy;
 
