@@ -168,6 +168,7 @@ async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) ->
         settings: ReadSettings {
             poll_interval: config.poll_interval,
             poll_gap: config.poll_gap,
+            idle_poll_max: config.idle_poll_max,
             max_in_flight: config.max_in_flight,
             quiet_for: config.lease.ttl,
         },

@@ -98,6 +98,10 @@ pub struct Args {
     /// Milliseconds to wait after a read that returned some records but not a full page
     #[arg(long, env = "POLL_GAP_MS", default_value = "250")]
     pub poll_gap_ms: String,
+    /// Longest wait between reads of an idle shard: the wait doubles from POLL_INTERVAL_MS after each
+    /// empty read up to this (empty: POLL_INTERVAL_MS, no backoff)
+    #[arg(long, env = "IDLE_POLL_MAX_MS", default_value = "")]
+    pub idle_poll_max_ms: String,
     /// Seconds between shard discovery runs per table
     #[arg(long, env = "SHARD_REFRESH_INTERVAL_SEC", default_value = "10")]
     pub shard_refresh_interval_sec: String,
@@ -190,6 +194,8 @@ pub struct Config {
     pub start_from_latest: bool,
     pub poll_interval: Duration,
     pub poll_gap: Duration,
+    /// `IDLE_POLL_MAX_MS`: the cap of an idle shard's doubling wait (`poll_interval`: no backoff).
+    pub idle_poll_max: Duration,
     pub shard_refresh_interval: Duration,
     pub max_in_flight: usize,
     pub max_acks_in_flight: usize,
@@ -294,6 +300,18 @@ impl Args {
         let start_from_latest = check.bool("START_FROM_LATEST", &self.start_from_latest);
         let poll_interval = check.millis("POLL_INTERVAL_MS", &self.poll_interval_ms, 1, 3_600_000);
         let poll_gap = check.millis("POLL_GAP_MS", &self.poll_gap_ms, 0, 3_600_000);
+        let idle_poll_max = if self.idle_poll_max_ms.trim().is_empty() {
+            poll_interval
+        } else {
+            let max = check.millis("IDLE_POLL_MAX_MS", &self.idle_poll_max_ms, 1, 3_600_000);
+            if max < poll_interval {
+                check.fail(
+                    "IDLE_POLL_MAX_MS",
+                    format!("{} ms is less than POLL_INTERVAL_MS ({} ms)", max.as_millis(), poll_interval.as_millis()),
+                );
+            }
+            max
+        };
         let shard_refresh_interval =
             check.secs("SHARD_REFRESH_INTERVAL_SEC", &self.shard_refresh_interval_sec, 1, 86_400);
         let max_in_flight = check.number("MAX_IN_FLIGHT", &self.max_in_flight, 1, 100_000) as usize;
@@ -350,6 +368,7 @@ impl Args {
             start_from_latest,
             poll_interval,
             poll_gap,
+            idle_poll_max,
             shard_refresh_interval,
             max_in_flight,
             max_acks_in_flight,
@@ -399,6 +418,19 @@ mod tests {
     }
 
     #[test]
+    fn the_idle_backoff_cap_follows_the_poll_interval_and_is_never_below_it() {
+        let config = args(&[("dynamodb-tables", "orders"), ("poll-interval-ms", "200")]).validate().expect("valid");
+        assert_eq!(config.idle_poll_max, Duration::from_millis(200));
+        let capped = args(&[("dynamodb-tables", "orders"), ("idle-poll-max-ms", "30000")]).validate().expect("valid");
+        assert_eq!(capped.idle_poll_max, Duration::from_secs(30));
+        let error = args(&[("dynamodb-tables", "orders"), ("idle-poll-max-ms", "500")]).validate().unwrap_err();
+        assert!(
+            error.to_string().contains("IDLE_POLL_MAX_MS: 500 ms is less than POLL_INTERVAL_MS (1000 ms)"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn seed_defaults_are_kept() {
         let config = args(&[("dynamodb-tables", "orders")]).validate().expect("valid");
         assert_eq!(config.tables, ["orders"]);
@@ -409,6 +441,7 @@ mod tests {
         assert_eq!(config.bucket, "dynamodb-stream-checkpoints");
         assert!(!config.start_from_latest);
         assert_eq!(config.poll_interval, Duration::from_millis(1000));
+        assert_eq!(config.idle_poll_max, config.poll_interval, "no idle backoff unless asked for");
         assert_eq!(config.shard_refresh_interval, Duration::from_secs(10));
         assert_eq!(config.port, 8080);
         assert_eq!(config.bind, IpAddr::V6(Ipv6Addr::UNSPECIFIED), "`*`: IPv6 and IPv4");

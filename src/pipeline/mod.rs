@@ -39,6 +39,8 @@ pub struct ReadSettings {
     pub poll_interval: Duration,
     /// `POLL_GAP_MS`: the wait after a page that was not full.
     pub poll_gap: Duration,
+    /// `IDLE_POLL_MAX_MS`: the wait after empty pages doubles from `poll_interval` up to this.
+    pub idle_poll_max: Duration,
     /// `MAX_IN_FLIGHT`: unacknowledged publishes per shard.
     pub max_in_flight: usize,
     /// `LEASE_TTL_SEC`: how long a checkpoint moved by a writer outside the fleet (the Go service

@@ -45,9 +45,9 @@ mod replay;
 mod tests;
 mod write;
 
-use super::Pipeline;
 use super::backfill::watch::Backfills;
 use super::topology::{Force, ReadableShards};
+use super::{Pipeline, ReadSettings};
 use crate::checkpoint::{self, Position, ShardCheckpoint};
 use crate::config::MAX_RECORDS_PER_CALL;
 use crate::publish::Prepared;
@@ -123,6 +123,8 @@ struct Cursor {
     replay: Option<replay::Replay>,
     /// The backfill whose replay this reader has done (or found done).
     replayed: Option<u64>,
+    /// Empty reads in a row: an idle shard's wait grows with them (`IDLE_POLL_MAX_MS`).
+    empty_reads: u32,
 }
 
 /// Reads one shard of one table's stream.
@@ -172,8 +174,15 @@ impl ShardReader {
         let Some((start, skip_before)) = self.resume_at(checkpoint.position()) else { return Outcome::Finished };
         tracing::info!(table, shard_id, ?start, skip_before, "shard reader started");
         let first_lease = self.guard.term() == Term::new(1) && checkpoint.position().is_some();
-        let mut cursor =
-            Cursor { start, checkpoint, delays: retry::backoff(), skip_before, replay: None, replayed: None };
+        let mut cursor = Cursor {
+            start,
+            checkpoint,
+            delays: retry::backoff(),
+            skip_before,
+            replay: None,
+            replayed: None,
+            empty_reads: 0,
+        };
         let mut state = if first_lease { State::Holding(Hold::FirstLease) } else { State::Positioning };
         loop {
             state = match state {
@@ -305,12 +314,13 @@ impl ShardReader {
             Ok(replaying) => replaying,
             Err(outcome) => return State::Ended(outcome),
         };
+        cursor.empty_reads = if count > 0 { 0 } else { cursor.empty_reads.saturating_add(1) };
         let wait = if full || replaying {
             Duration::ZERO
         } else if count > 0 {
             self.pipeline.settings.poll_gap
         } else {
-            self.pipeline.settings.poll_interval
+            self.idle_wait(cursor.empty_reads)
         };
         if !wait.is_zero() && !self.pause(Some(wait)).await {
             return State::Ended(self.stopped());
@@ -404,6 +414,19 @@ impl ShardReader {
                 return false;
             }
         }
+    }
+
+    /// The wait after the `empty`-th empty read in a row: `POLL_INTERVAL_MS`, doubled after each
+    /// further one up to `IDLE_POLL_MAX_MS` (by default the same: no backoff). A shard the topology
+    /// lists closed is read at full speed: its last records and its end are near, and its children
+    /// wait for that end.
+    fn idle_wait(&self, empty: u32) -> Duration {
+        let ReadSettings { poll_interval, idle_poll_max, .. } = self.pipeline.settings;
+        if self.listing() == Listing::Ended {
+            return poll_interval;
+        }
+        let doublings = empty.saturating_sub(1).min(20);
+        poll_interval.saturating_mul(1 << doublings).min(idle_poll_max.max(poll_interval))
     }
 
     /// How a reader that was told to stop (or lost its lease) ends.

@@ -45,6 +45,8 @@ struct Harness {
     readable: watch::Sender<ReadableShards>,
     forced: mpsc::UnboundedReceiver<String>,
     backfills: watch::Sender<Backfills>,
+    /// `IDLE_POLL_MAX_MS` of the readers started (the poll interval, 500 ms, unless a test sets it).
+    idle_poll_max: Duration,
 }
 
 fn shard() -> Readable {
@@ -75,6 +77,7 @@ impl Harness {
             readable,
             forced,
             backfills: watch::channel(Backfills::default()).0,
+            idle_poll_max: Duration::from_millis(500),
         }
     }
 
@@ -89,6 +92,7 @@ impl Harness {
             settings: ReadSettings {
                 poll_interval: Duration::from_millis(500),
                 poll_gap: Duration::from_millis(100),
+                idle_poll_max: self.idle_poll_max,
                 max_in_flight: 64,
                 quiet_for: QUIET_FOR,
             },
@@ -503,4 +507,39 @@ async fn a_replay_taken_over_skips_the_items_an_earlier_reader_published_live_af
     // reader (found by reading (100, 120] again), item-1 by this one.
     assert_eq!(replayed.len(), 24);
     assert!(replayed.iter().all(|(item, _, _)| item != "item-0" && item != "item-1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_shard_is_read_less_and_less_often_up_to_the_cap_and_at_full_speed_again_after_a_record() {
+    let mut h = Harness::new(1000).await;
+    h.idle_poll_max = Duration::from_secs(4);
+    h.source.append(SHARD, Vec::new());
+    let reads = |h: &Harness| h.metrics.get_records_calls.with_label_values(&[TABLE]).get();
+    let (_task, _) = h.start(shard());
+    // Waits after empty reads: 0.5, 1, 2, 4, 4, … s.
+    tokio::time::sleep(Duration::from_millis(7_600)).await;
+    assert_eq!(reads(&h), 5, "reads at 0, 0.5, 1.5, 3.5 and 7.5 s");
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(reads(&h), 15, "then one every 4 s");
+    h.source.append(SHARD, records(1, 1, 1));
+    let written = tokio::time::Instant::now();
+    h.until_stored(1).await;
+    assert!(
+        written.elapsed() <= Duration::from_secs(4),
+        "the first record waits at most the cap: {:?}",
+        written.elapsed()
+    );
+    // After a record the wait starts from the poll interval again.
+    let before = reads(&h);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(reads(&h) >= before + 2, "{} reads in the second after a record", reads(&h) - before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_cap_an_idle_shard_is_read_every_poll_interval() {
+    let mut h = Harness::new(1000).await;
+    h.source.append(SHARD, Vec::new());
+    let (_task, _) = h.start(shard());
+    tokio::time::sleep(Duration::from_millis(10_100)).await;
+    assert_eq!(h.metrics.get_records_calls.with_label_values(&[TABLE]).get(), 21);
 }
