@@ -13,7 +13,7 @@
 //! is marked finished only after its replay.
 //!
 //! Invariants: records are published in the shard's order; the checkpoint only covers records the
-//! sink acknowledged (or skipped as older than a `START_FROM_LATEST` first sighting); a failed
+//! sink acknowledged (or skipped as older than a `START_FROM_LATEST` first sighting or a rewind); a failed
 //! publish is retried from the first unacknowledged record (never skipped); once reading has stopped,
 //! the page in hand is still published and checkpointed (it drains), so a graceful stop leaves nothing
 //! to publish twice, while a read in flight is abandoned (nothing is in hand yet). Fencing: the
@@ -94,8 +94,8 @@ struct Cursor {
     checkpoint: ShardCheckpoint,
     /// Delays between attempts while calls fail; reset by a page read.
     delays: Backoff,
-    /// `START_FROM_LATEST`: records created before this second are skipped (only for a shard read
-    /// without a checkpoint).
+    /// Records created before this second are skipped: `START_FROM_LATEST` (only for a shard read
+    /// without a checkpoint), or a checkpoint rewound to a time (`checkpoints rewind`).
     skip_before: Option<u64>,
     /// The backfill replay under way.
     replay: Option<replay::Replay>,
@@ -150,11 +150,16 @@ impl ShardReader {
         let start = match checkpoint.position() {
             Some(Position::Finished { .. }) => return Outcome::Finished,
             Some(Position::After(seq)) => StartAt::After(seq.to_string()),
+            Some(Position::Rewound { .. }) => StartAt::TrimHorizon,
             None => self.shard.fresh_start.clone(),
         };
         // Only a shard read from its start skips: one with a checkpoint resumes after it, whoever wrote
-        // it (the Go service during an upgrade included).
-        let skip_before = self.shard.skip_before.filter(|_| checkpoint.position().is_none());
+        // it (the Go service during an upgrade included); one rewound to a time skips what is older.
+        let skip_before = match checkpoint.position() {
+            None => self.shard.skip_before,
+            Some(Position::Rewound { since }) => *since,
+            Some(_) => None,
+        };
         tracing::info!(table, shard_id, ?start, skip_before, "shard reader started");
         let mut cursor =
             Cursor { start, checkpoint, delays: retry::backoff(), skip_before, replay: None, replayed: None };
@@ -273,7 +278,7 @@ impl ShardReader {
                 table,
                 shard_id,
                 skipped,
-                "records created before the first sighting skipped (START_FROM_LATEST)"
+                "records created before the first sighting (START_FROM_LATEST) or the rewind's time skipped"
             );
             cursor.start = StartAt::After(end.to_string());
             if let Err(outcome) = self.checkpoint(&mut cursor.checkpoint, Position::After(end)).await {
