@@ -88,13 +88,32 @@ async fn lease(store: &kv::Store, table: &str, shard: &str, alive: bool) {
     store.put(format!("lease/replica.{LIVE_INSTANCE}"), presence.into()).await.unwrap();
 }
 
+/// Servers with table `orders` (one shard, on moto) and the bucket, empty.
+struct Orders {
+    nats: NatsServer,
+    moto: Moto,
+    store: kv::Store,
+    shard: String,
+    /// The shard's first sequence number.
+    start: u128,
+    /// The shard's checkpoint key.
+    key: String,
+}
+
+impl Orders {
+    async fn start() -> Orders {
+        let (nats, moto) = (NatsServer::start().await, Moto::start().await);
+        fixtures::create_table(&fixtures::dynamodb(&moto).await, "orders", Some(StreamViewType::NewAndOldImages)).await;
+        let store = bucket(&nats, BUCKET).await;
+        let (shard, start) = shard_of(&moto, "orders").await;
+        let key = format!("orders.{shard}");
+        Orders { nats, moto, store, shard, start, key }
+    }
+}
+
 #[tokio::test]
 async fn set_checks_the_shard_the_sequence_number_and_the_lease() {
-    let (nats, moto) = (NatsServer::start().await, Moto::start().await);
-    fixtures::create_table(&fixtures::dynamodb(&moto).await, "orders", Some(StreamViewType::NewAndOldImages)).await;
-    let store = bucket(&nats, BUCKET).await;
-    let (shard, start) = shard_of(&moto, "orders").await;
-    let key = format!("orders.{shard}");
+    let Orders { nats, moto, store, shard, start, key } = Orders::start().await;
     let set = |shard: &str, sequence: String, force: bool| {
         let mut args =
             vec!["checkpoints".to_owned(), "set".to_owned(), "orders".to_owned(), shard.to_owned(), sequence];
@@ -155,11 +174,7 @@ async fn set_checks_the_shard_the_sequence_number_and_the_lease() {
 
 #[tokio::test]
 async fn rewind_takes_every_form_of_time_and_refuses_one_outside_the_retention() {
-    let (nats, moto) = (NatsServer::start().await, Moto::start().await);
-    fixtures::create_table(&fixtures::dynamodb(&moto).await, "orders", Some(StreamViewType::NewAndOldImages)).await;
-    let store = bucket(&nats, BUCKET).await;
-    let (shard, start) = shard_of(&moto, "orders").await;
-    let key = format!("orders.{shard}");
+    let Orders { nats, moto, store, shard, start, key } = Orders::start().await;
     store.put(&key, format!("SHARD_END:{start}").into()).await.unwrap();
     let rewind = |to: String, force: bool| {
         let (nats, moto) = (&nats, &moto);
