@@ -3,6 +3,9 @@
 //! Keys and values are the seed's: key `{table_name}.{shard_id}`, value the sequence number of the
 //! last record published, so a bucket written by the Go service is resumed from as it is. A shard read
 //! to its end gets the value `SHARD_END` (followed by `:{last sequence number}` when it had records).
+//! Only the operator's `checkpoints rewind` writes the two values that replay a shard from its
+//! start: `TRIM_HORIZON`, and `AT_TIMESTAMP:{unix seconds}` (records created before it are skipped);
+//! the Go service cannot read them.
 //!
 //! Invariants: every write is a compare-and-swap on the revision this process last saw (a mismatch
 //! means another writer moved the key: the caller stops and re-reads, it never overwrites); a
@@ -22,6 +25,10 @@ use crate::retry;
 
 /// The marker value of a shard read to its end.
 pub const SHARD_END: &str = "SHARD_END";
+/// The value of a shard rewound to its start (`checkpoints rewind --to trim-horizon`).
+pub const TRIM_HORIZON: &str = "TRIM_HORIZON";
+/// The prefix of a shard rewound to a time: `AT_TIMESTAMP:{unix seconds}`.
+pub const AT_TIMESTAMP: &str = "AT_TIMESTAMP";
 
 /// A DynamoDB Streams sequence number: decimal digits, compared as the number they spell.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -65,12 +72,23 @@ pub enum Position {
     After(SequenceNumber),
     /// The shard was read to its end; `last` is its last record, if it had any.
     Finished { last: Option<SequenceNumber> },
+    /// Rewound by an operator: read the shard from `TRIM_HORIZON`, skipping the records created
+    /// before second `since` (Unix epoch; `None`: skip nothing). DynamoDB Streams has no iterator at
+    /// a time, so this is how a replay from a time is kept. Only `checkpoints rewind` writes it.
+    Rewound { since: Option<u64> },
 }
 
 impl Position {
-    /// Parses a stored value: the seed's bare sequence number, or our end-of-shard marker.
+    /// Parses a stored value: the seed's bare sequence number, our end-of-shard marker, or a rewind.
     pub fn parse(value: &str) -> Option<Position> {
         let value = value.trim();
+        if value == TRIM_HORIZON {
+            return Some(Position::Rewound { since: None });
+        }
+        if let Some(since) = value.strip_prefix(AT_TIMESTAMP).and_then(|rest| rest.strip_prefix(':')) {
+            let digits = !since.is_empty() && since.bytes().all(|b| b.is_ascii_digit());
+            return digits.then(|| since.parse().ok()).flatten().map(|since| Position::Rewound { since: Some(since) });
+        }
         if let Some(rest) = value.strip_prefix(SHARD_END) {
             return match rest.strip_prefix(':') {
                 None if rest.is_empty() => Some(Position::Finished { last: None }),
@@ -87,6 +105,8 @@ impl Position {
             Position::After(seq) => seq.to_string(),
             Position::Finished { last: None } => SHARD_END.to_owned(),
             Position::Finished { last: Some(seq) } => format!("{SHARD_END}:{seq}"),
+            Position::Rewound { since: None } => TRIM_HORIZON.to_owned(),
+            Position::Rewound { since: Some(since) } => format!("{AT_TIMESTAMP}:{since}"),
         }
     }
 
@@ -95,15 +115,19 @@ impl Position {
         match self {
             Position::After(seq) => Some(seq),
             Position::Finished { last } => last.as_ref(),
+            Position::Rewound { .. } => None,
         }
     }
 
     /// True when moving from `previous` to `self` goes forward (never backwards, never out of the
-    /// finished state).
+    /// finished state). A rewind is where reading starts over, so anything read from it goes forward,
+    /// and nothing but the operator's command goes back to one.
     pub fn is_after(&self, previous: Option<&Position>) -> bool {
         match (previous, self) {
             (None, _) => true,
             (Some(Position::Finished { .. }), _) => false,
+            (Some(_), Position::Rewound { .. }) => false,
+            (Some(Position::Rewound { .. }), _) => true,
             (Some(Position::After(old)), Position::After(new)) => new > old,
             (Some(Position::After(old)), Position::Finished { last }) => last.as_ref().is_none_or(|l| l >= old),
         }
@@ -381,6 +405,41 @@ mod tests {
         }
         assert_eq!(Position::parse("not a number"), None);
         assert_eq!(Position::parse("SHARD_ENDX"), None);
+    }
+
+    #[test]
+    fn rewinds_round_trip_and_malformed_ones_are_refused() {
+        assert_eq!(Position::parse("TRIM_HORIZON"), Some(Position::Rewound { since: None }));
+        assert_eq!(Position::parse("AT_TIMESTAMP:1795593789"), Some(Position::Rewound { since: Some(1_795_593_789) }));
+        for value in ["TRIM_HORIZON", "AT_TIMESTAMP:1795593789", "AT_TIMESTAMP:0"] {
+            assert_eq!(Position::parse(value).expect("parses").encode(), value);
+        }
+        for bad in [
+            "AT_TIMESTAMP",
+            "AT_TIMESTAMP:",
+            "AT_TIMESTAMP:-5",
+            "AT_TIMESTAMP:12x",
+            "TRIM_HORIZONX",
+            "AT_TIMESTAMP:1:2",
+        ] {
+            assert_eq!(Position::parse(bad), None, "{bad}");
+        }
+        assert_eq!(Position::Rewound { since: Some(7) }.last(), None);
+    }
+
+    #[test]
+    fn reading_on_from_a_rewind_goes_forward_and_only_the_command_goes_back_to_one() {
+        let at = |s: &str| Position::After(seq(s));
+        let rewound = Position::Rewound { since: Some(1_795_593_789) };
+        let horizon = Position::Rewound { since: None };
+        assert!(at("5").is_after(Some(&rewound)));
+        assert!(at("5").is_after(Some(&horizon)));
+        assert!(Position::Finished { last: None }.is_after(Some(&rewound)));
+        assert!(Position::Finished { last: Some(seq("9")) }.is_after(Some(&horizon)));
+        assert!(rewound.is_after(None), "a first write may be anything");
+        assert!(!rewound.is_after(Some(&at("5"))), "a reader never writes a rewind");
+        assert!(!horizon.is_after(Some(&rewound)));
+        assert!(!rewound.is_after(Some(&Position::Finished { last: None })));
     }
 
     #[test]

@@ -205,32 +205,9 @@ async fn connect_nats(config: &Config) -> anyhow::Result<async_nats::Client> {
     Ok(client)
 }
 
-/// The AWS configuration: region and credentials from the standard chain, endpoints from the
-/// standard `AWS_ENDPOINT_URL*` variables, and, with `AWS_ASSUME_ROLE_ARN`, an assumed role.
+/// The AWS configuration of the service ([`aws_sdk_config`]); its identity is logged beside start-up.
 async fn aws_config(config: &Config) -> aws_config::SdkConfig {
-    let region = aws_config::Region::new(config.aws_region.clone());
-    // Without these only the connect timeout applies, and a call that never answers would hang its
-    // shard forever. GetRecords answers within a second or two when healthy.
-    let timeouts = aws_config::timeout::TimeoutConfig::builder()
-        .operation_attempt_timeout(AWS_ATTEMPT_TIMEOUT)
-        .operation_timeout(AWS_OPERATION_TIMEOUT)
-        .build();
-    let base = aws_config::defaults(BehaviorVersion::latest()).region(region).timeout_config(timeouts).load().await;
-    let sdk = match &config.assume_role_arn {
-        None => base,
-        Some(arn) => {
-            // Role session names allow [\w+=,.@-], at most 64 characters; replica ids are a subset.
-            let session: String = format!("dynamodb-stream-consumer-{}", config.replica_id).chars().take(64).collect();
-            let provider = aws_config::sts::AssumeRoleProvider::builder(arn.clone())
-                .session_name(session)
-                .configure(&base)
-                .build()
-                .await;
-            base.into_builder()
-                .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(provider))
-                .build()
-        }
-    };
+    let sdk = aws_sdk_config(config).await;
     // Logged beside start-up, never before ready: a slow STS endpoint (up to `AWS_OPERATION_TIMEOUT`)
     // must not outlast a start-up probe (the original's chart allows 30 s), and nothing waits on it.
     let identity_config = sdk.clone();
@@ -244,4 +221,33 @@ async fn aws_config(config: &Config) -> aws_config::SdkConfig {
         }
     });
     sdk
+}
+
+/// The AWS configuration, for the service and its operator commands alike: region and credentials
+/// from the standard chain, endpoints from the standard `AWS_ENDPOINT_URL*` variables, and, with
+/// `AWS_ASSUME_ROLE_ARN`, an assumed role.
+pub async fn aws_sdk_config(config: &Config) -> aws_config::SdkConfig {
+    let region = aws_config::Region::new(config.aws_region.clone());
+    // Without these only the connect timeout applies, and a call that never answers would hang its
+    // shard forever. GetRecords answers within a second or two when healthy.
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .operation_attempt_timeout(AWS_ATTEMPT_TIMEOUT)
+        .operation_timeout(AWS_OPERATION_TIMEOUT)
+        .build();
+    let base = aws_config::defaults(BehaviorVersion::latest()).region(region).timeout_config(timeouts).load().await;
+    match &config.assume_role_arn {
+        None => base,
+        Some(arn) => {
+            // Role session names allow [\w+=,.@-], at most 64 characters; replica ids are a subset.
+            let session: String = format!("dynamodb-stream-consumer-{}", config.replica_id).chars().take(64).collect();
+            let provider = aws_config::sts::AssumeRoleProvider::builder(arn.clone())
+                .session_name(session)
+                .configure(&base)
+                .build()
+                .await;
+            base.into_builder()
+                .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(provider))
+                .build()
+        }
+    }
 }

@@ -18,6 +18,13 @@ pub enum Command {
         #[command(subcommand)]
         action: CheckpointsCommand,
     },
+    /// The fleet as the bucket shows it: live replicas and their leases, each shard's checkpoint,
+    /// when it last moved and who holds it
+    Status {
+        /// One JSON document instead of tables (its shape is in the README)
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// What to do about checkpoints.
@@ -27,6 +34,38 @@ pub enum CheckpointsCommand {
     List {
         /// A table of DYNAMODB_TABLES (all of them when left out)
         table: Option<String>,
+    },
+    /// Move a shard's checkpoint: reading resumes after SEQUENCE
+    ///
+    /// SHARD must be a shard of the table's current stream and SEQUENCE a sequence number inside its
+    /// range (DescribeStream). Refused while a live replica holds the shard's lease, unless --force.
+    Set {
+        /// A table of DYNAMODB_TABLES
+        table: String,
+        /// A shard id of the table's current stream
+        shard: String,
+        /// The sequence number of the last record not to publish again
+        sequence: String,
+        /// Write even while a live replica holds the lease (it picks the change up after its next
+        /// checkpoint write)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replay every shard of TABLE's current stream from a point in its 24 h retention
+    ///
+    /// Each shard is read again from TRIM_HORIZON, skipping records created before the time. Refused
+    /// while live replicas hold the shards' leases, unless --force.
+    Rewind {
+        /// A table of DYNAMODB_TABLES
+        table: String,
+        /// `trim-horizon` (everything the stream still holds), `latest` (now: only what is written
+        /// from now on), an RFC 3339 time (`2026-11-30T12:00:00Z`) or a time ago (`90m`, `2h`, `1h30m`)
+        #[arg(long)]
+        to: String,
+        /// Write even while live replicas hold the leases (each picks the change up after its next
+        /// checkpoint write)
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -70,6 +109,34 @@ mod tests {
             Args::try_parse_from(["dynamodb-stream-consumer", "backfill", "request"]).is_err(),
             "the table is required"
         );
+    }
+
+    #[test]
+    fn set_and_rewind_take_their_arguments_and_force() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["dynamodb-stream-consumer", "--dynamodb-tables=orders", "checkpoints"];
+            all.extend_from_slice(args);
+            Args::try_parse_from(all).map(|args| args.command)
+        };
+        assert_eq!(
+            parse(&["set", "orders", "shardId-1", "42", "--force"]).expect("parses"),
+            Some(Command::Checkpoints {
+                action: CheckpointsCommand::Set {
+                    table: "orders".to_owned(),
+                    shard: "shardId-1".to_owned(),
+                    sequence: "42".to_owned(),
+                    force: true,
+                }
+            })
+        );
+        assert_eq!(
+            parse(&["rewind", "orders", "--to", "2h"]).expect("parses"),
+            Some(Command::Checkpoints {
+                action: CheckpointsCommand::Rewind { table: "orders".to_owned(), to: "2h".to_owned(), force: false }
+            })
+        );
+        assert!(parse(&["rewind", "orders"]).is_err(), "--to is required");
+        assert!(parse(&["set", "orders", "shardId-1"]).is_err(), "the sequence number is required");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{KeyType, ReturnConsumedCapacity, StreamViewType};
-use aws_sdk_dynamodbstreams::types::ShardIteratorType;
+use aws_sdk_dynamodbstreams::types::{SequenceNumberRange, Shard, ShardIteratorType};
 
 use super::error::ReadError;
 use super::scan::{ScanPage, ScanPosition, Segment, TableScan, TableShape};
@@ -24,6 +24,16 @@ pub struct ShardInfo {
     /// Set once the shard is closed (it has an ending sequence number).
     #[serde(default)]
     pub closed: bool,
+}
+
+/// A shard's sequence numbers as `DescribeStream` lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardRange {
+    pub shard_id: String,
+    /// The shard's first sequence number (`None` if AWS left it out).
+    pub starting: Option<String>,
+    /// Its last one, once the shard is closed.
+    pub ending: Option<String>,
 }
 
 /// A table's current stream (checked to carry images).
@@ -116,6 +126,35 @@ impl StreamsApi {
 
     /// Every shard of a stream, paging through `DescribeStream`.
     pub async fn shards(&self, stream_arn: &str) -> Result<Vec<ShardInfo>, ReadError> {
+        let shards = self.describe_stream(stream_arn).await?;
+        Ok(shards
+            .into_iter()
+            .filter_map(|shard| {
+                let closed = shard.sequence_number_range.and_then(|r| r.ending_sequence_number).is_some();
+                Some(ShardInfo { shard_id: shard.shard_id?, parent_shard_id: shard.parent_shard_id, closed })
+            })
+            .collect())
+    }
+
+    /// Every shard of a stream with its sequence number range (for the operator's checkpoint
+    /// commands, which check a sequence number against it).
+    pub async fn shard_ranges(&self, stream_arn: &str) -> Result<Vec<ShardRange>, ReadError> {
+        let shards = self.describe_stream(stream_arn).await?;
+        Ok(shards
+            .into_iter()
+            .filter_map(|shard| {
+                let range = shard.sequence_number_range.unwrap_or_else(|| SequenceNumberRange::builder().build());
+                Some(ShardRange {
+                    shard_id: shard.shard_id?,
+                    starting: range.starting_sequence_number,
+                    ending: range.ending_sequence_number,
+                })
+            })
+            .collect())
+    }
+
+    /// The shards `DescribeStream` lists, every page of them.
+    async fn describe_stream(&self, stream_arn: &str) -> Result<Vec<Shard>, ReadError> {
         let mut shards = Vec::new();
         let mut start: Option<String> = None;
         loop {
@@ -130,11 +169,7 @@ impl StreamsApi {
             let Some(description) = output.stream_description else {
                 return Err(ReadError::NotFound(format!("stream {stream_arn} has no description")));
             };
-            for shard in description.shards.unwrap_or_default() {
-                let Some(shard_id) = shard.shard_id else { continue };
-                let closed = shard.sequence_number_range.and_then(|r| r.ending_sequence_number).is_some();
-                shards.push(ShardInfo { shard_id, parent_shard_id: shard.parent_shard_id, closed });
-            }
+            shards.extend(description.shards.unwrap_or_default());
             match description.last_evaluated_shard_id {
                 Some(last) if !last.is_empty() => start = Some(last),
                 _ => return Ok(shards),

@@ -73,7 +73,8 @@ fn shard_fragment(shard_id: &str) -> String {
     if safe { shard_id.to_owned() } else { escape(shard_id) }
 }
 
-fn shard_key(table: &str, arn: &str, shard_id: &str) -> String {
+/// The key of shard `shard_id` of the table's stream `arn`.
+pub fn shard_key(table: &str, arn: &str, shard_id: &str) -> String {
     format!("{}{}.{}", shard_prefix(table), label(arn), shard_fragment(shard_id))
 }
 
@@ -133,6 +134,18 @@ struct StoredShard {
     /// Carried over from the previous layout's `start_latest`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     latest: bool,
+}
+
+/// A shard key's value with its `finished` mark taken off (the operator's `checkpoints rewind`: the
+/// shard is read again, and its children wait for it again); `None` when the value is not a shard's
+/// or is not marked finished.
+pub fn unfinished(value: &[u8]) -> Option<Bytes> {
+    let mut shard: StoredShard = serde_json::from_slice(value).ok()?;
+    if !shard.finished {
+        return None;
+    }
+    shard.finished = false;
+    serde_json::to_vec(&shard).ok().map(Bytes::from)
 }
 
 /// One stream or shard key and its value, as a refresh writes it.
@@ -415,5 +428,14 @@ mod tests {
                 seen.insert(key, *wave);
             }
         }
+    }
+
+    #[test]
+    fn a_rewound_shard_loses_its_finished_mark_and_keeps_the_rest() {
+        let finished = br#"{"parent":"shardId-p","closed":true,"finished":true}"#;
+        let value = unfinished(finished).expect("marked finished");
+        assert_eq!(&value[..], br#"{"parent":"shardId-p","closed":true}"#);
+        assert_eq!(unfinished(&value), None, "not finished any more");
+        assert_eq!(unfinished(b"not json"), None);
     }
 }

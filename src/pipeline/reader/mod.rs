@@ -22,7 +22,7 @@
 //! is marked finished only after its replay.
 //!
 //! Invariants: records are published in the shard's order; the checkpoint only covers records the
-//! sink acknowledged (or skipped as older than a `START_FROM_LATEST` first sighting); a failed
+//! sink acknowledged (or skipped as older than a `START_FROM_LATEST` first sighting or a rewind); a failed
 //! publish is retried from the first unacknowledged record (never skipped); once reading has stopped,
 //! the page in hand is still published and checkpointed (it drains), so a graceful stop leaves nothing
 //! to publish twice, while a read in flight is abandoned (nothing is in hand yet). Fencing: the
@@ -116,8 +116,8 @@ struct Cursor {
     checkpoint: ShardCheckpoint,
     /// Delays between attempts while calls fail; reset by a page read.
     delays: Backoff,
-    /// `START_FROM_LATEST`: records created before this second are skipped (only for a shard read
-    /// without a checkpoint).
+    /// Records created before this second are skipped: `START_FROM_LATEST` (only for a shard read
+    /// without a checkpoint), or a checkpoint rewound to a time (`checkpoints rewind`).
     skip_before: Option<u64>,
     /// The backfill replay under way.
     replay: Option<replay::Replay>,
@@ -302,7 +302,7 @@ impl ShardReader {
                 table,
                 shard_id,
                 skipped,
-                "records created before the first sighting skipped (START_FROM_LATEST)"
+                "records created before the first sighting (START_FROM_LATEST) or the rewind's time skipped"
             );
             cursor.start = StartAt::After(end.to_string());
             if let Err(outcome) = self.checkpoint(&mut cursor.checkpoint, Position::After(end)).await {
@@ -330,11 +330,15 @@ impl ShardReader {
 
     /// Where reading starts from a checkpoint: after it, whoever wrote it (the Go service during an
     /// upgrade included), or at the shard's fresh start when there is none (only then skipping what
-    /// `START_FROM_LATEST` skips); `None` for a shard read to its end.
+    /// `START_FROM_LATEST` skips), and what older records are skipped; `None` for a shard read to its
+    /// end.
     fn resume_at(&self, position: Option<&Position>) -> Option<(StartAt, Option<u64>)> {
         match position {
             Some(Position::Finished { .. }) => None,
             Some(Position::After(seq)) => Some((StartAt::After(seq.to_string()), None)),
+            // Rewound by an operator (`checkpoints rewind`): from the shard's start, skipping what is
+            // older than the time rewound to.
+            Some(Position::Rewound { since }) => Some((StartAt::TrimHorizon, *since)),
             None => Some((self.shard.fresh_start.clone(), self.shard.skip_before)),
         }
     }

@@ -1,20 +1,22 @@
-//! The operator commands ([`Command`]): short-lived runs of the binary that change the fleet's shared
-//! state in the checkpoint bucket and report what they did.
+//! The operator commands ([`Command`]): short-lived runs of the binary that show or change the fleet's
+//! shared state in the checkpoint bucket and report what they did: `backfill request`, `status`,
+//! `checkpoints list` (here), `checkpoints set` and `checkpoints rewind` ([`moves`]).
 //!
 //! Unlike the service, a command does not wait for NATS: an operator at a terminal wants the reason at
 //! once (server down, credentials refused, wrong bucket), not a retry loop. It never creates the
 //! bucket either: a bucket missing here means a mistyped `CHECKPOINT_BUCKET`, and a request written
 //! into a new bucket would never reach the fleet.
 
+mod fleet;
+mod moves;
+mod status;
+mod when;
+
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
-use std::sync::Arc;
 
-use coordination::lease::{LeaseValue, PresenceValue};
-use coordination::{LeaseStore, NatsKvStore, ShardKey, keys};
-use dynamodb_stream_consumer::checkpoint::Checkpoints;
 use dynamodb_stream_consumer::config::{BackfillCommand, CheckpointsCommand, Command, Config};
 use dynamodb_stream_consumer::nats;
 use dynamodb_stream_consumer::pipeline::backfill::state::request_key;
@@ -29,6 +31,20 @@ const EXIT_USAGE: u8 = 2;
 enum CommandError {
     #[error("cannot {action} {table:?}: it is not one of DYNAMODB_TABLES ({tables})")]
     UnknownTable { action: &'static str, table: String, tables: String },
+    #[error("{shard:?} is not a shard of the current stream of table {table} (its shards: {shards})")]
+    UnknownShard { table: String, shard: String, shards: String },
+    #[error("{sequence:?} is not a sequence number of shard {shard}: {reason}")]
+    BadSequence { sequence: String, shard: String, reason: String },
+    #[error("--to {to}: {reason}")]
+    BadTime { to: String, reason: String },
+    #[error("table {table}: {message}")]
+    Table { table: String, message: String },
+    #[error(
+        "refused: {what} leased by a live replica: {holders}. Stop the fleet first (the runbook's \
+         \"Reset or move a checkpoint\"), or add --force: the command then frees those leases too, so \
+         their readers stop and the shards are read from the new checkpoints within seconds"
+    )]
+    Leased { what: String, holders: String },
     #[error(transparent)]
     Connect(#[from] nats::SetupError),
     #[error(
@@ -37,14 +53,17 @@ enum CommandError {
     NoBucket { bucket: String },
     #[error("checkpoint bucket {bucket:?}: {message}")]
     Bucket { bucket: String, message: String },
-    #[error("the system clock is before 1970, so the request cannot be dated")]
+    #[error("the system clock is before 1970, so the command cannot tell the time")]
     Clock,
 }
 
 impl CommandError {
     fn exit_code(&self) -> ExitCode {
         match self {
-            CommandError::UnknownTable { .. } => ExitCode::from(EXIT_USAGE),
+            CommandError::UnknownTable { .. }
+            | CommandError::UnknownShard { .. }
+            | CommandError::BadSequence { .. }
+            | CommandError::BadTime { .. } => ExitCode::from(EXIT_USAGE),
             _ => ExitCode::FAILURE,
         }
     }
@@ -66,6 +85,13 @@ pub fn run(command: Command, config: &Config) -> ExitCode {
         Command::Checkpoints { action: CheckpointsCommand::List { table } } => {
             runtime.block_on(list_checkpoints(config, table.as_deref()))
         }
+        Command::Checkpoints { action: CheckpointsCommand::Set { table, shard, sequence, force } } => {
+            runtime.block_on(moves::set(config, &table, &shard, &sequence, force))
+        }
+        Command::Checkpoints { action: CheckpointsCommand::Rewind { table, to, force } } => {
+            runtime.block_on(moves::rewind(config, &table, &to, force))
+        }
+        Command::Status { json } => runtime.block_on(status::status(config, json)),
     };
     match done {
         Ok(report) => {
@@ -126,8 +152,8 @@ async fn open_bucket(config: &Config) -> Result<jetstream::kv::Store, CommandErr
 }
 
 /// Lists every checkpoint of `table` (or of every configured table): its stored value (a sequence
-/// number, or `SHARD_END…` once read to its end) and its lease: the replica holding it while that
-/// replica is alive (its presence key is there), `expired` when the holder is gone, `free` when
+/// number, `SHARD_END…` once read to its end, or a rewind) and its lease: the replica holding it while
+/// that replica is alive (its presence key is there), `expired` when the holder is gone, `free` when
 /// released or never taken.
 async fn list_checkpoints(config: &Config, table: Option<&str>) -> Result<String, CommandError> {
     let tables: Vec<&str> = match table {
@@ -137,47 +163,25 @@ async fn list_checkpoints(config: &Config, table: Option<&str>) -> Result<String
         }
         None => config.tables.iter().map(String::as_str).collect(),
     };
-    let store: Arc<dyn LeaseStore> = Arc::new(NatsKvStore::new(open_bucket(config).await?));
-    let bucket = config.bucket.clone();
-    let failed =
-        |err: &dyn std::fmt::Display| CommandError::Bucket { bucket: bucket.clone(), message: err.to_string() };
-    let checkpoints = Checkpoints::new(Arc::clone(&store));
+    let bucket = fleet::Bucket::new(config.bucket.clone(), open_bucket(config).await?);
+    let fleet = fleet::Fleet::read(bucket.store.as_ref()).await.map_err(|err| bucket_error(&bucket, &err))?;
+    let checkpoints =
+        fleet::checkpoint_rows(&bucket, &fleet, &tables).await.map_err(|err| bucket_error(&bucket, &err))?;
     let mut rows = vec![["TABLE".to_owned(), "SHARD".to_owned(), "CHECKPOINT".to_owned(), "LEASE".to_owned()]];
-    for table in tables {
-        let mut shards = checkpoints.shards_of(table).await.map_err(|err| failed(&err))?;
-        shards.sort();
-        for (key, shard_id) in shards {
-            let value = store.get(&key).await.map_err(|err| failed(&err))?;
-            let value = value.map(|entry| String::from_utf8_lossy(&entry.value).into_owned()).unwrap_or_default();
-            let lease = lease_of(store.as_ref(), table, &shard_id).await.map_err(|err| failed(&err))?;
-            rows.push([table.to_owned(), shard_id, value, lease]);
-        }
-    }
-    let count = rows.len() - 1;
-    let widths: Vec<usize> = (0..4).map(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0)).collect();
-    let mut out: Vec<String> = rows
-        .iter()
-        .map(|row| {
-            let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
-            cells.join("  ").trim_end().to_owned()
-        })
-        .collect();
-    out.push(format!("{count} checkpoint{} in bucket {bucket}", if count == 1 { "" } else { "s" }));
+    rows.extend(checkpoints.into_iter().map(|row| [row.table, row.shard_id, row.value, row.lease.to_string()]));
+    let mut out = fleet::columns(&rows);
+    out.push(format!("{} in bucket {}", fleet::count(rows.len() - 1, "checkpoint"), bucket.name));
     Ok(out.join("\n"))
 }
 
-/// Who holds the lease of a shard, as the bucket shows it now.
-async fn lease_of(store: &dyn LeaseStore, table: &str, shard_id: &str) -> Result<String, coordination::StoreError> {
-    let key = keys::shard_lease_key(&ShardKey::for_shard(table, shard_id));
-    let owner = store
-        .get(&key)
-        .await?
-        .and_then(|entry| serde_json::from_slice::<LeaseValue>(&entry.value).ok())
-        .and_then(|lease| lease.owner);
-    let Some(owner) = owner else { return Ok("free".to_owned()) };
-    let presence = store.get(&keys::presence_key(&owner.instance)).await?;
-    let alive = presence.and_then(|entry| serde_json::from_slice::<PresenceValue>(&entry.value).ok()).is_some();
-    Ok(if alive { format!("held by {}", owner.replica) } else { format!("expired (was {})", owner.replica) })
+/// A bucket read or write that failed.
+fn bucket_error(bucket: &fleet::Bucket, err: &dyn std::fmt::Display) -> CommandError {
+    CommandError::Bucket { bucket: bucket.name.clone(), message: err.to_string() }
+}
+
+/// Seconds since the epoch now.
+fn now_secs() -> Result<u64, CommandError> {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|now| now.as_secs()).map_err(|_| CommandError::Clock)
 }
 
 /// Whether the bucket's stream does not exist, as opposed to a request that failed (a time-out, no
