@@ -21,6 +21,15 @@ pub fn build_service() -> PathBuf {
     me.with_file_name("dynamodb-stream-consumer")
 }
 
+/// The cores every service process started from now on is pinned to (`pin_services_to`).
+static PINNED_CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Pins every service process started from now on to the first `cores` cores (with `taskset`, every
+/// thread), so a benchmark can report per-core figures on a bigger machine.
+pub fn pin_services_to(cores: usize) {
+    let _ = PINNED_CORES.set(cores);
+}
+
 /// A running service process; killed when dropped if it is still running.
 pub struct ServiceProcess {
     child: Child,
@@ -44,6 +53,17 @@ impl ServiceProcess {
             command.env(key, value);
         }
         let child = command.spawn().unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()));
+        if let Some(cores) = PINNED_CORES.get() {
+            // Every thread there is (the process has just started: its runtime's threads come from
+            // this one and inherit the mask).
+            let list = format!("0-{}", cores - 1);
+            let pinned = Command::new("taskset").args(["-a", "-c", "-p", &list, &child.id().to_string()]).output();
+            assert!(
+                pinned.as_ref().is_ok_and(|output| output.status.success()),
+                "taskset -a -c -p {list} {} failed: {pinned:?}",
+                child.id()
+            );
+        }
         ServiceProcess { child, log, _log_dir: log_dir }
     }
 

@@ -17,11 +17,15 @@ const BOTTOM: f64 = 60.0;
 /// One colour per record size, in the order the sizes appear in the table.
 const COLOURS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
 
-/// Where the plot goes: `BENCH_PLOT`, or `target/bench-throughput.svg` under the workspace.
+/// Where the plot goes: `BENCH_PLOT`, or `target/bench-throughput.svg` under the workspace, or (a
+/// bench binary copied without its source tree) `bench-throughput.svg` in the working directory.
 pub fn path() -> PathBuf {
     std::env::var_os("BENCH_PLOT").map(PathBuf::from).unwrap_or_else(|| {
         // `workspace_root` ends in `tests/support/../..`; the printed path reads better without it.
         let root = test_support::workspace_root();
+        if !root.join("Cargo.toml").is_file() {
+            return PathBuf::from("bench-throughput.svg");
+        }
         root.canonicalize().unwrap_or(root).join("target/bench-throughput.svg")
     })
 }
