@@ -94,3 +94,12 @@ pub struct ChangeRecord {
     pub size_bytes: Option<i64>,
     pub origin: Origin,
 }
+
+/// A stream record that cannot become a change record (it lacks its `dynamodb` section or its
+/// sequence number), described for the log: it can be neither published nor checkpointed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{reason} (event id {event_id:?})")]
+pub struct Unusable {
+    pub reason: &'static str,
+    pub event_id: Option<String>,
+}

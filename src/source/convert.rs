@@ -8,15 +8,8 @@
 
 use aws_sdk_dynamodbstreams::types::{AttributeValue, Record};
 
+pub use crate::record::Unusable;
 use crate::record::{ChangeRecord, Map, Origin, UserIdentity, Value};
-
-/// A record that cannot become a change record, described for the log.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{reason} (event id {event_id:?})")]
-pub struct Unusable {
-    pub reason: &'static str,
-    pub event_id: Option<String>,
-}
 
 /// Converts one record.
 pub fn change_record(record: Record) -> Result<ChangeRecord, Unusable> {

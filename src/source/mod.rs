@@ -10,6 +10,7 @@ pub mod error;
 pub mod layout;
 #[cfg(test)]
 pub mod memory;
+pub mod raw_body;
 pub mod scan;
 pub mod topology;
 

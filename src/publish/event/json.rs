@@ -119,11 +119,14 @@ impl JsonWriter {
             Value::Ns(items) => self.array(items, |w, item| w.number(item)),
             Value::B(blob) => self.base64(blob),
             Value::Bs(blobs) => self.array(blobs, |w, blob| w.base64(blob)),
-            Value::Unknown(what) => {
-                self.lossy.push(format!("attribute type unknown to this version: {what}; written as null"));
-                self.raw("null");
-            }
+            Value::Unknown(what) => self.unknown(what),
         }
+    }
+
+    /// A value of a type this version does not know (`what` describes it): `null`, noted as lossy.
+    pub(super) fn unknown(&mut self, what: &str) {
+        self.lossy.push(format!("attribute type unknown to this version: {what}; written as null"));
+        self.raw("null");
     }
 
     /// An object with its keys sorted, as the seed wrote them (Go sorts map keys; a [`Map`] is kept

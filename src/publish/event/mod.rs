@@ -10,6 +10,9 @@
 //! The JSON itself is written by `json`, straight from the record's attributes.
 
 mod json;
+pub mod transcode;
+#[cfg(test)]
+mod transcode_tests;
 
 use bytes::Bytes;
 
@@ -47,6 +50,11 @@ pub struct Event<'r> {
     problems: Vec<String>,
 }
 
+/// The problem noted for a record without keys (its event's `keys` are written as `{}`).
+const NO_KEYS: &str = "record has no Keys; keys left empty";
+/// The problem noted for a record without a creation time (written as `""`).
+const NO_CREATION_TIME: &str = "record has no ApproximateCreationDateTime";
+
 /// An event's JSON, and what in it could not be represented exactly.
 #[derive(Debug)]
 pub struct Encoded {
@@ -65,12 +73,12 @@ impl<'r> Event<'r> {
         let mut problems = Vec::new();
         let keys = record.keys.as_ref().filter(|keys| !keys.is_empty());
         if keys.is_none() {
-            problems.push("record has no Keys; keys left empty".to_owned());
+            problems.push(NO_KEYS.to_owned());
         }
         let approximate_creation_time = match record.created_at {
             Some(time) => rfc3339(time),
             None => {
-                problems.push("record has no ApproximateCreationDateTime".to_owned());
+                problems.push(NO_CREATION_TIME.to_owned());
                 String::new()
             }
         };
