@@ -24,9 +24,9 @@ impl ShardReader {
         Ok(())
     }
 
-    /// Writes a checkpoint; a lost lease or a key taken by another writer ends the reader; a bucket
-    /// that does not answer leaves the write to the next one (the records are published; only
-    /// progress is unsaved).
+    /// Writes a checkpoint; a lost lease ends the reader, a key moved by another writer ends this
+    /// page (the reader then holds the shard off, `Holding`); a bucket that does not answer leaves the
+    /// write to the next one (the records are published; only progress is unsaved).
     pub(super) async fn checkpoint(&self, checkpoint: &mut ShardCheckpoint, position: Position) -> Result<(), Outcome> {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
         match checkpoint.advance(position).await {
@@ -43,7 +43,7 @@ impl ShardReader {
             }
             Err(AdvanceError::Taken(key)) => {
                 self.pipeline.metrics.checkpoint_conflicts.with_label_values(&[table]).inc();
-                tracing::error!(table, shard_id, key, "checkpoint was moved by another writer; this reader stops");
+                tracing::info!(table, shard_id, key, "checkpoint was moved by another writer; publishing of this shard stops");
                 Err(Outcome::CheckpointTaken)
             }
             Err(AdvanceError::Unavailable(err)) => {
