@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod filter;
 pub mod http;
 pub mod metrics;
 pub mod nats;

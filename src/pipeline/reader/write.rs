@@ -43,7 +43,12 @@ impl ShardReader {
             }
             Err(AdvanceError::Taken(key)) => {
                 self.pipeline.metrics.checkpoint_conflicts.with_label_values(&[table]).inc();
-                tracing::info!(table, shard_id, key, "checkpoint was moved by another writer; publishing of this shard stops");
+                tracing::info!(
+                    table,
+                    shard_id,
+                    key,
+                    "checkpoint was moved by another writer; publishing of this shard stops"
+                );
                 Err(Outcome::CheckpointTaken)
             }
             Err(AdvanceError::Unavailable(err)) => {
