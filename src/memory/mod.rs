@@ -34,11 +34,10 @@ use crate::publish::Prepared;
 /// APIs' limits).
 pub const MAX_PAGE_DATA: usize = 1024 * 1024;
 
-/// What one page may cost while it is read and converted: the answer's JSON (DynamoDB's typed JSON
-/// is larger than the data it carries), the SDK's records parsed from it, and the events written
-/// from them before the SDK's records are dropped. Four times the page's data, measured with the
-/// benchmark's `memory` part (docs/benchmarks.md): 64 busy shards of 2 KB records stayed under the
-/// budget with it.
+/// What one page may cost while it is read and converted: the answer's body (received in chunks,
+/// then made contiguous: twice its size for a moment), the SDK's records parsed from it, then our
+/// records (moved from the SDK's) and their events. About 3.5 MB for a 1 MB page; four times the
+/// page's data. After conversion the charge shrinks to what the batch holds ([`batch_bytes`]).
 pub const PAGE_RESERVE: usize = 4 * MAX_PAGE_DATA;
 
 /// What a converted record holds beside its event's payload: the record itself (its images, kept in
@@ -167,6 +166,7 @@ impl Sizing {
             target_percent = limit::TARGET_PERCENT,
             fixed_mib = mib(fixed_bytes),
             headroom_mib = mib(limit::RUNTIME_HEADROOM),
+            allocator_slack_percent = limit::ALLOCATOR_SLACK_PERCENT,
             budget_mib = mib(bytes),
             page_reserve_mib = mib(PAGE_RESERVE as u64),
             "memory budget for pages of records"
