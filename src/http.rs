@@ -11,7 +11,9 @@
 //! previous version is present), `leases` (held shard lease keys), `shards` (see
 //! [`crate::status::ShardStatus`]), `tables_unreadable` (table → `reason`, `message`) and `backfills`
 //! (table → its latest backfill: `epoch`, `phase`, `segments_done`, `segments`, `replays_done`,
-//! `replays_due`, `items_estimate`, `items_published_here`, `elapsed_s`, `eta_s`).
+//! `replays_due`, `items_estimate`, `items_published_here`, `elapsed_s`, `eta_s`) and `memory` (the
+//! memory budget: `limit_bytes`, `limit_source`, `fixed_bytes`, `budget_bytes`, `held_bytes`, `waits`;
+//! null limit and budget without a memory limit).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -43,6 +45,8 @@ pub struct Health {
     pub unreadable: Arc<UnreadableTables>,
     /// The tables' backfills, once the fleet runs.
     pub backfills: std::sync::OnceLock<watch::Receiver<Backfills>>,
+    /// The memory budget, once start-up sized it.
+    pub memory: std::sync::OnceLock<crate::memory::Sizing>,
 }
 
 impl Health {
@@ -55,6 +59,7 @@ impl Health {
             leases: std::sync::OnceLock::new(),
             unreadable: Arc::default(),
             backfills: std::sync::OnceLock::new(),
+            memory: std::sync::OnceLock::new(),
         }
     }
 
@@ -121,6 +126,7 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
         "shards": health.metrics.progress().snapshot(),
         "tables_unreadable": health.unreadable.snapshot(),
         "backfills": health.backfills(),
+        "memory": health.memory.get().map(|sizing| sizing.status(health.metrics.memory_waits.get())),
     }))
 }
 

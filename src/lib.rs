@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod filter;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod nats;
 pub mod pipeline;
@@ -160,6 +161,10 @@ async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) ->
     let api = StreamsApi::new(&aws);
     let store: Arc<dyn coordination::LeaseStore> = Arc::new(coordination::NatsKvStore::new(bucket));
     let checkpoints = Checkpoints::new(Arc::clone(&store));
+    // Sized once connected and before any page is read: what the process holds now is its fixed part.
+    let limit = memory::limit::find(config.memory_limit, std::path::Path::new(memory::limit::CGROUP_ROOT));
+    let sizing = memory::Sizing::new(limit, config.memory_limit, &metrics);
+    let _ = health.memory.set(sizing.clone());
     let pipeline = Arc::new(Pipeline {
         source: Arc::new(api.clone()),
         sink: Arc::new(Publisher::new(publish_connection, client, metrics.clone())),
@@ -176,6 +181,7 @@ async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) ->
         scan: Arc::new(api.clone()),
         backfill: config.backfill.clone(),
         value_limit,
+        memory: sizing.budget,
     });
     let topology = TopologyContext {
         discovery: Discovery { api, checkpoints, metrics, start_from_latest: config.start_from_latest },

@@ -446,8 +446,17 @@ async fn metrics_status_and_logs_show_what_flowed_what_failed_and_where_the_leas
         "shards",
         "tables_unreadable",
         "backfills",
+        "memory",
     ];
     assert_eq!(keys, BTreeSet::from(documented));
+    // The memory budget: its limit and budget are null without a memory limit (a CI container may
+    // have one: then both are numbers).
+    let memory = status["memory"].as_object().unwrap();
+    let fields: BTreeSet<&str> = memory.keys().map(String::as_str).collect();
+    let documented = ["limit_bytes", "limit_source", "fixed_bytes", "budget_bytes", "held_bytes", "waits"];
+    assert_eq!(fields, BTreeSet::from(documented), "{status}");
+    assert_eq!(memory["limit_bytes"].is_null(), memory["budget_bytes"].is_null(), "{status}");
+    assert!(memory["held_bytes"].is_u64() && memory["waits"].is_u64(), "{status}");
     assert_eq!(status["backfills"], serde_json::json!({}), "no backfill requested");
     assert_eq!(status["lease_renewal"], "session", "no replica of the previous version here");
     assert_eq!(status["tables_unreadable"], serde_json::json!({}));

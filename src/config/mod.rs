@@ -163,6 +163,10 @@ pub struct Args {
     /// Items per Scan call of a backfill (its Limit), 1 to 10000
     #[arg(long, env = "BACKFILL_PAGE_ITEMS", default_value = "1000")]
     pub backfill_page_items: String,
+    /// Memory limit in MiB the memory budget derives from (overrides the container's cgroup limit; `0`:
+    /// no budget); unset: the cgroup's limit, if any
+    #[arg(long, env = "MEMORY_LIMIT_MB", default_value = "")]
+    pub memory_limit_mb: String,
     /// An operator command instead of the service (`backfill request TABLE`); none runs the service
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -211,6 +215,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// What to backfill and how fast.
     pub backfill: BackfillConfig,
+    /// `MEMORY_LIMIT_MB`: the memory limit the budget derives from, or where to find it.
+    pub memory_limit: crate::memory::limit::Setting,
 }
 
 /// Every invalid setting, each with its variable name and the reason.
@@ -340,6 +346,7 @@ impl Args {
                 IpAddr::V4(Ipv4Addr::UNSPECIFIED)
             }),
         };
+        let memory_limit = memory_limit(&mut check, &self.memory_limit_mb);
         let debug = check.bool("DEBUG", &self.debug);
         let log_format = match self.log_format.trim().to_ascii_lowercase().as_str() {
             "text" => LogFormat::Text,
@@ -381,7 +388,26 @@ impl Args {
             debug,
             log_format,
             backfill,
+            memory_limit,
         })
+    }
+}
+
+/// The least `MEMORY_LIMIT_MB` taken: below it the process's own fixed memory (about 25 MiB) leaves
+/// no room for pages.
+const MIN_MEMORY_LIMIT_MB: u64 = 48;
+
+/// `MEMORY_LIMIT_MB`: unset (the cgroup's limit), `0` (no budget) or a limit in MiB.
+fn memory_limit(check: &mut Checker, text: &str) -> crate::memory::limit::Setting {
+    use crate::memory::limit::Setting;
+    match text.trim() {
+        "" => Setting::Detect,
+        "0" => Setting::Off,
+        text => {
+            // Up to 16 TiB.
+            let mib = check.number("MEMORY_LIMIT_MB", text, MIN_MEMORY_LIMIT_MB, 1 << 24);
+            Setting::Bytes(mib << 20)
+        }
     }
 }
 
@@ -470,6 +496,20 @@ mod tests {
         );
         let text = error.to_string();
         assert!(text.contains("\"soon\" is not a whole number"), "{text}");
+    }
+
+    #[test]
+    fn memory_limit_is_detected_set_in_mib_or_off() {
+        use crate::memory::limit::Setting;
+        let limit = |value: &str| args(&[("dynamodb-tables", "orders"), ("memory-limit-mb", value)]).validate();
+        assert_eq!(limit("").expect("valid").memory_limit, Setting::Detect);
+        assert_eq!(limit("0").expect("valid").memory_limit, Setting::Off);
+        assert_eq!(limit(" 256 ").expect("valid").memory_limit, Setting::Bytes(256 << 20));
+        for bad in ["lots", "-1", "12", "1.5"] {
+            let error = limit(bad).expect_err(bad);
+            assert_eq!(error.0[0].0, "MEMORY_LIMIT_MB", "{bad}");
+        }
+        assert!(limit("12").expect_err("too small").to_string().contains("out of range 48"));
     }
 
     #[test]

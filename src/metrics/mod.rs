@@ -78,6 +78,14 @@ pub struct Metrics {
     pub stream_duplicate_window: Gauge,
     /// 1 when that window is longer than a crash takeover (lease TTL + one renew interval), else 0.
     pub duplicate_window_covers_takeover: IntGauge,
+    /// The memory budget for pages (`crate::memory`), in bytes; 0 without a memory limit.
+    pub memory_budget: IntGauge,
+    /// The container's memory limit the budget derives from, in bytes; 0 without one.
+    pub memory_limit: IntGauge,
+    /// Bytes of the budget charged now (pages being read, in hand, prefetched, being published).
+    pub memory_held: IntGauge,
+    /// Times a reader waited for the memory budget before reading a page.
+    pub memory_waits: IntCounter,
     /// The shards being read here: `lag_seconds` and `shard_readers` are derived from it.
     progress: Arc<ShardProgress>,
     /// The configured tables: each has a `lag_seconds` and `shard_readers` series, 0 without readers.
@@ -323,6 +331,28 @@ impl Metrics {
                  records re-published after a crash takeover are deduplicated; 0 when they may be stored twice \
                  (set at start-up)",
             ),
+            memory_budget: gauge(
+                r,
+                "memory_budget_bytes",
+                "The memory budget for pages of records across all shards (75 % of the memory limit less the \
+                 process's fixed memory); 0 without a memory limit",
+            ),
+            memory_limit: gauge(
+                r,
+                "memory_limit_bytes",
+                "The memory limit the budget derives from (MEMORY_LIMIT_MB or the cgroup's); 0 without one",
+            ),
+            memory_held: gauge(
+                r,
+                "memory_held_bytes",
+                "Bytes of the memory budget held now: pages being read, converted batches in hand or prefetched, \
+                 and their unacknowledged publishes",
+            ),
+            memory_waits: counter_plain(
+                r,
+                "memory_waits_total",
+                "Times a reader waited for the memory budget before reading a page (the budget was spent)",
+            ),
             progress: Arc::default(),
             tables: Mutex::default(),
             registry,
@@ -466,6 +496,9 @@ mod tests {
             "lease_changes_total{change=\"released\"}",
             "leases_held",
             "ready",
+            "memory_budget_bytes",
+            "memory_held_bytes",
+            "memory_waits_total",
         ] {
             let series = format!("{PREFIX}_{series}");
             assert_eq!(sample(&text, &series), Some(0.0), "{series} in:\n{text}");

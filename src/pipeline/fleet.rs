@@ -273,6 +273,7 @@ impl Fleet {
             value_limit: pipeline.value_limit,
             cancel: stop.clone(),
             guard,
+            memory: pipeline.memory.clone(),
         };
         self.track(shard, Running { generation, stop, leases: Leases::Segments }, reader.run());
     }

@@ -24,6 +24,7 @@ use coordination::LeaseGuard;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{AdvanceError, Checkpoints, Fenced, Progress};
+use crate::memory::MemoryBudget;
 use crate::metrics::Metrics;
 use crate::publish::EventSink;
 use crate::retry;
@@ -61,6 +62,8 @@ pub struct Pipeline {
     pub backfill: crate::config::BackfillConfig,
     /// The largest value the checkpoint bucket takes (see `crate::nats::VALUE_HEADROOM`).
     pub value_limit: usize,
+    /// The bytes that pages may hold across every reader (`crate::memory`).
+    pub memory: MemoryBudget,
 }
 
 /// How a reader that was told to stop, or whose lease ended, ends.

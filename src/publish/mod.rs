@@ -190,6 +190,11 @@ impl Prepared {
             max_payload, "event exceeds the max payload: {what}");
     }
 
+    /// The bytes of the event as it would be published now.
+    pub fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
+
     /// True while the event can still be made lighter.
     pub(crate) fn reducible(&self) -> bool {
         self.reduced != Reduction::Images

@@ -134,6 +134,11 @@ impl Rig {
         self.last_log = service.stop_gracefully(Duration::from_secs(20)).await;
     }
 
+    /// The running service's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.service.as_ref().map(ServiceProcess::pid)
+    }
+
     /// The running service's log, or the last stopped one's.
     pub fn log(&self) -> String {
         self.service.as_ref().map_or_else(|| self.last_log.clone(), ServiceProcess::log)
@@ -271,8 +276,13 @@ impl Rig {
     /// in `expected` covers its last record there (a closed shard's finished checkpoint may also have
     /// been deleted already), so no publish of those records is still under way.
     pub async fn settle(&self, expected: &[Record]) {
+        self.settle_within(DEADLINE, expected).await;
+    }
+
+    /// [`Rig::settle`], each wait up to `deadline`.
+    pub async fn settle_within(&self, deadline: Duration, expected: &[Record]) {
         let count = expected.len() as u64;
-        self.until(&format!("{count} messages in the stream"), || async {
+        self.until_within(deadline, &format!("{count} messages in the stream"), || async {
             (fixtures::message_count(&self.js, STREAM).await >= count).then_some(())
         })
         .await;
@@ -283,7 +293,7 @@ impl Rig {
         let open = self.streams.open_shards(TABLE);
         for (shard, sequence_number) in last {
             let gone_ok = !open.iter().any(|id| id == shard);
-            self.until(&format!("the checkpoint of {shard} to cover {sequence_number}"), || async {
+            self.until_within(deadline, &format!("the checkpoint of {shard} to cover {sequence_number}"), || async {
                 match self.checkpoint(shard).await {
                     Some(value) => covers(&value, sequence_number).then_some(()),
                     None => gone_ok.then_some(()),

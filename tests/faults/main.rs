@@ -12,6 +12,7 @@ mod backfill;
 mod backpressure;
 mod bucket;
 mod harness;
+mod memory;
 mod nats;
 mod network;
 mod reads;

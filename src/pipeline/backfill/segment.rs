@@ -19,6 +19,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::state::segment_key;
 use super::watch::now_ms;
 use crate::checkpoint::{Checkpoints, Progress};
+use crate::memory::{self, Charge, MemoryBudget};
 use crate::metrics::Metrics;
 use crate::pipeline::deliver::Delivery;
 use crate::pipeline::reader::Outcome;
@@ -94,6 +95,8 @@ pub struct SegmentReader {
     /// Told to stop gracefully: the page in hand is still published and checkpointed.
     pub cancel: CancellationToken,
     pub guard: LeaseGuard,
+    /// The process's memory budget: each page is charged before it is read, until it is published.
+    pub memory: MemoryBudget,
 }
 
 impl SegmentReader {
@@ -136,8 +139,8 @@ impl SegmentReader {
                 // A read that panicked is a failed call: the same position is asked again.
                 joined = read => joined.unwrap_or_else(|err| Err(ReadError::Transient(err.to_string()))),
             };
-            let page = match page {
-                Ok(page) => page,
+            let (page, charge) = match page {
+                Ok(read) => read,
                 Err(err) => {
                     let delay = delays.next().unwrap_or(Duration::from_secs(1));
                     match &err {
@@ -162,7 +165,7 @@ impl SegmentReader {
             prefetch = page.next.clone().map(|next| self.read_page(Some(next)));
             self.metrics.backfill_read_units.with_label_values(&[&self.table]).inc_by(page.read_units);
             let count = page.items.len() as u64;
-            if let Err(outcome) = self.publish(page.items).await {
+            if let Err(outcome) = self.publish(page.items, charge).await {
                 return outcome;
             }
             self.metrics.backfill_items.with_label_values(&[&self.table]).inc_by(count);
@@ -190,18 +193,22 @@ impl SegmentReader {
         }
     }
 
-    /// Reads the page at `start` as a task of its own, once the budget allows.
-    fn read_page(&self, start: Option<ScanPosition>) -> AbortOnDropHandle<Result<ScanPage, ReadError>> {
+    /// Reads the page at `start` as a task of its own, once the read budget allows and its memory is
+    /// charged (a prefetch waits for the memory on its own task: the page in hand never does).
+    fn read_page(&self, start: Option<ScanPosition>) -> AbortOnDropHandle<Result<(ScanPage, Charge), ReadError>> {
         let (scan, budget, table) = (Arc::clone(&self.scan), Arc::clone(&self.budget), self.table.clone());
-        let (segment, limit) = (self.segment, self.page_limit);
+        let (segment, limit, memory) = (self.segment, self.page_limit, self.memory.clone());
         AbortOnDropHandle::new(tokio::spawn(async move {
             budget.ready().await;
-            scan.scan(&table, segment, start.as_ref(), limit).await
+            let charge = memory.take(memory::PAGE_RESERVE).await;
+            let page = scan.scan(&table, segment, start.as_ref(), limit).await?;
+            Ok((page, charge))
         }))
     }
 
-    /// Publishes a page's items as snapshot rows until every one is acknowledged.
-    async fn publish(&self, items: Vec<crate::record::Map>) -> Result<(), Outcome> {
+    /// Publishes a page's items as snapshot rows until every one is acknowledged; the page's memory
+    /// `charge` is given back with the batch.
+    async fn publish(&self, items: Vec<crate::record::Map>, mut charge: Charge) -> Result<(), Outcome> {
         let read_at = now_secs();
         let label = format!("backfill-{}-segment-{}-of-{}", self.epoch, self.segment.index, self.segment.total);
         let batch = items
@@ -218,10 +225,12 @@ impl SegmentReader {
                 };
                 self.sink.prepare(&self.table, &label, row)
             })
-            .collect();
+            .collect::<Vec<_>>();
+        charge.shrink_to(memory::batch_bytes(&batch));
         let destination = Destination { subject: &self.subject, table: &self.table, shard_id: &label };
         let mut delivery = Delivery::new(self.sink.as_ref(), destination, batch, self.window, &self.guard);
         while delivery.acked().await?.is_some() {}
+        drop(charge);
         Ok(())
     }
 

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ReadBudget, SegmentReader};
 use crate::checkpoint::{Checkpoints, Progress};
+use crate::memory::MemoryBudget;
 use crate::metrics::Metrics;
 use crate::pipeline::backfill::state::segment_key;
 use crate::pipeline::reader::Outcome;
@@ -40,6 +41,7 @@ struct Rig {
     store: Arc<MemoryStore>,
     budget: Arc<ReadBudget>,
     value_limit: usize,
+    memory: MemoryBudget,
 }
 
 impl Rig {
@@ -50,6 +52,7 @@ impl Rig {
             store: Arc::new(MemoryStore::new()),
             budget: Arc::new(ReadBudget::new(budget)),
             value_limit: usize::MAX,
+            memory: MemoryBudget::unlimited(),
         }
     }
 
@@ -74,6 +77,7 @@ impl Rig {
             value_limit: self.value_limit,
             cancel: CancellationToken::new(),
             guard,
+            memory: self.memory.clone(),
         };
         tokio::time::timeout(DEADLINE, reader.run()).await.unwrap()
     }
@@ -180,4 +184,26 @@ async fn a_position_too_large_for_the_bucket_is_not_checkpointed_and_the_segment
     let stored =
         Checkpoints::new(rig.store.clone()).load_as::<SegmentProgress>(&segment_key(TABLE, 1, segment)).await.unwrap();
     assert_eq!(stored.position, Some(SegmentProgress::Done));
+}
+
+#[tokio::test(start_paused = true)]
+async fn segments_sharing_a_memory_budget_smaller_than_a_page_all_end_done_and_give_it_back() {
+    let mut rig = Rig::new(1050, 0.5, 1e9);
+    let (held, waits) =
+        (prometheus::IntGauge::new("held", "held").unwrap(), prometheus::IntCounter::new("w", "w").unwrap());
+    rig.memory = MemoryBudget::new(1000, held.clone(), waits.clone());
+    let rig = Arc::new(rig);
+    let readers: Vec<_> = (0..4)
+        .map(|index| {
+            let rig = rig.clone();
+            tokio::spawn(async move { rig.read(Segment { index, total: 4 }).await })
+        })
+        .collect();
+    for reader in readers {
+        assert_eq!(reader.await.unwrap(), Outcome::Finished);
+    }
+    let keys = rig.published_keys();
+    assert_eq!(keys.iter().collect::<HashSet<_>>().len(), 1050, "every item once");
+    assert!(waits.get() > 0, "a page and its prefetch do not both fit: readers waited");
+    assert_eq!((rig.memory.held(), held.get()), (0, 0), "every charge was given back");
 }

@@ -30,6 +30,13 @@
 //! checkpoint before every write; once it fails the reader ends at once, writing nothing more, and a
 //! publish connection that may still hold its publishes is fenced. A shard AWS calls missing has
 //! ended only if the topology lists it closed or no longer lists it.
+//!
+//! Memory: each live page is charged to the process's memory budget ([`crate::memory`]) before it is
+//! read, and the charge lives as long as its batch (until every record is acknowledged, or the reader
+//! ends). A prefetch charges its own page on its own task, so the page in hand never waits for the
+//! budget; the reader waits for it only while it holds no live page. A backfill replay's page (one
+//! per shard, only during a hand-off) is not charged: it waits for the next live page, so a charge
+//! held there could hold the budget that live page needs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +57,7 @@ use super::topology::{Force, ReadableShards};
 use super::{Pipeline, ReadSettings};
 use crate::checkpoint::{self, Position, ShardCheckpoint};
 use crate::config::MAX_RECORDS_PER_CALL;
+use crate::memory::{self, Charge};
 use crate::publish::Prepared;
 use crate::retry::{self, Backoff};
 use crate::source::error::ReadError;
@@ -104,6 +112,8 @@ struct Fetched {
     bytes: i64,
     next_iterator: Option<String>,
     batch: Vec<Prepared>,
+    /// The batch's share of the memory budget: dropped with the batch, once it is published.
+    charge: Charge,
 }
 
 /// A prefetch in flight: the task reading and converting the page at the state's iterator.
@@ -282,7 +292,7 @@ impl ShardReader {
             }
             _ => None,
         };
-        let mut batch = page.batch;
+        let (mut batch, charge) = (page.batch, page.charge);
         let page_end = batch.last().map(|record| record.sequence_number.clone());
         let skipped = cursor.skip_before.map_or(0, |before| skip_older(&mut batch, before));
         let newest = batch.last().and_then(|p| p.created_at).filter(|_| count > 0);
@@ -294,6 +304,8 @@ impl ShardReader {
         {
             return State::Ended(outcome);
         }
+        // Every record of the batch is acknowledged and the batch is gone: so is its memory.
+        drop(charge);
         if skipped > 0
             && let Some(end) = page_end
         {
@@ -528,8 +540,12 @@ impl ShardReader {
 }
 
 /// Reads the page at `iterator` and prepares its records; unusable records are logged and counted.
+///
+/// The page's memory is charged before the call (the most a page costs while it is read and
+/// converted) and the charge shrunk to what the converted batch holds; a failed call gives it back.
 async fn fetch(pipeline: &Pipeline, shard: &Readable, iterator: &str) -> Result<Fetched, ReadError> {
     let (table, shard_id) = (shard.table.as_str(), shard.shard_id.as_str());
+    let mut charge = pipeline.memory.take(memory::PAGE_RESERVE).await;
     let Page { records, unusable, next_iterator } = pipeline.source.records(iterator).await?;
     for record in &unusable {
         tracing::error!(table, shard_id, error = %record, "record cannot be published: skipped");
@@ -537,8 +553,10 @@ async fn fetch(pipeline: &Pipeline, shard: &Readable, iterator: &str) -> Result<
     }
     let count = records.len() + unusable.len();
     let bytes = records.iter().filter_map(|record| record.size_bytes).sum();
-    let batch = records.into_iter().map(|record| pipeline.sink.prepare(table, shard_id, record)).collect();
-    Ok(Fetched { count, bytes, next_iterator, batch })
+    let batch: Vec<Prepared> =
+        records.into_iter().map(|record| pipeline.sink.prepare(table, shard_id, record)).collect();
+    charge.shrink_to(memory::batch_bytes(&batch));
+    Ok(Fetched { count, bytes, next_iterator, batch, charge })
 }
 
 /// Drops the records created before second `before` (epoch; DynamoDB's creation times are whole

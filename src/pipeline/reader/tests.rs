@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Outcome, ShardReader};
 use crate::checkpoint::{self, Checkpoints, Position, Progress, SequenceNumber};
 use crate::config::BackfillConfig;
+use crate::memory::MemoryBudget;
 use crate::metrics::{Metrics, PublishErrorKind as FailureKind};
 use crate::pipeline::backfill::state::{BackfillState, Phase, ReplayProgress, pin_key, replay_key};
 use crate::pipeline::backfill::watch::{BackfillView, Backfills, TableBackfill};
@@ -47,6 +48,8 @@ struct Harness {
     backfills: watch::Sender<Backfills>,
     /// `IDLE_POLL_MAX_MS` of the readers started (the poll interval, 500 ms, unless a test sets it).
     idle_poll_max: Duration,
+    /// The readers' memory budget (unlimited unless a test sets one).
+    memory: MemoryBudget,
 }
 
 fn shard() -> Readable {
@@ -78,6 +81,7 @@ impl Harness {
             forced,
             backfills: watch::channel(Backfills::default()).0,
             idle_poll_max: Duration::from_millis(500),
+            memory: MemoryBudget::unlimited(),
         }
     }
 
@@ -99,6 +103,7 @@ impl Harness {
             scan: Arc::new(MemoryTable::new(Vec::new(), 1.0)),
             backfill: BackfillConfig::default(),
             value_limit: usize::MAX,
+            memory: self.memory.clone(),
         });
         let (force, forced) = Force::detached();
         self.forced = forced;
@@ -542,4 +547,53 @@ async fn without_a_cap_an_idle_shard_is_read_every_poll_interval() {
     let (_task, _) = h.start(shard());
     tokio::time::sleep(Duration::from_millis(10_100)).await;
     assert_eq!(h.metrics.get_records_calls.with_label_values(&[TABLE]).get(), 21);
+}
+
+/// A memory budget of `capacity` bytes for the harness's readers, with its held-bytes gauge and
+/// wait counter.
+fn tiny_budget(h: &mut Harness, capacity: usize) -> (prometheus::IntGauge, prometheus::IntCounter) {
+    let held = prometheus::IntGauge::new("held", "held").unwrap();
+    let waits = prometheus::IntCounter::new("waits", "waits").unwrap();
+    h.memory = MemoryBudget::new(capacity, held.clone(), waits.clone());
+    (held, waits)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_memory_budget_smaller_than_a_page_still_reads_every_page_in_order_and_gives_it_all_back() {
+    let mut h = Harness::new(1000).await;
+    let (held, _) = tiny_budget(&mut h, 1000);
+    h.source.append(SHARD, records(1, 4500, 7));
+    h.source.close(SHARD);
+    let (task, _) = h.start(shard());
+    assert_eq!(outcome(task).await, Outcome::Finished);
+    assert_complete_and_ordered(&h.sink, 1, 4500);
+    assert_eq!(h.sink.duplicates(), 0);
+    assert_eq!((h.memory.held(), held.get()), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_while_the_budget_is_spent_drains_the_page_in_hand_and_gives_everything_back() {
+    let mut h = Harness::new(1000).await;
+    let (held, waits) = tiny_budget(&mut h, 1000);
+    h.source.append(SHARD, records(1, 2500, 5));
+    h.sink.hold(true);
+    let (task, stop) = h.start(shard());
+    let waited = tokio::time::timeout(DEADLINE, async {
+        while h.sink.calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the page reached the sink");
+    // The page in hand holds the whole budget; its prefetch waits for it.
+    assert_eq!(h.memory.held(), 1000);
+    assert_eq!(waits.get(), 1, "the prefetch waits");
+    stop.cancel();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!task.is_finished(), "the reader drains the page in hand");
+    h.sink.hold(false);
+    assert_eq!(outcome(task).await, Outcome::Stopped);
+    assert_complete_and_ordered(&h.sink, 1, 1000);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!((h.memory.held(), held.get()), (0, 0), "the prefetch gave up its place and nothing is held");
 }

@@ -13,7 +13,7 @@ use crate::service::{Running, STREAM, start_one_shard_tables, table};
 /// Writes at a steady `rate` (records/s) over `shards` for `seconds` and returns the write-to-arrival
 /// latencies (ms), sorted.
 async fn latencies(binary: &Path, shards: usize, poll_interval_ms: u64, rate: u64, seconds: u64) -> Vec<f64> {
-    let Running { nats, source, process } = start_one_shard_tables(binary, shards, poll_interval_ms).await;
+    let Running { nats, source, process, .. } = start_one_shard_tables(binary, shards, poll_interval_ms).await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let mut messages = client.subscribe(format!("{STREAM}.>")).await.unwrap();
     client.flush().await.unwrap();

@@ -1,7 +1,7 @@
 //! The benchmark: `cargo run --release -p tools --bin bench`. It reports; it asserts nothing.
 //!
-//! Six parts, each on fresh servers, each printing a Markdown table (`BENCH_ONLY=throughput,latency,
-//! idle,idle_backoff,failover,backfill` runs a subset; the default is all of them):
+//! Seven parts, each on fresh servers, each printing a Markdown table (`BENCH_ONLY=throughput,latency,
+//! idle,idle_backoff,failover,backfill,memory` runs a subset; the default is all seven):
 //! - **throughput** (`throughput.rs`): for each shard count (1, 8, 64) and record size (about 200 B and
 //!   2 KB), the real release binary reading pre-filled records from the project's own DynamoDB Streams
 //!   endpoint (the real AWS JSON protocol, so the SDK path is measured) against the **ceiling**, a plain
@@ -25,6 +25,9 @@
 //! - **backfill** (`backfill.rs`): one replica backfilling a synthetic table of `BENCH_BACKFILL_ITEMS`
 //!   (default 1,000,000) items of 1 KiB at an unlimited read budget: items/s against the ceiling for
 //!   rows of the same size, read units per item, CPU per 1000 items and peak RSS.
+//! - **memory** (`memory.rs`): 64 busy shards of 2 KB records drained with a 256 MiB memory limit
+//!   (the original deployment's) and without a budget, in the same run: peak RSS against the limit,
+//!   records/s, and the readers' waits for the memory budget.
 //!
 //! It needs no cargo and no source tree when given built binaries: `BENCH_SERVICE_BIN` (a release
 //! build of the service; without it the service is built with cargo) and `NATS_SERVER_BIN` (else the
@@ -39,6 +42,7 @@ mod idle;
 mod idle_backoff;
 mod kv_traffic;
 mod latency;
+mod memory;
 mod plot;
 mod procfs;
 mod records;
@@ -46,7 +50,7 @@ mod service;
 mod throughput;
 
 /// The parts `BENCH_ONLY` can name, in the order they run.
-const PARTS: [&str; 6] = ["throughput", "latency", "idle", "idle_backoff", "failover", "backfill"];
+const PARTS: [&str; 7] = ["throughput", "latency", "idle", "idle_backoff", "failover", "backfill", "memory"];
 
 /// The parts to run: those `BENCH_ONLY` names (comma-separated), or all of them.
 fn selected() -> Vec<&'static str> {
@@ -95,6 +99,7 @@ async fn main() {
             "idle_backoff" => idle_backoff::run(&binary).await,
             "failover" => failover::run(&binary).await,
             "backfill" => backfill::run(&binary).await,
+            "memory" => memory::run(&binary).await,
             other => unreachable!("{other} is not in PARTS"),
         }
     }

@@ -49,12 +49,24 @@ pub struct Running {
     pub nats: NatsServer,
     pub source: FaultyStreams,
     pub process: ServiceProcess,
+    /// The service's HTTP port.
+    pub port: u16,
 }
 
 /// Starts a fresh `nats-server`, the synthetic source with `shards` empty one-shard tables, and the
 /// service polling idle shards every `poll_interval_ms` (and, after a partial page, waiting the same or
 /// the default 250 ms, whichever is shorter); returns once every shard has a reader.
 pub async fn start_one_shard_tables(binary: &Path, shards: usize, poll_interval_ms: u64) -> Running {
+    start_one_shard_tables_with(binary, shards, poll_interval_ms, &[]).await
+}
+
+/// [`start_one_shard_tables`] with the settings `extra` besides.
+pub async fn start_one_shard_tables_with(
+    binary: &Path,
+    shards: usize,
+    poll_interval_ms: u64,
+    extra: &[(&str, String)],
+) -> Running {
     let nats = NatsServer::start().await;
     let source = FaultyStreams::start().await;
     for shard in 0..shards {
@@ -62,12 +74,15 @@ pub async fn start_one_shard_tables(binary: &Path, shards: usize, poll_interval_
     }
     let port = free_port();
     let tables: Vec<String> = (0..shards).map(table).collect();
-    let polling =
-        [("POLL_INTERVAL_MS", poll_interval_ms.to_string()), ("POLL_GAP_MS", poll_interval_ms.min(250).to_string())];
-    let env = env(&nats, &source, &tables, port, &polling);
+    let mut settings = vec![
+        ("POLL_INTERVAL_MS", poll_interval_ms.to_string()),
+        ("POLL_GAP_MS", poll_interval_ms.min(250).to_string()),
+    ];
+    settings.extend(extra.iter().cloned());
+    let env = env(&nats, &source, &tables, port, &settings);
     let process = ServiceProcess::start_ready(binary, &env, port, Duration::from_secs(60)).await;
     wait_for_readers(&[port], shards).await;
-    Running { nats, source, process }
+    Running { nats, source, process, port }
 }
 
 /// What one replica's `/status` says: the leases it holds and the shards it has readers on.

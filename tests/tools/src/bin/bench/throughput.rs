@@ -54,7 +54,7 @@ fn seed_stream() -> stream::Config {
 }
 
 /// A payload attribute that makes the event JSON about `size` bytes.
-fn filler(size: usize) -> String {
+pub fn filler(size: usize) -> String {
     "x".repeat(size.saturating_sub(260).max(8))
 }
 
@@ -148,7 +148,7 @@ async fn service(scenario: Scenario, binary: &Path) -> Measured {
     // Idle shards poll every 100 ms, so all of them start draining within a tenth of a second of the
     // records appearing (the default 1 s would stagger the start of the measurement). Every shard has
     // a reader before the records appear: the figure is throughput, not start-up.
-    let Running { nats, source, process } = start_one_shard_tables(binary, scenario.shards, 100).await;
+    let Running { nats, source, process, .. } = start_one_shard_tables(binary, scenario.shards, 100).await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client);
     let pid = process.pid();
