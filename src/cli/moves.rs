@@ -237,16 +237,23 @@ impl<'a> Moves<'a> {
     }
 }
 
-/// Rewrites `key` with `change` of its current value by compare-and-swap, reading again on a
-/// conflict; false when the key is absent or `change` leaves it alone.
-async fn cas(bucket: &Bucket, key: &str, change: impl Fn(&[u8]) -> Option<Bytes>) -> Result<bool, CommandError> {
+/// Rewrites `key` by compare-and-swap with what `change` makes of its current value (`None`: the key
+/// is absent), reading again on a conflict, a few times. `Ok(None)` when `change` leaves the key
+/// alone; otherwise the value it replaced (`None`: there was none).
+async fn rewrite(
+    bucket: &Bucket,
+    key: &str,
+    change: impl Fn(Option<&[u8]>) -> Option<Bytes>,
+) -> Result<Option<Option<Bytes>>, CommandError> {
     for _ in 0..WRITE_ATTEMPTS {
-        let Some(entry) = bucket.store.get(key).await.map_err(|err| bucket_error(bucket, &err))? else {
-            return Ok(false);
+        let current = bucket.store.get(key).await.map_err(|err| bucket_error(bucket, &err))?;
+        let Some(value) = change(current.as_ref().map(|entry| &entry.value[..])) else { return Ok(None) };
+        let written = match &current {
+            None => bucket.store.create(key, value).await,
+            Some(entry) => bucket.store.update(key, value, entry.revision).await,
         };
-        let Some(value) = change(&entry.value) else { return Ok(false) };
-        match bucket.store.update(key, value, entry.revision).await {
-            Ok(_) => return Ok(true),
+        match written {
+            Ok(_) => return Ok(Some(current.map(|entry| entry.value))),
             Err(StoreError::Conflict { .. }) => continue,
             Err(err) => return Err(bucket_error(bucket, &format!("cannot write {key}: {err}"))),
         }
@@ -257,27 +264,17 @@ async fn cas(bucket: &Bucket, key: &str, change: impl Fn(&[u8]) -> Option<Bytes>
     ))
 }
 
-/// Writes `position` at `key` by compare-and-swap on the revision just read, reading again on a
-/// conflict; returns the value it replaced.
+/// Rewrites an existing `key` with `change` of its value; false when the key is absent or `change`
+/// leaves it alone.
+async fn cas(bucket: &Bucket, key: &str, change: impl Fn(&[u8]) -> Option<Bytes>) -> Result<bool, CommandError> {
+    Ok(rewrite(bucket, key, |current| current.and_then(&change)).await?.is_some())
+}
+
+/// Writes `position` at `key`, whatever it holds; returns the value it replaced.
 async fn swap(bucket: &Bucket, key: &str, position: &Position) -> Result<Option<String>, CommandError> {
     let value = Bytes::from(position.encode());
-    for _ in 0..WRITE_ATTEMPTS {
-        let current = bucket.store.get(key).await.map_err(|err| bucket_error(bucket, &err))?;
-        let old = current.as_ref().map(|entry| String::from_utf8_lossy(&entry.value).into_owned());
-        let written = match current {
-            None => bucket.store.create(key, value.clone()).await,
-            Some(entry) => bucket.store.update(key, value.clone(), entry.revision).await,
-        };
-        match written {
-            Ok(_) => return Ok(old),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(err) => return Err(bucket_error(bucket, &format!("cannot write {key}: {err}"))),
-        }
-    }
-    Err(bucket_error(
-        bucket,
-        &format!("cannot write {key}: another writer moved it {WRITE_ATTEMPTS} times in a row; try again"),
-    ))
+    let replaced = rewrite(bucket, key, |_| Some(value.clone())).await?.flatten();
+    Ok(replaced.map(|old| String::from_utf8_lossy(&old).into_owned()))
 }
 
 #[cfg(test)]

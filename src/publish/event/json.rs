@@ -8,7 +8,7 @@
 
 use base64::Engine as _;
 
-use crate::record::{Map, Value};
+use crate::record::{Map, Origin, Value};
 
 /// The JSON number grammar (RFC 8259 §6): `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
 pub fn is_json_number(text: &str) -> bool {
@@ -149,6 +149,21 @@ impl JsonWriter {
         self.out.push(b',');
         self.string(name);
         self.out.push(b':');
+    }
+
+    /// `,"name":true`: one of the flags after an event's other fields.
+    pub(super) fn flag(&mut self, name: &str) {
+        self.field(name);
+        self.raw("true");
+    }
+
+    /// The flag naming where a record comes from (none for a record read from the stream).
+    pub(super) fn origin(&mut self, origin: Origin) {
+        match origin {
+            Origin::Stream => {}
+            Origin::Snapshot { .. } => self.flag("snapshot"),
+            Origin::Replay { .. } => self.flag("replay"),
+        }
     }
 
     pub(super) fn image(&mut self, image: Option<&Map>) {

@@ -136,24 +136,12 @@ impl<'r> Event<'r> {
             w.string(identity.principal_id);
             w.raw("}");
         }
-        match self.origin {
-            Origin::Stream => {}
-            Origin::Snapshot { .. } => {
-                w.field("snapshot");
-                w.raw("true");
-            }
-            Origin::Replay { .. } => {
-                w.field("replay");
-                w.raw("true");
-            }
-        }
+        w.origin(self.origin);
         if self.images_omitted {
-            w.field("images_omitted");
-            w.raw("true");
+            w.flag("images_omitted");
         }
         if self.old_image_omitted {
-            w.field("old_image_omitted");
-            w.raw("true");
+            w.flag("old_image_omitted");
         }
         w.raw("}");
         Encoded { payload: Bytes::from(w.out), lossy: w.lossy, item, keys: keys_start..keys_end }

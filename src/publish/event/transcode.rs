@@ -118,27 +118,11 @@ impl StreamEvent {
             at = range.end;
         }
         w.out.extend_from_slice(&self.json[at..]);
-        match origin {
-            Origin::Stream => {}
-            Origin::Snapshot { .. } => {
-                w.field("snapshot");
-                w.raw("true");
-            }
-            Origin::Replay { .. } => {
-                w.field("replay");
-                w.raw("true");
-            }
-        }
+        w.origin(origin);
         match images {
             Images::Both => {}
-            Images::WithoutOld => {
-                w.field("old_image_omitted");
-                w.raw("true");
-            }
-            Images::None => {
-                w.field("images_omitted");
-                w.raw("true");
-            }
+            Images::WithoutOld => w.flag("old_image_omitted"),
+            Images::None => w.flag("images_omitted"),
         }
         w.raw("}");
         let keys = self.keys.start + shift..self.keys.end + shift;
