@@ -29,6 +29,32 @@ use crate::status::ShardProgress;
 
 const PREFIX: &str = "dynamodb_stream_consumer";
 
+/// What a shard reader waits on (`reader_wait_seconds_total{on}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitOn {
+    /// A `GetRecords` page not prefetched in time (and the memory budget for it).
+    Read,
+    /// Publishes of a page until they are acknowledged.
+    Publish,
+    /// A checkpoint write.
+    Checkpoint,
+    /// The wait between polls (`POLL_GAP_MS`, `POLL_INTERVAL_MS`, the idle backoff).
+    Pause,
+}
+
+impl WaitOn {
+    pub const ALL: [WaitOn; 4] = [WaitOn::Read, WaitOn::Publish, WaitOn::Checkpoint, WaitOn::Pause];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitOn::Read => "read",
+            WaitOn::Publish => "publish",
+            WaitOn::Checkpoint => "checkpoint",
+            WaitOn::Pause => "pause",
+        }
+    }
+}
+
 /// Every metric the service exports.
 pub struct Metrics {
     registry: Registry,
@@ -49,6 +75,9 @@ pub struct Metrics {
     pub foreign_checkpoint_moves: IntCounterVec,
     /// Shards held here but left alone until such a writer has stopped, by table.
     pub foreign_writer_shards: IntGaugeVec,
+    /// Seconds shard readers spent waiting, by table and by what they waited on ([`WaitOn`]): where
+    /// a shard's time goes when it is not converting records.
+    pub reader_wait_seconds: CounterVec,
     pub table_errors: IntCounterVec,
     pub shards_known: IntGaugeVec,
     pub table_unreadable: IntGaugeVec,
@@ -240,6 +269,20 @@ impl Metrics {
                 "Shards held but not read until a writer outside the fleet stops moving their checkpoints",
                 &["table"],
             ),
+            reader_wait_seconds: register(
+                r,
+                "reader_wait_seconds_total",
+                CounterVec::new(
+                    Opts::new(
+                        format!("{PREFIX}_reader_wait_seconds_total"),
+                        "Seconds shard readers waited, by what on: read (a GetRecords page, and the memory budget \
+                         for it, when not prefetched), publish (acknowledgements), checkpoint (its write), pause \
+                         (between polls)",
+                    ),
+                    &["table", "on"],
+                )
+                .unwrap_or_else(|err| panic!("metric reader_wait_seconds_total is malformed: {err}")),
+            ),
             table_errors: counter(
                 r,
                 "table_errors_total",
@@ -382,6 +425,9 @@ impl Metrics {
             self.backfill_replayed.with_label_values(&[t]);
             self.backfill_handoff_lost.with_label_values(&[t]);
             self.foreign_writer_shards.with_label_values(&[t]);
+            for on in WaitOn::ALL {
+                self.reader_wait_seconds.with_label_values(&[t, on.as_str()]);
+            }
             for phase in crate::pipeline::backfill::state::Phase::ALL {
                 self.backfill_phase.with_label_values(&[t, phase.as_str()]);
             }

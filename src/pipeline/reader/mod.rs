@@ -58,6 +58,7 @@ use super::{Pipeline, ReadSettings};
 use crate::checkpoint::{self, Position, ShardCheckpoint};
 use crate::config::MAX_RECORDS_PER_CALL;
 use crate::memory::{self, Charge};
+use crate::metrics::WaitOn;
 use crate::publish::Prepared;
 use crate::retry::{self, Backoff};
 use crate::source::error::ReadError;
@@ -231,6 +232,7 @@ impl ShardReader {
     /// `Reading`: reads the page at `iterator` (or takes the prefetched one), publishes and
     /// checkpoints it, and sets up the next read.
     async fn read_page(&self, cursor: &mut Cursor, iterator: String, prefetch: Option<Prefetch>) -> State {
+        let waiting = Instant::now();
         let result = match prefetch {
             // A fetch that panicked is a failed call: the same iterator is asked again.
             Some(fetch) => match self.unless_stopped(fetch).await {
@@ -242,6 +244,7 @@ impl ShardReader {
                 Some(result) => result,
             },
         };
+        self.waited(WaitOn::Read, waiting);
         self.pipeline.metrics.get_records_calls.with_label_values(&[&self.shard.table]).inc();
         match result {
             Ok(page) => {
@@ -334,7 +337,10 @@ impl ShardReader {
         } else {
             self.idle_wait(cursor.empty_reads)
         };
-        if !wait.is_zero() && !self.pause(Some(wait)).await {
+        let pausing = Instant::now();
+        let resumed = wait.is_zero() || self.pause(Some(wait)).await;
+        self.waited(WaitOn::Pause, pausing);
+        if !resumed {
             return State::Ended(self.stopped());
         }
         State::Reading { iterator, prefetch }
@@ -443,6 +449,12 @@ impl ShardReader {
         }
         let doublings = empty.saturating_sub(1).min(20);
         poll_interval.saturating_mul(1 << doublings).min(idle_poll_max.max(poll_interval))
+    }
+
+    /// Counts the time since `since` as waited on `on` (`reader_wait_seconds_total`).
+    pub(super) fn waited(&self, on: WaitOn, since: Instant) {
+        let labels = [self.shard.table.as_str(), on.as_str()];
+        self.pipeline.metrics.reader_wait_seconds.with_label_values(&labels).inc_by(since.elapsed().as_secs_f64());
     }
 
     /// How a reader that was told to stop (or lost its lease) ends.

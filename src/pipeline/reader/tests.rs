@@ -16,7 +16,7 @@ use super::{Outcome, ShardReader};
 use crate::checkpoint::{self, Checkpoints, Position, Progress, SequenceNumber};
 use crate::config::BackfillConfig;
 use crate::memory::MemoryBudget;
-use crate::metrics::{Metrics, PublishErrorKind as FailureKind};
+use crate::metrics::{Metrics, PublishErrorKind as FailureKind, WaitOn};
 use crate::pipeline::backfill::state::{BackfillState, Phase, ReplayProgress, pin_key, replay_key};
 use crate::pipeline::backfill::watch::{BackfillView, Backfills, TableBackfill};
 use crate::pipeline::topology::{Force, ReadableShards};
@@ -596,4 +596,20 @@ async fn a_stop_while_the_budget_is_spent_drains_the_page_in_hand_and_gives_ever
     assert_complete_and_ordered(&h.sink, 1, 1000);
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!((h.memory.held(), held.get()), (0, 0), "the prefetch gave up its place and nothing is held");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_counts_where_its_time_goes() {
+    let mut h = Harness::new(1000).await;
+    h.source.append(SHARD, records(1, 10, 2));
+    let (_task, _) = h.start(shard());
+    h.until_stored(10).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waited = |on: WaitOn| h.metrics.reader_wait_seconds.with_label_values(&[TABLE, on.as_str()]).get();
+    // A partial page, then empty reads every 500 ms: about two seconds of pauses.
+    assert!((1.5..=2.5).contains(&waited(WaitOn::Pause)), "{}", waited(WaitOn::Pause));
+    assert!(h.metrics.checkpoints_written.with_label_values(&[TABLE]).get() > 0);
+    for on in WaitOn::ALL {
+        assert!(waited(on) >= 0.0);
+    }
 }

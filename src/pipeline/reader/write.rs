@@ -1,8 +1,11 @@
 //! The shard reader's writing side: a page published until every record is acknowledged, the
 //! checkpoint moved over each acknowledged prefix, and the finished marker of a shard read to its end.
 
+use tokio::time::Instant;
+
 use super::{Cursor, Outcome, ShardReader};
 use crate::checkpoint::{AdvanceError, Position, ShardCheckpoint};
+use crate::metrics::WaitOn;
 use crate::pipeline::deliver::Delivery;
 use crate::publish::{Destination, Prepared};
 use crate::retry;
@@ -16,12 +19,15 @@ impl ShardReader {
         let destination = Destination { subject: &self.subject, table, shard_id };
         let window = self.pipeline.settings.max_in_flight;
         let mut delivery = Delivery::new(self.pipeline.sink.as_ref(), destination, batch, window, &self.guard);
-        while let Some(last) = delivery.acked().await? {
+        loop {
+            let publishing = Instant::now();
+            let acked = delivery.acked().await;
+            self.waited(WaitOn::Publish, publishing);
+            let Some(last) = acked? else { return Ok(()) };
             let last = last.sequence_number.clone();
             cursor.start = StartAt::After(last.to_string());
             self.checkpoint(&mut cursor.checkpoint, Position::After(last)).await?;
         }
-        Ok(())
     }
 
     /// Writes a checkpoint; a lost lease ends the reader, a key moved by another writer ends this
@@ -29,7 +35,10 @@ impl ShardReader {
     /// write to the next one (the records are published; only progress is unsaved).
     pub(super) async fn checkpoint(&self, checkpoint: &mut ShardCheckpoint, position: Position) -> Result<(), Outcome> {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
-        match checkpoint.advance(position).await {
+        let writing = Instant::now();
+        let advanced = checkpoint.advance(position).await;
+        self.waited(WaitOn::Checkpoint, writing);
+        match advanced {
             Ok(written) => {
                 if written {
                     self.pipeline.metrics.checkpoints_written.with_label_values(&[table]).inc();

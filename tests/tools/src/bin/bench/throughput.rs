@@ -29,6 +29,25 @@ struct Measured {
     records_per_sec: f64,
     cpu_ms_per_1000: Option<f64>,
     peak_rss_mb: Option<f64>,
+    /// Where the shard readers' time went while the records drained: the share of (shards × wall
+    /// time) spent waiting on a read, on acknowledgements, on checkpoint writes, in pauses
+    /// (`reader_wait_seconds_total`); the rest is their own work.
+    waits: Option<[f64; 4]>,
+}
+
+/// The `on` labels of `reader_wait_seconds_total`, in the order of [`Measured::waits`].
+const WAITS: [&str; 4] = ["read", "publish", "checkpoint", "pause"];
+
+/// Seconds waited on each of [`WAITS`] so far, summed over the shards.
+fn waited(metrics: &str) -> [f64; 4] {
+    WAITS.map(|on| crate::service::sum(metrics, "reader_wait_seconds_total", &format!("{{on=\"{on}\"")))
+}
+
+/// `read 12 / publish 60 / checkpoint 9 / pause 0 %`.
+fn shares(waits: Option<[f64; 4]>) -> String {
+    let Some(waits) = waits else { return "–".into() };
+    let parts: Vec<String> = WAITS.iter().zip(waits).map(|(on, share)| format!("{on} {:.0}", share * 100.0)).collect();
+    format!("{} %", parts.join(" / "))
 }
 
 /// One row of the table, kept for the plot.
@@ -122,6 +141,7 @@ async fn ceiling(scenario: Scenario) -> Measured {
     Measured {
         records_per_sec: (per_shard * scenario.shards) as f64 / elapsed.as_secs_f64(),
         cpu_ms_per_1000: None,
+        waits: None,
         peak_rss_mb: None,
     }
 }
@@ -148,7 +168,7 @@ async fn service(scenario: Scenario, binary: &Path) -> Measured {
     // Idle shards poll every 100 ms, so all of them start draining within a tenth of a second of the
     // records appearing (the default 1 s would stagger the start of the measurement). Every shard has
     // a reader before the records appear: the figure is throughput, not start-up.
-    let Running { nats, source, process, .. } = start_one_shard_tables(binary, scenario.shards, 100).await;
+    let Running { nats, source, process, port } = start_one_shard_tables(binary, scenario.shards, 100).await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client);
     let pid = process.pid();
@@ -174,7 +194,7 @@ async fn service(scenario: Scenario, binary: &Path) -> Measured {
         let count = stream_messages(&js).await;
         let now = Instant::now();
         if count > 0 && first.is_none() {
-            first = Some((now, count, cpu_time(pid)));
+            first = Some((now, count, cpu_time(pid), waited(&crate::service::scrape(port).await)));
         }
         if count >= total {
             break;
@@ -184,18 +204,22 @@ async fn service(scenario: Scenario, binary: &Path) -> Measured {
     }
     let end = Instant::now();
     let cpu_end = cpu_time(pid);
+    let waits_end = waited(&crate::service::scrape(port).await);
     let rss = peak_rss_mb(pid);
     if let Some(mut perf) = profiler {
         let _ = std::process::Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
         let _ = perf.wait();
     }
-    let (start, count_at_start, cpu_start) = first.unwrap();
+    let (start, count_at_start, cpu_start, waits_start) = first.unwrap();
+    let reader_seconds = (end - start).as_secs_f64() * scenario.shards as f64;
+    let waits = std::array::from_fn(|i| (waits_end[i] - waits_start[i]) / reader_seconds);
     process.stop_gracefully(Duration::from_secs(30)).await;
     let measured = (total - count_at_start) as f64;
     Measured {
         records_per_sec: measured / (end - start).as_secs_f64(),
         cpu_ms_per_1000: Some((cpu_end - cpu_start).as_secs_f64() * 1000.0 / (measured / 1000.0)),
         peak_rss_mb: rss,
+        waits: Some(waits),
     }
 }
 
@@ -239,21 +263,22 @@ pub async fn run(binary: &Path) -> Vec<Row> {
         return compare(Path::new(&baseline), binary).await;
     }
     println!(
-        "| shards | record size | records | ceiling rec/s | service rec/s | ratio | service CPU ms / 1000 rec | service peak RSS MiB |"
+        "| shards | record size | records | ceiling rec/s | service rec/s | ratio | service CPU ms / 1000 rec | service peak RSS MiB | shard readers waiting on |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     let mut rows = Vec::new();
     for scenario in scenarios() {
         let Scenario { shards, size, records } = scenario;
         let top = ceiling(scenario).await;
         let ours = service(scenario, binary).await;
         println!(
-            "| {shards} | {size} B | {records} | {:.0} | {:.0} | {:.2} | {} | {} |",
+            "| {shards} | {size} B | {records} | {:.0} | {:.0} | {:.2} | {} | {} | {} |",
             top.records_per_sec,
             ours.records_per_sec,
             ours.records_per_sec / top.records_per_sec,
             optional(ours.cpu_ms_per_1000),
             optional(ours.peak_rss_mb),
+            shares(ours.waits),
         );
         rows.push(Row { shards, size, ceiling: top.records_per_sec, service: ours.records_per_sec });
     }
