@@ -26,7 +26,8 @@ const TABLE: &str = "orders";
 const PREFIX: &str = "dynamodb_streams";
 const BUCKET: &str = "dynamodb-stream-checkpoints";
 const ITEMS: u64 = 5;
-const LEASE_TTL_SEC: u64 = 3;
+/// Long enough that a pause of the stand-in on a loaded machine is not taken for its stop.
+const LEASE_TTL_SEC: u64 = 5;
 const DEADLINE: Duration = Duration::from_secs(90);
 
 /// Updates `ITEMS` items round robin, each version one higher than the last, until told to stop.
