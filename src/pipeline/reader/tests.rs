@@ -125,6 +125,17 @@ impl Harness {
         Checkpoints::new(self.store.clone()).load(&checkpoint::key(TABLE, SHARD)).await.unwrap().position
     }
 
+    /// Waits (in virtual time, up to [`DEADLINE`]) until a page reached the sink (held or not).
+    async fn until_in_sink(&self) {
+        let waited = tokio::time::timeout(DEADLINE, async {
+            while self.sink.calls() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "the page reached the sink");
+    }
+
     /// Waits (in virtual time, up to [`DEADLINE`]) until the sink holds `count` events.
     async fn until_stored(&self, count: usize) {
         let waited = tokio::time::timeout(DEADLINE, async {
@@ -347,13 +358,7 @@ async fn a_stop_while_a_page_is_published_drains_that_page_and_checkpoints_it() 
     h.source.append(SHARD, records(1, 40, 4));
     h.sink.hold(true);
     let (task, stop) = h.start(shard());
-    let waited = tokio::time::timeout(DEADLINE, async {
-        while h.sink.calls() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "the page reached the sink");
+    h.until_in_sink().await;
     // Told to stop while the page is in the sink: the page in hand is still published and checkpointed.
     stop.cancel();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -578,13 +583,7 @@ async fn a_stop_while_the_budget_is_spent_drains_the_page_in_hand_and_gives_ever
     h.source.append(SHARD, records(1, 2500, 5));
     h.sink.hold(true);
     let (task, stop) = h.start(shard());
-    let waited = tokio::time::timeout(DEADLINE, async {
-        while h.sink.calls() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "the page reached the sink");
+    h.until_in_sink().await;
     // The page in hand holds the whole budget; its prefetch waits for it.
     assert_eq!(h.memory.held(), 1000);
     assert_eq!(waits.get(), 1, "the prefetch waits");

@@ -67,6 +67,18 @@ pub struct Encoded {
     pub keys: std::ops::Range<usize>,
 }
 
+/// `approximate_creation_time` of a record created at `created_at` (Unix seconds): RFC 3339, or
+/// empty and noted in `lossy` when the record has no creation time.
+pub(super) fn creation_time(created_at: Option<f64>, lossy: &mut Vec<String>) -> String {
+    match created_at {
+        Some(secs) => rfc3339(secs),
+        None => {
+            lossy.push(NO_CREATION_TIME.to_owned());
+            String::new()
+        }
+    }
+}
+
 impl<'r> Event<'r> {
     /// The event of one change record of `table`.
     pub fn from_record(table: &'r str, record: &'r ChangeRecord) -> Event<'r> {
@@ -75,13 +87,7 @@ impl<'r> Event<'r> {
         if keys.is_none() {
             problems.push(NO_KEYS.to_owned());
         }
-        let approximate_creation_time = match record.created_at {
-            Some(time) => rfc3339(time),
-            None => {
-                problems.push(NO_CREATION_TIME.to_owned());
-                String::new()
-            }
-        };
+        let approximate_creation_time = creation_time(record.created_at, &mut problems);
         Event {
             event_id: &record.event_id,
             event_name: &record.event_name,

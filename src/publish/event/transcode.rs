@@ -26,7 +26,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde_json::value::RawValue;
 
 use super::json::JsonWriter;
-use super::{Encoded, NO_CREATION_TIME, NO_KEYS, fnv1a, rfc3339};
+use super::{Encoded, NO_KEYS, creation_time, fnv1a};
 use crate::record::{Origin, Unusable};
 
 /// A body that is not a `GetRecords` response as the SDK reads it: not JSON, or a value of the
@@ -360,13 +360,7 @@ fn write_event(
     if keys.is_none() {
         lossy.push(NO_KEYS.to_owned());
     }
-    let time = match stream.created_at {
-        Some(secs) => rfc3339(secs),
-        None => {
-            lossy.push(NO_CREATION_TIME.to_owned());
-            String::new()
-        }
-    };
+    let time = creation_time(stream.created_at, &mut lossy);
     let images = [&keys, &stream.new_image, &stream.old_image];
     let length: usize = images.iter().filter_map(|part| part.as_ref()).map(|part| part.json.len()).sum();
     let mut w = JsonWriter { out: Vec::with_capacity(length + 256), lossy };
