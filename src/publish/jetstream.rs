@@ -12,9 +12,10 @@ use tokio::time::Instant;
 use coordination::LeaseGuard;
 
 use super::connection::{self, PublishConnection};
+use super::event::transcode::StreamEvent;
 use super::{Destination, EventSink, FailureKind, Prepared, PublishFailure};
 use crate::metrics::Metrics;
-use crate::record::ChangeRecord;
+use crate::record::{ChangeRecord, Origin};
 
 /// How long a shard holding no unacknowledged publish waits when every ack permit of the process is
 /// taken by other shards (their acks arrive within about a round trip to NATS).
@@ -71,6 +72,10 @@ impl EventSink for Publisher {
         Prepared::new(table, shard_id, record, self.client.max_payload(), &self.metrics)
     }
 
+    fn prepare_stream(&self, table: &str, shard_id: &str, event: StreamEvent, origin: Origin) -> Prepared {
+        Prepared::from_stream(table, shard_id, event, origin, self.client.max_payload(), &self.metrics)
+    }
+
     /// Throws away what publish connection `generation` still holds (see [`connection`]), if it is
     /// still the current one: when a shard's lease is lost while its publishes may be there, and when
     /// an ack times out (the connection may be cut off; a retry on it would only queue more there).
@@ -113,7 +118,7 @@ impl EventSink for Publisher {
         let job = Job {
             publisher: self.clone(),
             connection: connection.clone(),
-            subject: subject.to_owned(),
+            subject: async_nats::Subject::from(subject),
             table: table.to_owned(),
             shard_id: shard_id.to_owned(),
             window,
@@ -154,7 +159,8 @@ struct Lent {
 struct Job {
     publisher: Publisher,
     connection: connection::Connection,
-    subject: String,
+    /// Cloned per publish without copying its text.
+    subject: async_nats::Subject,
     table: String,
     shard_id: String,
     window: usize,
@@ -169,6 +175,8 @@ impl Job {
         let generation = connection.generation;
         let metrics = &publisher.metrics;
         let ack_seconds = metrics.publish_ack_seconds.with_label_values(&[table]);
+        // The counters of the event names seen so far, looked up once each rather than once a record.
+        let mut published: Vec<(String, prometheus::IntCounter)> = Vec::with_capacity(3);
         let mut pending: VecDeque<(usize, Instant, jetstream::context::PublishAckFuture)> = VecDeque::new();
         // The items of `pending`: a record whose item is here waits for that item's ack.
         let mut in_flight: HashSet<u64> = HashSet::new();
@@ -240,7 +248,15 @@ impl Job {
                     if ack.duplicate {
                         metrics.duplicate_publishes.with_label_values(&[table]).inc();
                     } else {
-                        metrics.records_published.with_label_values(&[table, record.event_name()]).inc();
+                        let name = record.event_name();
+                        match published.iter().find(|(seen, _)| seen == name) {
+                            Some((_, counter)) => counter.inc(),
+                            None => {
+                                let counter = metrics.records_published.with_label_values(&[table, name]);
+                                counter.inc();
+                                published.push((name.to_owned(), counter));
+                            }
+                        }
                     }
                     acked = index + 1;
                     progress.store(acked, Ordering::Release);

@@ -9,9 +9,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use coordination::LeaseGuard;
 
+use super::event::transcode::StreamEvent;
 use super::{Destination, EventSink, FailureKind, Prepared, PublishFailure};
 use crate::metrics::Metrics;
-use crate::record::ChangeRecord;
+use crate::record::{ChangeRecord, Origin};
 
 /// An event as the sink stored it.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,7 +93,7 @@ impl MemorySink {
             state.stored.push(Stored {
                 subject: subject.to_owned(),
                 message_id: record.message_id.clone(),
-                sequence_number: record.record.sequence_number.clone(),
+                sequence_number: record.sequence_text().to_owned(),
                 payload: record.payload.clone(),
             });
         } else {
@@ -108,6 +109,10 @@ const GENERATION: u64 = 1;
 impl EventSink for MemorySink {
     fn prepare(&self, table: &str, shard_id: &str, record: ChangeRecord) -> Prepared {
         Prepared::new(table, shard_id, record, usize::MAX, &self.metrics)
+    }
+
+    fn prepare_stream(&self, table: &str, shard_id: &str, event: StreamEvent, origin: Origin) -> Prepared {
+        Prepared::from_stream(table, shard_id, event, origin, usize::MAX, &self.metrics)
     }
 
     async fn publish_in_order(

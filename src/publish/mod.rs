@@ -30,8 +30,9 @@ use coordination::LeaseGuard;
 
 use crate::checkpoint::SequenceNumber;
 use crate::metrics::{Metrics, Omitted, PublishErrorKind as FailureKind};
-use crate::record::{ChangeRecord, Map, Origin};
-use event::{Event, message_id};
+use crate::record::{ChangeRecord, Origin};
+use event::transcode::StreamEvent;
+use event::{Encoded, Event, message_id};
 
 pub use jetstream::Publisher;
 
@@ -50,6 +51,9 @@ pub const HEADER_REPLAY: &str = "Dynamodb-Replay";
 pub trait EventSink: Send + Sync {
     /// Makes a record ready to publish (its event written, reduced if it would not fit).
     fn prepare(&self, table: &str, shard_id: &str, record: ChangeRecord) -> Prepared;
+
+    /// Makes a transcoded stream record ready to publish as `origin` (reduced if it would not fit).
+    fn prepare_stream(&self, table: &str, shard_id: &str, event: StreamEvent, origin: Origin) -> Prepared;
 
     /// Publishes `batch[from..]` in order with at most `window` acks outstanding, each record handed
     /// on only while `guard` is valid (see the module comment). A failure's `acked` counts from
@@ -81,9 +85,61 @@ pub struct Prepared {
     headers: Option<HeaderMap>,
     message_id: String,
     payload: Bytes,
+    /// The `keys` JSON of the event (the same primary key gives the same bytes).
+    keys: Bytes,
     /// Kept until published, in case the full event turns out to exceed the max payload.
-    record: ChangeRecord,
+    body: Body,
     reduced: Reduction,
+}
+
+/// What an event is written from, kept to write it lighter.
+enum Body {
+    /// A record in the service's types (a backfill's snapshot row).
+    Record(ChangeRecord),
+    /// A stream record as the transcoder wrote it from a `GetRecords` body.
+    Stream { event: StreamEvent, origin: Origin },
+}
+
+impl Body {
+    fn origin(&self) -> Origin {
+        match self {
+            Body::Record(record) => record.origin,
+            Body::Stream { origin, .. } => *origin,
+        }
+    }
+
+    fn event_name(&self) -> &str {
+        match self {
+            Body::Record(record) => &record.event_name,
+            Body::Stream { event, .. } => &event.event_name,
+        }
+    }
+
+    /// The sequence number as the source sent it.
+    fn sequence_number(&self) -> &str {
+        match self {
+            Body::Record(record) => &record.sequence_number,
+            Body::Stream { event, .. } => &event.sequence_number,
+        }
+    }
+
+    /// The event without its old image, if it has one to drop and a new image to keep.
+    fn without_old_image(&self, table: &str) -> Option<Bytes> {
+        match self {
+            Body::Record(record) => {
+                Event::from_record(table, record).without_old_image().map(|event| event.encode().payload)
+            }
+            Body::Stream { event, origin } => event.without_old_image(table, *origin),
+        }
+    }
+
+    /// The event without images.
+    fn reduced(&self, table: &str) -> Bytes {
+        match self {
+            Body::Record(record) => Event::from_record(table, record).reduced().encode().payload,
+            Body::Stream { event, origin } => event.reduced(table, *origin),
+        }
+    }
 }
 
 /// How far an event over the max payload was made lighter.
@@ -98,32 +154,61 @@ impl Prepared {
     /// Writes the event of `record`; an event (with its headers) over `max_payload` bytes is reduced.
     /// Substitutions and reductions are logged and counted.
     pub fn new(table: &str, shard_id: &str, record: ChangeRecord, max_payload: usize, metrics: &Metrics) -> Prepared {
-        let event = Event::from_record(table, &record);
-        let encoded = event.encode();
+        let encoded = Event::from_record(table, &record).encode();
+        let created_at = record.created_at;
+        Prepared::written(table, shard_id, encoded, created_at, Body::Record(record), max_payload, metrics)
+    }
+
+    /// The event the transcoder wrote from a stream record, as `origin`; reduced as [`Prepared::new`]
+    /// reduces.
+    pub fn from_stream(
+        table: &str,
+        shard_id: &str,
+        event: StreamEvent,
+        origin: Origin,
+        max_payload: usize,
+        metrics: &Metrics,
+    ) -> Prepared {
+        let encoded = event.encode(table, origin);
+        let created_at = event.created_at;
+        Prepared::written(table, shard_id, encoded, created_at, Body::Stream { event, origin }, max_payload, metrics)
+    }
+
+    fn written(
+        table: &str,
+        shard_id: &str,
+        encoded: Encoded,
+        created_at: Option<f64>,
+        body: Body,
+        max_payload: usize,
+        metrics: &Metrics,
+    ) -> Prepared {
+        let text = body.sequence_number();
         if !encoded.lossy.is_empty() {
-            tracing::warn!(table, shard_id, sequence_number = %event.sequence_number, problems = ?encoded.lossy, "record converted with substitutions");
+            tracing::warn!(table, shard_id, sequence_number = %text, problems = ?encoded.lossy, "record converted with substitutions");
             metrics.unrepresentable_records.with_label_values(&[table]).inc();
         }
         let zero = || SequenceNumber::parse("0").unwrap_or_else(|| unreachable!("\"0\" is decimal"));
-        let sequence_number = match SequenceNumber::parse(event.sequence_number) {
+        let sequence_number = match SequenceNumber::parse(text) {
             Some(sequence_number) => sequence_number,
             // A snapshot row has no place in a shard.
-            None if matches!(record.origin, Origin::Snapshot { .. }) => zero(),
+            None if matches!(body.origin(), Origin::Snapshot { .. }) => zero(),
             None => {
-                tracing::warn!(table, shard_id, sequence_number = %event.sequence_number, "sequence number is not decimal");
+                tracing::warn!(table, shard_id, sequence_number = %text, "sequence number is not decimal");
                 zero()
             }
         };
-        let keys = &encoded.payload[encoded.keys.clone()];
-        let message_id = message_id(table, shard_id, event.sequence_number, record.origin, keys);
+        let keys = encoded.payload.slice(encoded.keys.clone());
+        let message_id = message_id(table, shard_id, text, body.origin(), &keys);
         let mut prepared = Prepared {
             sequence_number,
-            created_at: record.created_at,
+            created_at,
             item: encoded.item,
             headers: None,
             message_id,
             payload: encoded.payload,
-            record,
+            keys,
+            body,
             reduced: Reduction::None,
         };
         let headers = prepared.build_headers(table, shard_id);
@@ -134,13 +219,18 @@ impl Prepared {
         prepared
     }
 
-    fn event_name(&self) -> &str {
-        &self.record.event_name
+    /// The `keys` JSON of the event: the same primary key gives the same bytes (`{}` for none).
+    pub fn keys_json(&self) -> &Bytes {
+        &self.keys
     }
 
-    /// The primary key of the item the record changes.
-    pub fn keys(&self) -> Option<&Map> {
-        self.record.keys.as_ref()
+    pub(crate) fn event_name(&self) -> &str {
+        self.body.event_name()
+    }
+
+    /// The sequence number as the source sent it.
+    pub fn sequence_text(&self) -> &str {
+        self.body.sequence_number()
     }
 
     /// The headers of SPEC §3: the message id for JetStream's de-duplication, and routing fields.
@@ -148,11 +238,11 @@ impl Prepared {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", self.message_id.as_str());
         headers.insert(HEADER_TABLE, table);
-        headers.insert(HEADER_EVENT_NAME, self.event_name());
-        match self.record.origin {
+        headers.insert(HEADER_EVENT_NAME, self.body.event_name());
+        match self.body.origin() {
             Origin::Snapshot { .. } => headers.insert(HEADER_SNAPSHOT, "true"),
             origin => {
-                headers.insert(HEADER_SEQUENCE_NUMBER, self.record.sequence_number.as_str());
+                headers.insert(HEADER_SEQUENCE_NUMBER, self.body.sequence_number());
                 headers.insert(HEADER_SHARD_ID, shard_id);
                 if let Origin::Replay { .. } = origin {
                     headers.insert(HEADER_REPLAY, "true");
@@ -167,17 +257,16 @@ impl Prepared {
     /// `new_image` loses nothing in the first case.
     fn reduce(&mut self, table: &str, shard_id: &str, max_payload: usize, metrics: &Metrics) {
         let full = self.payload.len();
-        let event = Event::from_record(table, &self.record);
         let headers = header_wire_len(&self.build_headers(table, shard_id));
         let lighter = match self.reduced {
-            Reduction::None => event.without_old_image().map(|event| event.encode().payload),
+            Reduction::None => self.body.without_old_image(table),
             Reduction::OldImage | Reduction::Images => None,
         };
         let (payload, reduction, omitted) = match lighter {
             Some(payload) if payload.len() + headers <= max_payload => {
                 (payload, Reduction::OldImage, Omitted::OldImage)
             }
-            _ => (event.reduced().encode().payload, Reduction::Images, Omitted::Images),
+            _ => (self.body.reduced(table), Reduction::Images, Omitted::Images),
         };
         self.payload = payload;
         self.reduced = reduction;

@@ -10,10 +10,12 @@ use aws_sdk_dynamodb::types::{KeyType, ReturnConsumedCapacity, StreamViewType};
 use aws_sdk_dynamodbstreams::types::{SequenceNumberRange, Shard, ShardIteratorType};
 
 use super::error::ReadError;
+use super::raw_body::KeepBody;
 use super::scan::{ScanPage, ScanPosition, Segment, TableScan, TableShape};
 use super::{Page, ShardSource, StartAt, convert};
 use crate::config::MAX_RECORDS_PER_CALL;
 use crate::metrics::TableErrorKind;
+use crate::publish::event::transcode::transcode;
 
 /// A shard as `DescribeStream` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -197,26 +199,29 @@ impl ShardSource for StreamsApi {
         output.shard_iterator.ok_or_else(|| ReadError::NotFound(format!("no iterator for shard {shard_id}")))
     }
 
-    /// Up to [`MAX_RECORDS_PER_CALL`] records.
+    /// Up to [`MAX_RECORDS_PER_CALL`] records, transcoded from the response body as it arrived
+    /// ([`KeepBody`]): the SDK signs, retries and classifies errors, but parses nothing of a success.
     async fn records(&self, iterator: &str) -> Result<Page, ReadError> {
+        let body = KeepBody::default();
         let turn = self.turn().await;
         let output = self
             .streams
             .get_records()
             .shard_iterator(iterator)
             .limit(MAX_RECORDS_PER_CALL)
+            .customize()
+            .interceptor(body.clone())
             .send()
             .await
             .map_err(ReadError::from_sdk)?;
         drop(turn);
-        let mut page = Page { next_iterator: output.next_shard_iterator, ..Page::default() };
-        for record in output.records.unwrap_or_default() {
-            match convert::change_record(record) {
-                Ok(record) => page.records.push(record),
-                Err(unusable) => page.unusable.push(unusable),
-            }
-        }
-        Ok(page)
+        drop(output);
+        let Some(body) = body.take() else {
+            return Err(ReadError::Other("GetRecords succeeded but its response body was not kept".to_owned()));
+        };
+        // A body the SDK could not read either: transient, as the SDK's own response error is.
+        let page = transcode(&body).map_err(|err| ReadError::Transient(err.to_string()))?;
+        Ok(Page { records: page.events, unusable: page.unusable, next_iterator: page.next_iterator })
     }
 }
 

@@ -10,6 +10,7 @@ use super::error::ReadError;
 use super::scan::{ScanPage, ScanPosition, Segment, TableScan, TableShape};
 use super::{Page, ShardSource, StartAt};
 use crate::checkpoint::SequenceNumber;
+use crate::publish::event::transcode::transcode;
 use crate::record::{ChangeRecord, Map, Value};
 
 #[derive(Default)]
@@ -94,6 +95,15 @@ pub fn record(seq: u64, item: &str, version: u64, created_at: f64) -> ChangeReco
     }
 }
 
+/// A record as `GetRecords` writes it: as Lambda shows it, but for `userIdentity`'s field names.
+fn wire(record: &ChangeRecord) -> serde_json::Value {
+    let mut json = crate::filter::document(record);
+    if let Some(identity) = &record.user_identity {
+        json["userIdentity"] = serde_json::json!({"Type": identity.kind, "PrincipalId": identity.principal_id});
+    }
+    json
+}
+
 fn position(iterator: &str) -> Option<(&str, usize)> {
     let (shard, index) = iterator.rsplit_once('#')?;
     Some((shard, index.parse().ok()?))
@@ -134,9 +144,15 @@ impl ShardSource for MemorySource {
         let (shard_id, index) = position(iterator).ok_or_else(|| ReadError::Other(iterator.to_owned()))?;
         let shard = state.shards.get(shard_id).ok_or_else(|| ReadError::NotFound(shard_id.to_owned()))?;
         let end = shard.records.len().min(index + self.page_size);
-        let records = shard.records.get(index..end).unwrap_or_default().to_vec();
+        let records = shard.records.get(index..end).unwrap_or_default();
         let next_iterator = (!shard.closed || end < shard.records.len()).then(|| format!("{shard_id}#{end}"));
-        Ok(Page { records, unusable: Vec::new(), next_iterator })
+        // Written as DynamoDB Streams answers and transcoded, the path the service reads pages on.
+        let body = serde_json::json!({
+            "Records": records.iter().map(wire).collect::<Vec<_>>(),
+            "NextShardIterator": next_iterator,
+        });
+        let page = transcode(body.to_string().as_bytes()).map_err(|err| ReadError::Other(err.to_string()))?;
+        Ok(Page { records: page.events, unusable: page.unusable, next_iterator: page.next_iterator })
     }
 }
 

@@ -1,7 +1,9 @@
 //! The DynamoDB Streams side: which shards exist ([`discovery`], [`topology`], [`layout`]), the AWS
 //! calls ([`api`]) and their error classification ([`error`]), and the records they return turned
-//! into the service's own [`ChangeRecord`]s ([`convert`]). Nothing here knows how records are
-//! published: the shard reader (`crate::pipeline`) reads through [`ShardSource`].
+//! into the service's own [`ChangeRecord`]s ([`convert`]). The one place this side hands over
+//! something publishing defines: a `GetRecords` body is transcoded straight into its events
+//! (`publish::event::transcode`, issue 19), the cheapest form a stream record takes on its way to
+//! NATS. The shard reader (`crate::pipeline`) reads through [`ShardSource`].
 
 pub mod api;
 pub mod convert;
@@ -16,7 +18,7 @@ pub mod topology;
 
 use async_trait::async_trait;
 
-use crate::record::ChangeRecord;
+use crate::publish::event::transcode::StreamEvent;
 use convert::Unusable;
 use error::ReadError;
 
@@ -28,10 +30,11 @@ pub enum StartAt {
     After(String),
 }
 
-/// A page of records and the iterator for the next call (`None`: the shard has ended).
+/// A page of records, their events written, and the iterator for the next call (`None`: the shard
+/// has ended).
 #[derive(Debug, Default)]
 pub struct Page {
-    pub records: Vec<ChangeRecord>,
+    pub records: Vec<StreamEvent>,
     /// Records that could not be converted (DynamoDB always sends what they lack): the reader logs
     /// and counts them.
     pub unusable: Vec<Unusable>,

@@ -60,6 +60,7 @@ use crate::config::MAX_RECORDS_PER_CALL;
 use crate::memory::{self, Charge};
 use crate::metrics::WaitOn;
 use crate::publish::Prepared;
+use crate::record::Origin;
 use crate::retry::{self, Backoff};
 use crate::source::error::ReadError;
 use crate::source::topology::Readable;
@@ -566,7 +567,7 @@ async fn fetch(pipeline: &Pipeline, shard: &Readable, iterator: &str) -> Result<
     let count = records.len() + unusable.len();
     let bytes = records.iter().filter_map(|record| record.size_bytes).sum();
     let batch: Vec<Prepared> =
-        records.into_iter().map(|record| pipeline.sink.prepare(table, shard_id, record)).collect();
+        records.into_iter().map(|event| pipeline.sink.prepare_stream(table, shard_id, event, Origin::Stream)).collect();
     charge.shrink_to(memory::batch_bytes(&batch));
     Ok(Fetched { count, bytes, next_iterator, batch, charge })
 }

@@ -14,6 +14,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -22,7 +23,7 @@ use crate::checkpoint::{Fenced, SequenceNumber};
 use crate::pipeline::backfill::state::{Phase, ReplayProgress, pin_key, replay_key};
 use crate::pipeline::deliver::Delivery;
 use crate::publish::Destination;
-use crate::record::{Map, Origin};
+use crate::record::Origin;
 use crate::retry::{self, Backoff};
 use crate::source::error::ReadError;
 use crate::source::{Page, StartAt};
@@ -40,7 +41,7 @@ pub(super) struct Replay {
     /// Part of the range was trimmed from the stream before it was replayed.
     lost: bool,
     /// Items with a change published live after `P1`: their replayed records are skipped.
-    skip: HashSet<Map>,
+    skip: HashSet<Bytes>,
     /// Taking over: live records after `P1` that an earlier reader published, still to be read for
     /// their items before anything is replayed.
     skim: Option<Skim>,
@@ -101,7 +102,7 @@ impl ShardReader {
     /// Notes a live batch about to be published: while replaying, its items are skipped by the replay.
     pub(super) fn note_live(cursor: &mut Cursor, batch: &[crate::publish::Prepared]) {
         if let Some(replay) = cursor.replay.as_mut() {
-            replay.skip.extend(batch.iter().filter_map(|record| record.keys().cloned()));
+            replay.skip.extend(batch.iter().filter_map(|record| item_key(record.keys_json())));
         }
     }
 
@@ -276,7 +277,7 @@ impl ShardReader {
                     passed = true;
                     break;
                 }
-                replay.skip.extend(record.keys);
+                replay.skip.extend(item_key(record.keys_json()));
                 passed = seq >= skim.until;
                 skim.after = Some(seq);
                 if passed {
@@ -292,7 +293,7 @@ impl ShardReader {
         }
         let mut done = next_iterator.is_none();
         let mut batch = Vec::new();
-        for mut record in records {
+        for record in records {
             let Some(seq) = SequenceNumber::parse(&record.sequence_number) else { continue };
             if seq > replay.p1 {
                 done = true;
@@ -300,9 +301,9 @@ impl ShardReader {
             }
             let last = seq >= replay.p1;
             replay.after = Some(seq);
-            if !record.keys.as_ref().is_some_and(|keys| replay.skip.contains(keys)) {
-                record.origin = Origin::Replay { epoch: replay.epoch };
-                batch.push(self.pipeline.sink.prepare(table, shard_id, record));
+            if !replay.skip.contains(record.keys_json()) {
+                let origin = Origin::Replay { epoch: replay.epoch };
+                batch.push(self.pipeline.sink.prepare_stream(table, shard_id, record, origin));
             }
             if last {
                 done = true;
@@ -393,4 +394,10 @@ impl ShardReader {
     ) -> Result<(), Outcome> {
         crate::pipeline::settle(checkpoint.advance(progress).await, &self.shard.table, "backfill replay progress")
     }
+}
+
+/// The skip set's entry for an item: its `keys` JSON, copied (a slice would keep the whole event
+/// alive); `None` for a record without keys, which is never skipped.
+fn item_key(keys_json: &[u8]) -> Option<Bytes> {
+    (keys_json != b"{}").then(|| Bytes::copy_from_slice(keys_json))
 }
