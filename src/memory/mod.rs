@@ -35,19 +35,20 @@ use crate::publish::Prepared;
 pub const MAX_PAGE_DATA: usize = 1024 * 1024;
 
 /// What one page may cost while it is read and converted: the answer's body (received in chunks,
-/// then made contiguous: twice its size for a moment), the SDK's records parsed from it, then our
-/// records (moved from the SDK's) and their events. About 3.5 MB for a 1 MB page; four times the
-/// page's data. After conversion the charge shrinks to what the batch holds ([`batch_bytes`]).
+/// then made contiguous and kept for the transcoder: up to three times its size for a moment, and
+/// DynamoDB's JSON of 1 MB of data is larger than 1 MB), then the transcoded events beside the body,
+/// then the published events while the transcoded ones are consumed. About 3.5 MB for a 1 MB page;
+/// four times the page's data. After conversion the charge shrinks to what the batch holds
+/// ([`batch_bytes`]).
 pub const PAGE_RESERVE: usize = 4 * MAX_PAGE_DATA;
 
-/// What a converted record holds beside its event's payload: the record itself (its images, kept in
-/// case the event must be reduced), the headers, the message id and the allocations around them.
-/// The record's strings are about as long as the payload; the rest is about this much per record.
+/// What a prepared record holds beside its events' bytes ([`Prepared::held_bytes`]): the headers,
+/// the message id, the sequence number and the allocations around them.
 const RECORD_OVERHEAD: usize = 1024;
 
 /// The bytes a converted batch holds until it is dropped (see [`RECORD_OVERHEAD`]).
 pub fn batch_bytes(batch: &[Prepared]) -> usize {
-    batch.iter().map(|record| 2 * record.payload_len() + RECORD_OVERHEAD).sum()
+    batch.iter().map(|record| record.held_bytes() + RECORD_OVERHEAD).sum()
 }
 
 /// The process's memory budget; clones share it. [`MemoryBudget::unlimited`] charges nothing.

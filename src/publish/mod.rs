@@ -31,7 +31,7 @@ use coordination::LeaseGuard;
 use crate::checkpoint::SequenceNumber;
 use crate::metrics::{Metrics, Omitted, PublishErrorKind as FailureKind};
 use crate::record::{ChangeRecord, Origin};
-use event::transcode::StreamEvent;
+use event::transcode::{Lighter, StreamEvent};
 use event::{Encoded, Event, message_id};
 
 pub use jetstream::Publisher;
@@ -96,8 +96,9 @@ pub struct Prepared {
 enum Body {
     /// A record in the service's types (a backfill's snapshot row).
     Record(ChangeRecord),
-    /// A stream record as the transcoder wrote it from a `GetRecords` body.
-    Stream { event: StreamEvent, origin: Origin },
+    /// A stream record as the transcoder wrote it from a `GetRecords` body: its full event, lighter
+    /// forms cut from it (the record itself is dropped, so a batch holds each event once).
+    Stream { origin: Origin, event_name: String, sequence_number: String, full: Bytes, lighter: Lighter },
 }
 
 impl Body {
@@ -111,7 +112,7 @@ impl Body {
     fn event_name(&self) -> &str {
         match self {
             Body::Record(record) => &record.event_name,
-            Body::Stream { event, .. } => &event.event_name,
+            Body::Stream { event_name, .. } => event_name,
         }
     }
 
@@ -119,7 +120,7 @@ impl Body {
     fn sequence_number(&self) -> &str {
         match self {
             Body::Record(record) => &record.sequence_number,
-            Body::Stream { event, .. } => &event.sequence_number,
+            Body::Stream { sequence_number, .. } => sequence_number,
         }
     }
 
@@ -129,7 +130,7 @@ impl Body {
             Body::Record(record) => {
                 Event::from_record(table, record).without_old_image().map(|event| event.encode().payload)
             }
-            Body::Stream { event, origin } => event.without_old_image(table, *origin),
+            Body::Stream { full, lighter, .. } => lighter.without_old_image(full),
         }
     }
 
@@ -137,7 +138,7 @@ impl Body {
     fn reduced(&self, table: &str) -> Bytes {
         match self {
             Body::Record(record) => Event::from_record(table, record).reduced().encode().payload,
-            Body::Stream { event, origin } => event.reduced(table, *origin),
+            Body::Stream { full, lighter, .. } => lighter.reduced(full),
         }
     }
 }
@@ -169,9 +170,11 @@ impl Prepared {
         max_payload: usize,
         metrics: &Metrics,
     ) -> Prepared {
-        let encoded = event.encode(table, origin);
-        let created_at = event.created_at;
-        Prepared::written(table, shard_id, encoded, created_at, Body::Stream { event, origin }, max_payload, metrics)
+        let (encoded, lighter) = event.full(table, origin);
+        let StreamEvent { event_name, sequence_number, created_at, .. } = event;
+        let full = encoded.payload.clone();
+        let body = Body::Stream { origin, event_name, sequence_number, full, lighter };
+        Prepared::written(table, shard_id, encoded, created_at, body, max_payload, metrics)
     }
 
     fn written(
@@ -282,6 +285,17 @@ impl Prepared {
     /// The bytes of the event as it would be published now.
     pub fn payload_len(&self) -> usize {
         self.payload.len()
+    }
+
+    /// The bytes of events and records this holds: the event published now, and what a lighter one
+    /// would be written from (a transcoded record's full event, usually the same bytes; a record's
+    /// images, about as long as its event).
+    pub fn held_bytes(&self) -> usize {
+        match &self.body {
+            Body::Record(_) => 2 * self.payload.len(),
+            Body::Stream { full, .. } if full.as_ptr() == self.payload.as_ptr() => full.len(),
+            Body::Stream { full, .. } => full.len() + self.payload.len(),
+        }
     }
 
     /// True while the event can still be made lighter.

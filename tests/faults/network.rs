@@ -21,6 +21,7 @@ const BACKLOG_ROUNDS: usize = 750;
 
 /// Items of the partition scenario's backlog (15,000 updates).
 const PARTITIONED_ITEMS: usize = 200;
+const PARTITIONED_BACKLOG: usize = 40_000;
 
 fn write_backlog(rig: &mut Rig, keys: &[String], rounds: usize) {
     for _ in 0..rounds {
@@ -77,7 +78,9 @@ async fn a_replica_partitioned_past_its_lease_and_the_duplicate_window_stores_no
     // Many items, so that many publishes (one per item) are in flight when the partition begins and
     // fill the kernels' buffers: what a healed partition would deliver late without the fence's reset.
     let keys = keys(PARTITIONED_ITEMS);
-    write_backlog(&mut rig, &keys, 15_000 / PARTITIONED_ITEMS);
+    // Long enough that the cut lands mid-backlog however fast the replica publishes (a debug build
+    // on a loaded machine drained 15,000 before the cut once the transcoder made reading cheap).
+    write_backlog(&mut rig, &keys, PARTITIONED_BACKLOG / PARTITIONED_ITEMS);
     let url = proxy.url();
     let lease = [("LEASE_TTL_SEC", "4"), ("PUBLISH_TIMEOUT_MS", "1000")];
     let mut cut_off = lease.to_vec();
@@ -93,6 +96,12 @@ async fn a_replica_partitioned_past_its_lease_and_the_duplicate_window_stores_no
     let seen = rig.checkpoint(&shard).await;
     rig.until("the checkpoint to move", || async { (rig.checkpoint(&shard).await != seen).then_some(()) }).await;
     proxy.pause();
+    let published_at_cut = rig.metric("records_published_total", &[]).await as usize;
+    assert!(
+        published_at_cut < rig.written.len(),
+        "the cut must land mid-backlog (all {} published before it): the test would not hit the fence",
+        rig.written.len()
+    );
 
     let other_port = fixtures::http_port();
     let other_port_text = other_port.to_string();

@@ -70,30 +70,45 @@ pub struct StreamEvent {
     item: u64,
 }
 
-/// Which images an event keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Images {
-    Both,
-    WithoutOld,
-    None,
-}
-
 impl StreamEvent {
     /// The full event of this record in `table`, as [`super::Event::encode`] writes it.
     pub fn encode(&self, table: &str, origin: Origin) -> Encoded {
-        self.write(table, origin, Images::Both)
+        self.full(table, origin).0
+    }
+
+    /// The full event and where its images lie in it: the record itself is no longer needed, since
+    /// its lighter forms are cut from the event's own bytes ([`Lighter`]).
+    pub fn full(&self, table: &str, origin: Origin) -> (Encoded, Lighter) {
+        let mut w = JsonWriter { out: Vec::with_capacity(self.json.len() + table.len() + 24), lossy: Vec::new() };
+        w.out.extend_from_slice(&self.json[..self.table_at]);
+        w.string(table);
+        let shift = w.out.len() - self.table_at;
+        w.out.extend_from_slice(&self.json[self.table_at..]);
+        w.origin(origin);
+        w.raw("}");
+        let moved = |range: &Range<usize>| range.start + shift..range.end + shift;
+        let lighter =
+            Lighter { new_image: self.new_image.as_ref().map(moved), old_image: self.old_image.as_ref().map(moved) };
+        let encoded = Encoded {
+            payload: Bytes::from(w.out),
+            lossy: self.lossy.clone(),
+            item: self.item,
+            keys: moved(&self.keys),
+        };
+        (encoded, lighter)
     }
 
     /// The event without its old image ([`super::Event::without_old_image`]): `None` when it has no
     /// old image to drop or no new image to keep.
     pub fn without_old_image(&self, table: &str, origin: Origin) -> Option<Bytes> {
-        (self.old_image.is_some() && self.new_image.is_some())
-            .then(|| self.write(table, origin, Images::WithoutOld).payload)
+        let (full, lighter) = self.full(table, origin);
+        lighter.without_old_image(&full.payload)
     }
 
     /// The event without images ([`super::Event::reduced`]).
     pub fn reduced(&self, table: &str, origin: Origin) -> Bytes {
-        self.write(table, origin, Images::None).payload
+        let (full, lighter) = self.full(table, origin);
+        lighter.reduced(&full.payload)
     }
 
     /// The `keys` JSON (`{}` when the record has none): the same primary key gives the same bytes.
@@ -101,33 +116,48 @@ impl StreamEvent {
         &self.json[self.keys.clone()]
     }
 
-    fn write(&self, table: &str, origin: Origin, images: Images) -> Encoded {
-        let mut w = JsonWriter { out: Vec::with_capacity(self.json.len() + table.len() + 48), lossy: Vec::new() };
-        w.out.extend_from_slice(&self.json[..self.table_at]);
-        w.string(table);
-        let shift = w.out.len() - self.table_at;
-        let dropped = match images {
-            Images::Both => [None, None],
-            Images::WithoutOld => [None, self.old_image.clone()],
-            Images::None => [self.new_image.clone(), self.old_image.clone()],
-        };
-        let mut at = self.table_at;
-        for range in dropped.into_iter().flatten() {
-            w.out.extend_from_slice(&self.json[at..range.start]);
-            w.raw("null");
-            at = range.end;
-        }
-        w.out.extend_from_slice(&self.json[at..]);
-        w.origin(origin);
-        match images {
-            Images::Both => {}
-            Images::WithoutOld => w.flag("old_image_omitted"),
-            Images::None => w.flag("images_omitted"),
-        }
-        w.raw("}");
-        let keys = self.keys.start + shift..self.keys.end + shift;
-        Encoded { payload: Bytes::from(w.out), lossy: self.lossy.clone(), item: self.item, keys }
+    /// The hash of the `keys` JSON ([`Encoded::item`]).
+    pub fn item(&self) -> u64 {
+        self.item
     }
+}
+
+/// Where the images lie in a full event ([`StreamEvent::full`]), to cut its lighter forms from it:
+/// an image becomes `null`, and the flag saying so goes after the origin's, before the closing brace,
+/// where [`super::Event::encode`] writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lighter {
+    new_image: Option<Range<usize>>,
+    old_image: Option<Range<usize>>,
+}
+
+impl Lighter {
+    /// `full` without its old image: `None` when it has no old image to drop or no new image to keep.
+    pub fn without_old_image(&self, full: &[u8]) -> Option<Bytes> {
+        let old = self.old_image.clone().filter(|_| self.new_image.is_some())?;
+        Some(cut(full, [None, Some(old)], "old_image_omitted"))
+    }
+
+    /// `full` without images.
+    pub fn reduced(&self, full: &[u8]) -> Bytes {
+        cut(full, [self.new_image.clone(), self.old_image.clone()], "images_omitted")
+    }
+}
+
+/// `full` with the `images` (in the order they appear) written as `null`, and `flag` set.
+fn cut(full: &[u8], images: [Option<Range<usize>>; 2], flag: &str) -> Bytes {
+    let mut w = JsonWriter { out: Vec::with_capacity(full.len() + flag.len() + 8), lossy: Vec::new() };
+    let mut at = 0;
+    for range in images.into_iter().flatten() {
+        w.out.extend_from_slice(&full[at..range.start]);
+        w.raw("null");
+        at = range.end;
+    }
+    // Everything after the last image but the closing brace.
+    w.out.extend_from_slice(&full[at..full.len().saturating_sub(1).max(at)]);
+    w.flag(flag);
+    w.raw("}");
+    Bytes::from(w.out)
 }
 
 /// Reads a `GetRecords` response body and writes the event of each of its records.
