@@ -185,14 +185,36 @@ pub fn rfc3339(secs: f64) -> String {
     let (days, of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
     let (year, month, day) = civil_from_days(days);
     let (hour, minute, second) = (of_day / 3600, of_day % 3600 / 60, of_day % 60);
-    let mut text = format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}");
+    // Written digit by digit: once per record, where `format!` was a tenth of the service's CPU.
+    let mut text = String::with_capacity(24);
+    if (0..=9999).contains(&year) {
+        digits(&mut text, year, 4);
+    } else {
+        // Outside four digits, as `{:04}` writes it: the sign, then at least four digits.
+        use std::fmt::Write as _;
+        let _ = write!(text, "{year:04}");
+    }
+    for (separator, value) in [('-', month), ('-', day), ('T', hour), (':', minute), (':', second)] {
+        text.push(separator);
+        digits(&mut text, value, 2);
+    }
     if fraction != 0 {
-        let digits = format!("{fraction:03}");
         text.push('.');
-        text.push_str(digits.trim_end_matches('0'));
+        digits(&mut text, fraction, 3);
+        while text.ends_with('0') {
+            text.pop();
+        }
     }
     text.push('Z');
     text
+}
+
+/// `value` (`0..10^width`) as exactly `width` decimal digits.
+fn digits(text: &mut String, value: i64, width: u32) {
+    for place in (0..width).rev() {
+        let digit = (value / 10_i64.pow(place)) % 10;
+        text.push(char::from(b'0' + digit as u8));
+    }
 }
 
 /// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard Hinnant's `civil_from_days`,
@@ -217,7 +239,17 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 /// read again is deduplicated and a second backfill is not.
 pub fn message_id(table: &str, shard_id: &str, sequence_number: &str, origin: Origin, keys_json: &[u8]) -> String {
     match origin {
-        Origin::Stream => format!("{table}:{shard_id}:{sequence_number}"),
+        Origin::Stream => {
+            // Built by hand: once per record, where `format!` showed in the profile.
+            let mut id = String::with_capacity(table.len() + shard_id.len() + sequence_number.len() + 2);
+            for (at, part) in [table, shard_id, sequence_number].into_iter().enumerate() {
+                if at > 0 {
+                    id.push(':');
+                }
+                id.push_str(part);
+            }
+            id
+        }
         Origin::Replay { epoch } => format!("{table}:{shard_id}:{sequence_number}:replay-{epoch}"),
         Origin::Snapshot { epoch } => format!("{table}:snapshot-{epoch}:{}", String::from_utf8_lossy(keys_json)),
     }
@@ -369,6 +401,25 @@ mod tests {
 
     proptest! {
         /// Every attribute converts to valid JSON that parses back to the same values, with every
+
+        /// Written digit by digit, a time reads as `format!` writes it, fractions and years outside
+        /// four digits included.
+        #[test]
+        fn times_are_written_as_format_writes_them(millis in -100_000_000_000_000i64..400_000_000_000_000i64) {
+            let secs = millis as f64 / 1000.0;
+            let millis = (secs * 1000.0).round() as i64;
+            let (seconds, fraction) = (millis.div_euclid(1000), millis.rem_euclid(1000));
+            let (days, of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+            let (year, month, day) = civil_from_days(days);
+            let (hour, minute, second) = (of_day / 3600, of_day % 3600 / 60, of_day % 60);
+            let mut expected = format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}");
+            if fraction != 0 {
+                expected.push('.');
+                expected.push_str(format!("{fraction:03}").trim_end_matches('0'));
+            }
+            expected.push('Z');
+            prop_assert_eq!(rfc3339(secs), expected);
+        }
 
         /// Times are written as the SDK's own RFC 3339 formatter writes whole seconds, across the
         /// whole range a creation time can take (leap years and centuries included).
