@@ -1,6 +1,11 @@
 //! DynamoDB Streams records → [`ChangeRecord`]s, and DynamoDB items (a backfill's `Scan`) → [`Map`]s:
 //! the one place the SDKs' record and attribute types become ours.
 //!
+//! Stream records no longer take this path in the service: `GetRecords` bodies are transcoded
+//! straight into events (`publish::event::transcode`, issue 19). [`change_record`] stays as the
+//! reference the transcoder is held to: its property tests read each body with the SDK, convert it
+//! here and compare the events byte for byte.
+//!
 //! Everything is moved, nothing copied: strings, number texts and blobs change hands as they are; a
 //! map becomes a sorted list of its fields (the order events are written in). A record without its
 //! `dynamodb` section or sequence number can be neither published nor checkpointed: it is returned
