@@ -18,6 +18,7 @@ pub mod record;
 pub mod retry;
 pub mod source;
 pub mod status;
+pub mod tables;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;
