@@ -78,6 +78,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let mut signals = Signals::new()?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(http::Health::new(metrics.clone(), config.replica_id.clone()));
+    let _ = health.tables.set((Arc::clone(&config.tables_file), config.tables.clone()));
     let http_cancel = CancellationToken::new();
     let address = SocketAddr::new(config.bind, config.port);
     let server = http::serve(address, health.clone(), http_cancel.clone())
@@ -183,6 +184,8 @@ async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) ->
         backfill: config.backfill.clone(),
         value_limit,
         memory: sizing.budget,
+        tables: Arc::clone(&config.tables_file),
+        subject_prefix: config.subject_prefix.clone(),
     });
     let topology = TopologyContext {
         discovery: Discovery { api, checkpoints, metrics, start_from_latest: config.start_from_latest },

@@ -64,6 +64,10 @@ pub struct Pipeline {
     pub value_limit: usize,
     /// The bytes that pages may hold across every reader (`crate::memory`).
     pub memory: MemoryBudget,
+    /// Per-table settings (`TABLES_FILE`): what flows, what of it, where.
+    pub tables: Arc<crate::tables::TablesFile>,
+    /// `NATS_SUBJECT_PREFIX`, the `{prefix}` of subject templates.
+    pub subject_prefix: String,
 }
 
 /// How a reader that was told to stop, or whose lease ended, ends.
@@ -114,6 +118,56 @@ fn settle(advanced: Result<bool, AdvanceError>, table: &str, what: &str) -> Resu
         Err(AdvanceError::Unavailable(err)) => {
             tracing::warn!(table, error = %err, "{what} not written; the next write covers it");
             Ok(())
+        }
+    }
+}
+
+/// A page's stream records of one table made ready to publish under the table's settings
+/// (`TABLES_FILE`): each is prepared (projected, flagged, routed) or dropped and counted. A table
+/// without settings goes straight to the sink, as before.
+pub(crate) struct Judge<'p> {
+    pipeline: &'p Pipeline,
+    table: &'p str,
+    shard_id: &'p str,
+    settings: Option<&'p crate::tables::TableSettings>,
+    /// The page's records as a filter sees them (only for a table with a filter).
+    documents: Option<crate::tables::PageDocuments>,
+}
+
+impl<'p> Judge<'p> {
+    /// The judge of a page of `table` read as `body`.
+    pub(crate) fn new(pipeline: &'p Pipeline, table: &'p str, shard_id: &'p str, body: &[u8]) -> Judge<'p> {
+        let settings = pipeline.tables.lookup(table);
+        let documents = settings.filter(|s| s.needs_documents()).and_then(|_| {
+            let documents = crate::tables::PageDocuments::parse(body);
+            if documents.is_none() {
+                tracing::warn!(table, shard_id, "page body cannot be read for the filter: its records are published");
+            }
+            documents
+        });
+        Judge { pipeline, table, shard_id, settings, documents }
+    }
+
+    /// The record ready to publish as `origin`, or the `keys` JSON of a record dropped (counted in
+    /// `records_filtered_total`).
+    pub(crate) fn prepare(
+        &mut self,
+        event: crate::publish::event::transcode::StreamEvent,
+        origin: crate::record::Origin,
+    ) -> Result<crate::publish::Prepared, Vec<u8>> {
+        let (pipeline, table, shard_id) = (self.pipeline, self.table, self.shard_id);
+        let Some(settings) = self.settings else {
+            return Ok(pipeline.sink.prepare_stream(table, shard_id, event, origin));
+        };
+        let keys = event.keys_json().to_vec();
+        match settings.judge_stream(&pipeline.subject_prefix, table, event, self.documents.as_mut()) {
+            crate::tables::Verdict::Publish(event, subject) => {
+                Ok(pipeline.sink.prepare_stream(table, shard_id, event, origin).routed(subject))
+            }
+            crate::tables::Verdict::Drop(reason) => {
+                pipeline.metrics.records_filtered.with_label_values(&[table, reason.as_str()]).inc();
+                Err(keys)
+            }
         }
     }
 }

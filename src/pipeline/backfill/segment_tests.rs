@@ -78,6 +78,8 @@ impl Rig {
             cancel: CancellationToken::new(),
             guard,
             memory: self.memory.clone(),
+            tables: Arc::default(),
+            subject_prefix: "dynamodb_streams".to_owned(),
         };
         tokio::time::timeout(DEADLINE, reader.run()).await.unwrap()
     }

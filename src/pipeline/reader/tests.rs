@@ -50,6 +50,8 @@ struct Harness {
     idle_poll_max: Duration,
     /// The readers' memory budget (unlimited unless a test sets one).
     memory: MemoryBudget,
+    /// The readers' `TABLES_FILE` (none unless a test sets one).
+    tables: Arc<crate::tables::TablesFile>,
 }
 
 fn shard() -> Readable {
@@ -82,6 +84,7 @@ impl Harness {
             backfills: watch::channel(Backfills::default()).0,
             idle_poll_max: Duration::from_millis(500),
             memory: MemoryBudget::unlimited(),
+            tables: Arc::default(),
         }
     }
 
@@ -104,6 +107,8 @@ impl Harness {
             backfill: BackfillConfig::default(),
             value_limit: usize::MAX,
             memory: self.memory.clone(),
+            tables: self.tables.clone(),
+            subject_prefix: "dynamodb_streams".to_owned(),
         });
         let (force, forced) = Force::detached();
         self.forced = forced;
