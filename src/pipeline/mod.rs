@@ -159,15 +159,16 @@ impl<'p> Judge<'p> {
         let Some(settings) = self.settings else {
             return Ok(pipeline.sink.prepare_stream(table, shard_id, event, origin));
         };
-        let keys = event.keys_json().to_vec();
-        match settings.judge_stream(&pipeline.subject_prefix, table, event, self.documents.as_mut()) {
-            crate::tables::Verdict::Publish(event, subject) => {
-                Ok(pipeline.sink.prepare_stream(table, shard_id, event, origin).routed(subject))
-            }
-            crate::tables::Verdict::Drop(reason) => {
-                pipeline.metrics.records_filtered.with_label_values(&[table, reason.as_str()]).inc();
-                Err(keys)
-            }
+        if let Some(reason) = settings.drops(&event, self.documents.as_mut()) {
+            pipeline.metrics.records_filtered.with_label_values(&[table, reason.as_str()]).inc();
+            return Err(event.keys_json().to_vec());
         }
+        let (event, subject) = settings.shape(&pipeline.subject_prefix, table, event);
+        Ok(pipeline.sink.prepare_stream(table, shard_id, event, origin).routed(subject))
+    }
+
+    /// Whether the table has settings (else every record is prepared as it is).
+    pub(crate) fn has_settings(&self) -> bool {
+        self.settings.is_some()
     }
 }

@@ -86,21 +86,38 @@ impl TableSettings {
         &self,
         prefix: &str,
         table: &str,
-        mut event: StreamEvent,
+        event: StreamEvent,
         documents: Option<&mut PageDocuments>,
     ) -> Verdict<StreamEvent> {
-        let ttl_delete = event.is_ttl_delete();
-        if ttl_delete && self.ttl_deletes == TtlDeletes::Drop {
-            return Verdict::Drop(Dropped::TtlDelete);
+        match self.drops(&event, documents) {
+            Some(reason) => Verdict::Drop(reason),
+            None => {
+                let (event, subject) = self.shape(prefix, table, event);
+                Verdict::Publish(event, subject)
+            }
+        }
+    }
+
+    /// Why a stream record is not published, if it is not ([`Self::judge_stream`]'s first half).
+    pub fn drops(&self, event: &StreamEvent, documents: Option<&mut PageDocuments>) -> Option<Dropped> {
+        if event.is_ttl_delete() && self.ttl_deletes == TtlDeletes::Drop {
+            return Some(Dropped::TtlDelete);
         }
         if let Some(filter) = &self.filter {
             let document = documents.and_then(|documents| documents.take(&event.sequence_number));
             if let Some(document) = document
                 && !filter.matches_document(&document)
             {
-                return Verdict::Drop(Dropped::Filter);
+                return Some(Dropped::Filter);
             }
         }
+        None
+    }
+
+    /// A stream record to publish: projected, flagged, and its subject ([`Self::judge_stream`]'s
+    /// second half).
+    pub fn shape(&self, prefix: &str, table: &str, mut event: StreamEvent) -> (StreamEvent, Option<String>) {
+        let ttl_delete = event.is_ttl_delete();
         if self.projection != Projection::All {
             event = event.project(|name| self.projection.keeps(name));
         }
@@ -111,7 +128,7 @@ impl TableSettings {
             let keys = if template.uses_keys() { key_texts(event.keys_json()) } else { Vec::new() };
             template.render(prefix, table, &event.event_name, |attribute| lookup(&keys, attribute))
         });
-        Verdict::Publish(event, subject)
+        (event, subject)
     }
 
     /// Judges a change record of `table` (a backfill's snapshot row) as [`Self::judge_stream`] does.

@@ -577,8 +577,16 @@ async fn fetch(pipeline: &Pipeline, shard: &Readable, iterator: &str) -> Result<
     let bytes = records.iter().filter_map(|record| record.size_bytes).sum();
     let mut judge = super::Judge::new(pipeline, table, shard_id, &body);
     drop(body);
-    let mut batch: Vec<Prepared> = Vec::with_capacity(records.len());
     let (mut dropped, mut dropped_end) = (Vec::new(), None);
+    if !judge.has_settings() {
+        let batch: Vec<Prepared> = records
+            .into_iter()
+            .map(|event| pipeline.sink.prepare_stream(table, shard_id, event, Origin::Stream))
+            .collect();
+        charge.shrink_to(memory::batch_bytes(&batch));
+        return Ok(Fetched { count, bytes, next_iterator, batch, dropped, dropped_end, charge });
+    }
+    let mut batch: Vec<Prepared> = Vec::with_capacity(records.len());
     for event in records {
         let sequence_number = event.sequence_number.clone();
         match judge.prepare(event, Origin::Stream) {

@@ -617,3 +617,55 @@ async fn a_reader_counts_where_its_time_goes() {
         assert!(waited(on) >= 0.0);
     }
 }
+
+/// A table's settings (`TABLES_FILE`) on the live path: what a filter or `ttl_deletes: drop` drops is
+/// not published but checkpointed past, also when it ends the page, and counted; what passes is
+/// projected and routed to its templated subject.
+#[tokio::test(start_paused = true)]
+async fn records_the_tables_settings_drop_are_checkpointed_past_counted_and_the_rest_routed() {
+    let mut h = Harness::new(1000).await;
+    h.tables = Arc::new(
+        crate::tables::TablesFile::parse(
+            r#"
+tables:
+  "*":
+    filter: '{"Filters":[{"Pattern":"{\"dynamodb\":{\"Keys\":{\"pk\":{\"S\":[{\"prefix\":\"keep\"}]}}}}"}]}'
+    exclude_attributes: [v]
+    subject: "{prefix}.{table}.{key.pk}"
+    ttl_deletes: drop
+"#,
+        )
+        .unwrap(),
+    );
+    let mut ttl = record(4, "keep-ttl", 1, CREATED);
+    ttl.event_name = "REMOVE".to_owned();
+    ttl.old_image = ttl.new_image.take();
+    ttl.user_identity = Some(crate::record::UserIdentity {
+        kind: "Service".to_owned(),
+        principal_id: "dynamodb.amazonaws.com".to_owned(),
+    });
+    h.source.append(
+        SHARD,
+        [
+            record(1, "keep-a", 0, CREATED),
+            record(2, "drop-b", 0, CREATED),
+            record(3, "keep-c", 1, CREATED),
+            ttl,
+            record(5, "drop-d", 1, CREATED),
+        ],
+    );
+    h.source.close(SHARD);
+    let (task, _) = h.start(shard());
+    assert_eq!(outcome(task).await, Outcome::Finished);
+    let last = SequenceNumber::parse(&seq(5)).unwrap();
+    assert_eq!(h.checkpoint().await, Some(Position::Finished { last: Some(last) }), "the dropped tail is covered");
+    let stored = h.sink.stored();
+    let subjects: Vec<&str> = stored.iter().map(|s| s.subject.as_str()).collect();
+    assert_eq!(subjects, [format!("dynamodb_streams.{TABLE}.keep-a"), format!("dynamodb_streams.{TABLE}.keep-c")]);
+    for event in &stored {
+        let json: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+        assert!(json["new_image"].get("v").is_none() && json["new_image"]["pk"].is_string(), "{json}");
+    }
+    let filtered = |reason: &str| h.metrics.records_filtered.with_label_values(&[TABLE, reason]).get();
+    assert_eq!((filtered("filter"), filtered("ttl_delete")), (2, 1));
+}
