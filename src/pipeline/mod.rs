@@ -136,7 +136,7 @@ pub(crate) struct Judge<'p> {
 
 impl<'p> Judge<'p> {
     /// The judge of a page of `table` read as `body`.
-    pub(crate) fn new(pipeline: &'p Pipeline, table: &'p str, shard_id: &'p str, body: &[u8]) -> Judge<'p> {
+    pub(crate) fn new(pipeline: &'p Pipeline, table: &'p str, shard_id: &'p str, body: bytes::Bytes) -> Judge<'p> {
         let settings = pipeline.tables.lookup(table);
         let documents = settings.filter(|s| s.needs_documents()).and_then(|_| {
             let documents = crate::tables::PageDocuments::parse(body);

@@ -23,53 +23,74 @@ pub enum Verdict<T> {
     Drop(Dropped),
 }
 
-/// The records of one `GetRecords` body as a filter sees them, taken in page order.
+/// The records of one `GetRecords` body as a filter sees them, taken in page order. The body is
+/// kept and each record parsed into its document only when it is reached, so at most one document
+/// is held at a time.
 pub struct PageDocuments {
-    documents: std::vec::IntoIter<(Option<String>, Json)>,
+    body: bytes::Bytes,
+    /// Where each record's JSON lies in the body, in page order.
+    records: std::vec::IntoIter<std::ops::Range<usize>>,
 }
 
 impl PageDocuments {
-    /// Parses `body` (a `GetRecords` response) into the documents of its records; `None` if it cannot
-    /// be read (the transcoder read it, so never in practice).
-    pub fn parse(body: &[u8]) -> Option<PageDocuments> {
+    /// Finds the records of `body` (a `GetRecords` response); `None` if it cannot be read (the
+    /// transcoder read it, so never in practice).
+    pub fn parse(body: bytes::Bytes) -> Option<PageDocuments> {
         #[derive(serde::Deserialize)]
-        struct Body {
-            #[serde(rename = "Records", default)]
-            records: Option<Vec<Json>>,
+        struct Body<'a> {
+            #[serde(rename = "Records", default, borrow)]
+            records: Option<Vec<&'a RawValue>>,
         }
-        let body: Body = serde_json::from_slice(if body.is_empty() { b"{}" } else { body }).ok()?;
-        let documents = body
+        if body.is_empty() {
+            return Some(PageDocuments { body, records: Vec::new().into_iter() });
+        }
+        let parsed: Body<'_> = serde_json::from_slice(&body).ok()?;
+        let start = body.as_ptr() as usize;
+        let records: Vec<std::ops::Range<usize>> = parsed
             .records
             .unwrap_or_default()
             .into_iter()
-            .map(|mut record| {
-                let sequence_number =
-                    record.pointer("/dynamodb/SequenceNumber").and_then(Json::as_str).map(str::to_owned);
-                // As `filter::document` shows a record: no `awsRegion`, `eventVersion`, `StreamViewType`.
-                if let Some(object) = record.as_object_mut() {
-                    object.remove("awsRegion");
-                    object.remove("eventVersion");
-                    if let Some(Json::Object(dynamodb)) = object.get_mut("dynamodb") {
-                        dynamodb.remove("StreamViewType");
-                    }
-                    // The wire's `Type` / `PrincipalId`, as Lambda's event spells them.
-                    if let Some(Json::Object(identity)) = object.get_mut("userIdentity") {
-                        for (wire, lambda) in [("Type", "type"), ("PrincipalId", "principalId")] {
-                            if let Some(value) = identity.remove(wire) {
-                                identity.insert(lambda.to_owned(), value);
-                            }
-                        }
-                    }
-                }
-                (sequence_number, record)
+            .map(|raw| {
+                // A borrowed raw value is a slice of the body.
+                let at = raw.get().as_ptr() as usize - start;
+                at..at + raw.get().len()
             })
-            .collect::<Vec<_>>();
-        Some(PageDocuments { documents: documents.into_iter() })
+            .collect();
+        Some(PageDocuments { body, records: records.into_iter() })
     }
 
     /// The document of the record with `sequence_number`, the next one of the page that has it.
     fn take(&mut self, sequence_number: &str) -> Option<Json> {
-        self.documents.find(|(seq, _)| seq.as_deref() == Some(sequence_number)).map(|(_, document)| document)
+        for range in self.records.by_ref() {
+            let Some(mut record) = self.body.get(range).and_then(|json| serde_json::from_slice::<Json>(json).ok())
+            else {
+                continue;
+            };
+            if record.pointer("/dynamodb/SequenceNumber").and_then(Json::as_str) == Some(sequence_number) {
+                as_lambda_shows_it(&mut record);
+                return Some(record);
+            }
+        }
+        None
+    }
+}
+
+/// A record of a `GetRecords` body as `filter::document` shows one (as Lambda does): without
+/// `awsRegion`, `eventVersion` and `StreamViewType`, its `userIdentity` with Lambda's field names.
+fn as_lambda_shows_it(record: &mut Json) {
+    let Some(object) = record.as_object_mut() else { return };
+    object.remove("awsRegion");
+    object.remove("eventVersion");
+    if let Some(Json::Object(dynamodb)) = object.get_mut("dynamodb") {
+        dynamodb.remove("StreamViewType");
+    }
+    // The wire's `Type` / `PrincipalId`, as Lambda's event spells them.
+    if let Some(Json::Object(identity)) = object.get_mut("userIdentity") {
+        for (wire, lambda) in [("Type", "type"), ("PrincipalId", "principalId")] {
+            if let Some(value) = identity.remove(wire) {
+                identity.insert(lambda.to_owned(), value);
+            }
+        }
     }
 }
 

@@ -37,7 +37,7 @@ fn json(event: &StreamEvent) -> serde_json::Value {
 }
 
 fn judge(settings: &TableSettings, body: &str) -> Verdict<StreamEvent> {
-    let mut documents = PageDocuments::parse(body.as_bytes());
+    let mut documents = PageDocuments::parse(bytes::Bytes::from(body.to_owned()));
     settings.judge_stream("dynamodb_streams", "Orders", event(body), documents.as_mut())
 }
 
@@ -254,4 +254,39 @@ fn ttl_deletions_are_published_dropped_or_flagged() {
         ..ChangeRecord::default()
     };
     assert!(matches!(drop.lookup("Orders").unwrap().judge_record("p", "Orders", record), Verdict::Drop(_)));
+}
+
+/// The sample record of Lambda's documentation for DynamoDB, as `GetRecords` returns it, matched by
+/// patterns from Lambda's "Filter DynamoDB events" page through the page's documents (the path a
+/// table with a filter takes).
+#[test]
+fn filters_from_the_documentation_match_records_read_from_a_get_records_body() {
+    let body = |keys: &str, new_image: &str| {
+        format!(
+            r#"{{"Records":[{{"eventID":"1","eventVersion":"1.0","dynamodb":{{"Keys":{keys},"NewImage":{new_image},"StreamViewType":"NEW_AND_OLD_IMAGES","SequenceNumber":"111","SizeBytes":26}},"awsRegion":"us-west-2","eventName":"INSERT","eventSourceARN":"arn:aws:dynamodb:us-west-2:123456789012:table/Example/stream/2015-06-27T00:48:05.899","eventSource":"aws:dynamodb"}}]}}"#
+        )
+    };
+    let sample = body(r#"{"Id":{"N":"101"}}"#, r#"{"Message":{"S":"New item!"},"Id":{"N":"101"}}"#);
+    let city = body(r#"{"CA":{"S":"San Francisco"}}"#, r#"{"CA":{"S":"San Francisco"},"Population":{"N":"808437"}}"#);
+    let passes = |pattern: &str, body: &str| {
+        let file = format!("tables:\n  Example:\n    filter:\n      Filters:\n        - Pattern: '{pattern}'\n");
+        let file = parse(&file);
+        let settings = file.lookup("Example").expect("settings");
+        let mut documents = PageDocuments::parse(bytes::Bytes::from(body.to_owned()));
+        let event = transcode(body.as_bytes()).expect("transcodes").events.remove(0);
+        settings.drops(&event, documents.as_mut()).is_none()
+    };
+    let key_is_sf = r#"{"dynamodb":{"Keys":{"CA":{"S":["San Francisco"]}}}}"#;
+    assert!(passes(key_is_sf, &city));
+    assert!(!passes(key_is_sf, &sample));
+    let population = r#"{"dynamodb":{"NewImage":{"Population":{"N":[{"numeric":[">=",500000,"<",1000000]}]}}}}"#;
+    assert!(passes(population, &city));
+    assert!(!passes(population, &sample), "no such attribute");
+    assert!(passes(r#"{"eventName":["INSERT"]}"#, &sample));
+    assert!(!passes(r#"{"eventName":["REMOVE"]}"#, &sample));
+    assert!(passes(r#"{"dynamodb":{"Keys":{"Id":{"N":[101]}}}}"#, &sample));
+    assert!(passes(r#"{"dynamodb":{"NewImage":{"Message":{"S":[{"prefix":"New"}]}}}}"#, &sample));
+    assert!(passes(r#"{"dynamodb":{"OldImage":{"Message":{"S":[{"exists":false}]}}}}"#, &sample));
+    assert!(!passes(r#"{"dynamodb":{"NewImage":{"Message":{"S":[{"exists":false}]}}}}"#, &sample));
+    assert!(!passes(r#"{"awsRegion":["us-west-2"]}"#, &sample), "as `filter::document`: no awsRegion");
 }

@@ -575,8 +575,7 @@ async fn fetch(pipeline: &Pipeline, shard: &Readable, iterator: &str) -> Result<
     }
     let count = records.len() + unusable.len();
     let bytes = records.iter().filter_map(|record| record.size_bytes).sum();
-    let mut judge = super::Judge::new(pipeline, table, shard_id, &body);
-    drop(body);
+    let mut judge = super::Judge::new(pipeline, table, shard_id, body);
     let (mut dropped, mut dropped_end) = (Vec::new(), None);
     if !judge.has_settings() {
         let batch: Vec<Prepared> = records

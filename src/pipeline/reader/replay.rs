@@ -301,7 +301,7 @@ impl ShardReader {
         }
         let mut done = next_iterator.is_none();
         let mut batch = Vec::new();
-        let mut judge = crate::pipeline::Judge::new(&self.pipeline, table, shard_id, &body);
+        let mut judge = crate::pipeline::Judge::new(&self.pipeline, table, shard_id, body);
         for record in records {
             let Some(seq) = SequenceNumber::parse(&record.sequence_number) else { continue };
             if seq > replay.p1 {
