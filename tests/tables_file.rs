@@ -3,8 +3,8 @@
 //! templated subjects, filtered records checkpointed past, a table without settings unchanged, and a
 //! template the stream would not capture refused at start-up.
 //!
-//! TTL deletions are not here: moto's stream records carry no `userIdentity`, so they are tested
-//! where the record is read (`src/tables/tests.rs`, through the transcoder, on wire-format bodies).
+//! TTL deletions need records with `userIdentity`, which moto's lack: they are tested against the
+//! project's Streams emulator (`tests/emulator/`), which writes them as DynamoDB does.
 
 #![allow(clippy::unwrap_used)]
 
@@ -263,4 +263,106 @@ async fn start_up_refuses_a_bad_file_or_a_template_the_stream_would_not_capture(
         let log = service.log();
         assert!(log.contains(expected), "expected {expected:?} in:\n{log}");
     }
+}
+
+/// `ttl_deletes`: a deletion by DynamoDB's TTL (`userIdentity` `Service` / `dynamodb.amazonaws.com`) is
+/// dropped (and checkpointed past, here as the last record) or flagged; a deletion by a client is
+/// published as always.
+#[tokio::test(flavor = "multi_thread")]
+async fn ttl_deletions_are_dropped_or_flagged_and_other_deletions_published() {
+    use streams_emulator::{EventName, FaultyStreams, NewRecord, UserIdentity, ViewType};
+    let nats = NatsServer::start().await;
+    let streams = FaultyStreams::start().await;
+    for table in ["ttl-drop", "ttl-flag"] {
+        streams.create_table(table, "pk", ViewType::NewAndOldImages);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tables.yaml");
+    std::fs::write(&file, "tables:\n  ttl-drop:\n    ttl_deletes: drop\n  ttl-flag:\n    ttl_deletes: flag\n").unwrap();
+    let port = fixtures::http_port();
+    let env: Vec<(String, String)> = [
+        ("DYNAMODB_TABLES", "ttl-drop,ttl-flag".to_owned()),
+        ("NATS_URL", nats.url()),
+        ("AWS_ENDPOINT_URL", streams.endpoint()),
+        ("AWS_ACCESS_KEY_ID", "test".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
+        ("AWS_REGION", streams_emulator::REGION.to_owned()),
+        ("PORT", port.to_string()),
+        ("BIND", "127.0.0.1".to_owned()),
+        ("POLL_INTERVAL_MS", "100".to_owned()),
+        ("SHARD_REFRESH_INTERVAL_SEC", "1".to_owned()),
+        ("LOG_FORMAT", "text".to_owned()),
+        ("TABLES_FILE", file.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let service = ServiceProcess::start_ready(binary(), &env, port, DEADLINE).await;
+
+    let item = |pk: &str| serde_json::json!({"pk": {"S": pk}, "v": {"N": "1"}});
+    let expire = |table: &str, pk: &str| {
+        let keys = serde_json::json!({"pk": {"S": pk}}).as_object().cloned().unwrap();
+        streams
+            .put(
+                table,
+                NewRecord {
+                    keys,
+                    new_image: None,
+                    old_image: item(pk).as_object().cloned(),
+                    event_name: EventName::Remove,
+                    user_identity: Some(UserIdentity::ttl()),
+                },
+            )
+            .unwrap()
+    };
+    let mut last = std::collections::HashMap::new();
+    for table in ["ttl-drop", "ttl-flag"] {
+        streams.write(table, "a", Some(item("a"))).unwrap();
+        streams.write(table, "b", Some(item("b"))).unwrap();
+        streams.write(table, "b", None).unwrap(); // a client's deletion
+        last.insert(table, expire(table, "a")); // DynamoDB's TTL, the last record
+    }
+
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    // ttl-drop: 3 published (the TTL deletion dropped); ttl-flag: all 4.
+    fixtures::wait_for_messages(&js, STREAM, 3 + 4, DEADLINE).await;
+    let kv = js.get_key_value(BUCKET).await.unwrap();
+    for (table, written) in &last {
+        let key = format!("{table}.{}", written.shard_id);
+        let want = written.sequence_number.clone();
+        wait_for(&format!("checkpoint {key} = {want}"), DEADLINE, || async {
+            let value = kv.get(&key).await.ok().flatten().map(|v| String::from_utf8_lossy(&v).into_owned());
+            (value.as_deref() == Some(want.as_str())).then_some(())
+        })
+        .await;
+    }
+    let messages = fixtures::all_messages(&js, STREAM).await;
+    let events = |table: &str| -> Vec<(String, String, Option<bool>)> {
+        messages
+            .iter()
+            .map(Stored::json)
+            .filter(|json| json["table_name"] == table)
+            .map(|json| {
+                let pk = json["keys"]["pk"].as_str().unwrap().to_owned();
+                (json["event_name"].as_str().unwrap().to_owned(), pk, json["ttl_delete"].as_bool())
+            })
+            .collect()
+    };
+    let e = |name: &str, pk: &str, flag: Option<bool>| (name.to_owned(), pk.to_owned(), flag);
+    assert_eq!(events("ttl-drop"), [e("INSERT", "a", None), e("INSERT", "b", None), e("REMOVE", "b", None)]);
+    assert_eq!(
+        events("ttl-flag"),
+        [e("INSERT", "a", None), e("INSERT", "b", None), e("REMOVE", "b", None), e("REMOVE", "a", Some(true))]
+    );
+    let flagged = messages.iter().map(Stored::json).find(|json| json["ttl_delete"] == true).unwrap();
+    assert_eq!(flagged["user_identity"]["principal_id"], "dynamodb.amazonaws.com", "{flagged}");
+    let dropped = fixtures::metric(
+        port,
+        "dynamodb_stream_consumer_records_filtered_total{reason=\"ttl_delete\",table=\"ttl-drop\"}",
+    )
+    .await;
+    assert_eq!(dropped, 1.0);
+    let log = service.stop_gracefully(Duration::from_secs(20)).await;
+    assert!(!log.contains("panicked"), "{log}");
 }
