@@ -669,3 +669,42 @@ tables:
     let filtered = |reason: &str| h.metrics.records_filtered.with_label_values(&[TABLE, reason]).get();
     assert_eq!((filtered("filter"), filtered("ttl_delete")), (2, 1));
 }
+
+/// A backfill's replay follows the table's settings as the live path does: a record the filter
+/// rejects is passed over (the replay still ends), the rest is projected.
+#[tokio::test(start_paused = true)]
+async fn the_replay_follows_the_tables_settings() {
+    let mut h = Harness::new(10).await;
+    h.tables = Arc::new(
+        crate::tables::TablesFile::parse(
+            r#"
+tables:
+  "*":
+    filter:
+      Filters:
+        - Pattern: '{"dynamodb": {"Keys": {"pk": {"S": ["item-0", "item-1"]}}}}'
+    exclude_attributes: [v]
+"#,
+        )
+        .unwrap(),
+    );
+    h.source.append(SHARD, records(1, 300, 7));
+    let (task, _cancel) = h.start(shard());
+    // Items 0 and 1 of 7: 43 records each.
+    h.until_stored(86).await;
+    h.store.create(&pin_key(TABLE, 1, SHARD), seq(100).into()).await.unwrap();
+    h.backfills.send_replace(backfill(Phase::Replaying));
+    h.until_replay(true).await;
+    let stored: Vec<serde_json::Value> =
+        h.sink.stored().iter().map(|event| serde_json::from_slice(&event.payload).unwrap()).collect();
+    let replayed: Vec<_> = stored.iter().filter(|json| json["replay"] == true).collect();
+    // Seq 101..=300 of items 0 and 1 (106, 113, …, 295 and 107, …, 296): 28 + 28.
+    assert_eq!(replayed.len(), 56, "only what passes the filter is replayed");
+    for json in &stored {
+        assert!(["item-0", "item-1"].contains(&json["keys"]["pk"].as_str().unwrap()), "{json}");
+        assert!(json["new_image"].get("v").is_none() && json["new_image"]["pk"].is_string(), "{json}");
+    }
+    let filtered = h.metrics.records_filtered.with_label_values(&[TABLE, "filter"]).get();
+    assert_eq!(filtered, 214 + 144, "live: 300 - 86; replay: 200 - 56");
+    assert!(!task.is_finished());
+}
