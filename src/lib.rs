@@ -79,6 +79,14 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(http::Health::new(metrics.clone(), config.replica_id.clone()));
     let _ = health.tables.set((Arc::clone(&config.tables_file), config.tables.clone()));
+    for table in &config.tables {
+        let settings = config.tables_file.effective(table);
+        if let Some(matched) = &settings.matched {
+            tracing::info!(table, matched, filter = settings.filter.is_some(), include_attributes = ?settings.include_attributes,
+                exclude_attributes = ?settings.exclude_attributes, subject = settings.subject, ttl_deletes = ?settings.ttl_deletes,
+                "table settings from TABLES_FILE");
+        }
+    }
     let http_cancel = CancellationToken::new();
     let address = SocketAddr::new(config.bind, config.port);
     let server = http::serve(address, health.clone(), http_cancel.clone())
