@@ -119,6 +119,9 @@ struct Fetched {
     dropped: Vec<Vec<u8>>,
     /// The sequence number of the page's last record, when the table's settings dropped it.
     dropped_end: Option<checkpoint::SequenceNumber>,
+    /// The creation time of the page's last record, whether published or dropped (only for a table
+    /// with settings: its lag counts the records it drops too).
+    last_created: Option<f64>,
     /// The batch's share of the memory budget: dropped with the batch, once it is published.
     charge: Charge,
 }
@@ -306,7 +309,7 @@ impl ShardReader {
         let page_end = batch.last().map(|record| record.sequence_number.clone()).max(page.dropped_end);
         let skipped = cursor.skip_before.map_or(0, |before| skip_older(&mut batch, before));
         let dropped = page.dropped.len();
-        let newest = batch.last().and_then(|p| p.created_at).filter(|_| count > 0);
+        let newest = page.last_created.or_else(|| batch.last().and_then(|p| p.created_at)).filter(|_| count > 0);
         // Reported before publishing, so the lag keeps growing while these records wait.
         self.pipeline.progress.read(table, shard_id, newest);
         Self::note_live(cursor, &batch);
@@ -583,9 +586,10 @@ async fn fetch(pipeline: &Pipeline, shard: &Readable, iterator: &str) -> Result<
             .map(|event| pipeline.sink.prepare_stream(table, shard_id, event, Origin::Stream))
             .collect();
         charge.shrink_to(memory::batch_bytes(&batch));
-        return Ok(Fetched { count, bytes, next_iterator, batch, dropped, dropped_end, charge });
+        return Ok(Fetched { count, bytes, next_iterator, batch, dropped, dropped_end, last_created: None, charge });
     }
     let mut batch: Vec<Prepared> = Vec::with_capacity(records.len());
+    let last_created = records.last().and_then(|event| event.created_at);
     for event in records {
         let sequence_number = event.sequence_number.clone();
         match judge.prepare(event, Origin::Stream) {
@@ -600,7 +604,7 @@ async fn fetch(pipeline: &Pipeline, shard: &Readable, iterator: &str) -> Result<
         }
     }
     charge.shrink_to(memory::batch_bytes(&batch));
-    Ok(Fetched { count, bytes, next_iterator, batch, dropped, dropped_end, charge })
+    Ok(Fetched { count, bytes, next_iterator, batch, dropped, dropped_end, last_created, charge })
 }
 
 /// Drops the records created before second `before` (epoch; DynamoDB's creation times are whole
