@@ -290,3 +290,22 @@ fn filters_from_the_documentation_match_records_read_from_a_get_records_body() {
     assert!(!passes(r#"{"dynamodb":{"NewImage":{"Message":{"S":[{"exists":false}]}}}}"#, &sample));
     assert!(!passes(r#"{"awsRegion":["us-west-2"]}"#, &sample), "as `filter::document`: no awsRegion");
 }
+
+/// The README's example file is a valid file that means what the README says.
+#[test]
+fn the_readme_example_parses() {
+    let readme = include_str!("../../README.md");
+    let section = &readme[readme.find("## Per-table settings").expect("the section")..];
+    let start = section.find("```yaml\n").expect("an example") + "```yaml\n".len();
+    let example = &section[start..start + section[start..].find("```").expect("its end")];
+    let file = parse(example);
+    let orders = file.lookup("orders").expect("orders");
+    assert!(orders.filter.is_some());
+    assert_eq!(orders.ttl_deletes, TtlDeletes::Drop);
+    let customers = file.lookup("customers-eu").expect("a pattern");
+    assert_eq!(customers.projection, Projection::Exclude(vec!["ssn".to_owned(), "date_of_birth".to_owned()]));
+    let sessions = file.lookup("sessions").expect("sessions");
+    assert_eq!(sessions.ttl_deletes, TtlDeletes::Flag);
+    assert!(sessions.subject.as_ref().is_some_and(SubjectTemplate::uses_keys));
+    assert!(file.lookup("customers").is_none());
+}
