@@ -13,7 +13,9 @@
 //! (table → its latest backfill: `epoch`, `phase`, `segments_done`, `segments`, `replays_done`,
 //! `replays_due`, `items_estimate`, `items_published_here`, `elapsed_s`, `eta_s`) and `memory` (the
 //! memory budget: `limit_bytes`, `limit_source`, `fixed_bytes`, `budget_bytes`, `held_bytes`, `waits`;
-//! null limit and budget without a memory limit).
+//! null limit and budget without a memory limit) and `table_settings` (table → its effective
+//! `TABLES_FILE` settings: `matched` (the file's key, or null), `filter`, `include_attributes`,
+//! `exclude_attributes`, `subject`, `ttl_deletes`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -47,6 +49,8 @@ pub struct Health {
     pub backfills: std::sync::OnceLock<watch::Receiver<Backfills>>,
     /// The memory budget, once start-up sized it.
     pub memory: std::sync::OnceLock<crate::memory::Sizing>,
+    /// `TABLES_FILE`'s settings and the configured tables, for each table's effective settings.
+    pub tables: std::sync::OnceLock<(Arc<crate::tables::TablesFile>, Vec<String>)>,
 }
 
 impl Health {
@@ -60,6 +64,7 @@ impl Health {
             unreadable: Arc::default(),
             backfills: std::sync::OnceLock::new(),
             memory: std::sync::OnceLock::new(),
+            tables: std::sync::OnceLock::new(),
         }
     }
 
@@ -127,10 +132,19 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
         "tables_unreadable": health.unreadable.snapshot(),
         "backfills": health.backfills(),
         "memory": health.memory.get().map(|sizing| sizing.status(health.metrics.memory_waits.get())),
+        "table_settings": health.table_settings(),
     }))
 }
 
 impl Health {
+    /// Each table's effective settings (`TABLES_FILE`): the configured tables and any other table
+    /// read here.
+    fn table_settings(&self) -> std::collections::BTreeMap<String, crate::tables::EffectiveSettings> {
+        let Some((file, configured)) = self.tables.get() else { return Default::default() };
+        let read_here = self.metrics.progress().snapshot().into_iter().map(|shard| shard.table);
+        configured.iter().cloned().chain(read_here).map(|table| (table.clone(), file.effective(&table))).collect()
+    }
+
     /// Each table's latest backfill as this replica last read it.
     fn backfills(&self) -> serde_json::Map<String, serde_json::Value> {
         let Some(backfills) = self.backfills.get() else { return serde_json::Map::new() };

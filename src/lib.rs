@@ -18,6 +18,7 @@ pub mod record;
 pub mod retry;
 pub mod source;
 pub mod status;
+pub mod tables;
 pub mod telemetry;
 #[cfg(test)]
 mod testing;
@@ -77,6 +78,15 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let mut signals = Signals::new()?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(http::Health::new(metrics.clone(), config.replica_id.clone()));
+    let _ = health.tables.set((Arc::clone(&config.tables_file), config.tables.clone()));
+    for table in &config.tables {
+        let settings = config.tables_file.effective(table);
+        if let Some(matched) = &settings.matched {
+            tracing::info!(table, matched, filter = settings.filter.is_some(), include_attributes = ?settings.include_attributes,
+                exclude_attributes = ?settings.exclude_attributes, subject = settings.subject, ttl_deletes = ?settings.ttl_deletes,
+                "table settings from TABLES_FILE");
+        }
+    }
     let http_cancel = CancellationToken::new();
     let address = SocketAddr::new(config.bind, config.port);
     let server = http::serve(address, health.clone(), http_cancel.clone())
@@ -182,6 +192,8 @@ async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) ->
         backfill: config.backfill.clone(),
         value_limit,
         memory: sizing.budget,
+        tables: Arc::clone(&config.tables_file),
+        subject_prefix: config.subject_prefix.clone(),
     });
     let topology = TopologyContext {
         discovery: Discovery { api, checkpoints, metrics, start_from_latest: config.start_from_latest },

@@ -447,8 +447,14 @@ async fn metrics_status_and_logs_show_what_flowed_what_failed_and_where_the_leas
         "tables_unreadable",
         "backfills",
         "memory",
+        "table_settings",
     ];
     assert_eq!(keys, BTreeSet::from(documented));
+    // Without TABLES_FILE every table has today's settings: none matched.
+    for (_, settings) in status["table_settings"].as_object().unwrap() {
+        assert_eq!(settings["matched"], serde_json::Value::Null, "{status}");
+        assert_eq!(settings["ttl_deletes"], "publish", "{status}");
+    }
     // The memory budget: its limit and budget are null without a memory limit (a CI container may
     // have one: then both are numbers).
     let memory = status["memory"].as_object().unwrap();

@@ -163,6 +163,10 @@ pub struct Args {
     /// Items per Scan call of a backfill (its Limit), 1 to 10000
     #[arg(long, env = "BACKFILL_PAGE_ITEMS", default_value = "1000")]
     pub backfill_page_items: String,
+    /// YAML file of per-table settings (filter, include/exclude attributes, subject template,
+    /// ttl_deletes), by table name or glob pattern; unset: every table as today
+    #[arg(long, env = "TABLES_FILE", default_value = "")]
+    pub tables_file: String,
     /// Memory limit in MiB the memory budget derives from (overrides the container's cgroup limit; `0`:
     /// no budget); unset: the cgroup's limit, if any
     #[arg(long, env = "MEMORY_LIMIT_MB", default_value = "")]
@@ -217,6 +221,8 @@ pub struct Config {
     pub backfill: BackfillConfig,
     /// `MEMORY_LIMIT_MB`: the memory limit the budget derives from, or where to find it.
     pub memory_limit: crate::memory::limit::Setting,
+    /// `TABLES_FILE`: per-table settings (none without a file), read once at start-up.
+    pub tables_file: std::sync::Arc<crate::tables::TablesFile>,
 }
 
 /// Every invalid setting, each with its variable name and the reason.
@@ -347,6 +353,13 @@ impl Args {
             }),
         };
         let memory_limit = memory_limit(&mut check, &self.memory_limit_mb);
+        let tables_file = match self.tables_file.trim() {
+            "" => crate::tables::TablesFile::default(),
+            path => crate::tables::TablesFile::load(std::path::Path::new(path)).unwrap_or_else(|err| {
+                check.fail("TABLES_FILE", format!("{path}: {err}"));
+                crate::tables::TablesFile::default()
+            }),
+        };
         let debug = check.bool("DEBUG", &self.debug);
         let log_format = match self.log_format.trim().to_ascii_lowercase().as_str() {
             "text" => LogFormat::Text,
@@ -389,6 +402,7 @@ impl Args {
             log_format,
             backfill,
             memory_limit,
+            tables_file: std::sync::Arc::new(tables_file),
         })
     }
 }
@@ -441,6 +455,25 @@ mod tests {
             argv.push(format!("--{flag}={value}"));
         }
         Args::parse_with_env(argv, |_| None).expect("flags parse")
+    }
+
+    #[test]
+    fn a_bad_tables_file_stops_start_up_naming_the_table_the_setting_and_why() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tables.yaml");
+        std::fs::write(&path, "tables:\n  orders:\n    ttl_deletes: flag\n    subject: '{prefix}.{nope}'\n").unwrap();
+        let file = path.display().to_string();
+        let err = args(&[("dynamodb-tables", "orders"), ("tables-file", &file)]).validate().expect_err("bad");
+        let text = err.to_string();
+        assert!(text.contains(&format!("TABLES_FILE: {file}: table \"orders\", setting `subject`:")), "{text}");
+        assert!(text.contains("{nope}"), "{text}");
+        let missing = args(&[("dynamodb-tables", "orders"), ("tables-file", "/nonexistent/t.yaml")]).validate();
+        assert!(missing.expect_err("missing").to_string().contains("cannot read /nonexistent/t.yaml"));
+        std::fs::write(&path, "tables:\n  orders:\n    ttl_deletes: flag\n").unwrap();
+        let config = args(&[("dynamodb-tables", "orders"), ("tables-file", &file)]).validate().expect("valid");
+        assert_eq!(config.tables_file.effective("orders").ttl_deletes, crate::tables::TtlDeletes::Flag);
+        let none = args(&[("dynamodb-tables", "orders")]).validate().expect("valid");
+        assert!(none.tables_file.is_empty(), "no file: no settings, today's behaviour");
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub struct Metrics {
     pub duplicate_publishes: IntCounterVec,
     pub oversize_events: IntCounterVec,
     pub unrepresentable_records: IntCounterVec,
+    /// Records not published because of their table's settings (`TABLES_FILE`), by table and reason
+    /// (`filter`, `ttl_delete`): checkpointed past all the same.
+    pub records_filtered: IntCounterVec,
     pub get_records_calls: IntCounterVec,
     pub get_records_errors: IntCounterVec,
     pub records_per_get_records: HistogramVec,
@@ -229,6 +232,12 @@ impl Metrics {
                 "unrepresentable_records_total",
                 "Records with values that could not be converted exactly (published with what could be)",
                 &["table"],
+            ),
+            records_filtered: counter(
+                r,
+                "records_filtered_total",
+                "Records not published because of their table's settings (TABLES_FILE: filter, ttl_deletes: drop), checkpointed past",
+                &["table", "reason"],
             ),
             get_records_calls: counter(r, "get_records_calls_total", "GetRecords calls", &["table"]),
             get_records_errors: counter(
@@ -439,6 +448,9 @@ impl Metrics {
             }
             for omitted in Omitted::ALL {
                 self.oversize_events.with_label_values(&[t, omitted.as_str()]);
+            }
+            for reason in crate::tables::Dropped::ALL {
+                self.records_filtered.with_label_values(&[t, reason.as_str()]);
             }
             for counter in [
                 &self.duplicate_publishes,

@@ -37,6 +37,10 @@ pub enum SetupError {
         "stream {stream:?} does not capture subject {subject:?} (its subjects: {subjects:?}); add `{prefix}.>` to its subjects or choose another NATS_STREAM_NAME"
     )]
     NotCaptured { stream: String, subject: String, subjects: Vec<String>, prefix: String },
+    #[error(
+        "TABLES_FILE: table {table:?}, setting `subject` ({template:?}): stream {stream:?} does not capture subject {subject:?} (its subjects: {subjects:?}; `*` stands for a record's value); change the template or the stream's subjects"
+    )]
+    TemplateNotCaptured { stream: String, table: String, template: String, subject: String, subjects: Vec<String> },
     #[error("stream {stream:?}: {message}")]
     Stream { stream: String, message: String },
     #[error("checkpoint bucket {bucket:?}: {message}")]

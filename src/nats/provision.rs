@@ -37,6 +37,43 @@ pub fn subject_matches(filter: &str, subject: &str) -> bool {
     tokens.next().is_none()
 }
 
+/// Refuses a subject template of `TABLES_FILE` whose subjects the stream's `subjects` would not all
+/// capture. A template's subjects are checked as a filter (its shape): the prefix literal, the table
+/// literal for a table's own key and for each configured table a pattern applies to (`*` for a
+/// pattern that no configured table matches), every token holding a record's value as `*`.
+fn templates_captured(config: &Config, stream: &str, subjects: &[String]) -> Result<(), SetupError> {
+    let file = &config.tables_file;
+    let mut checks: Vec<(String, &crate::tables::SubjectTemplate, Option<&str>)> = Vec::new();
+    for table in &config.tables {
+        if let Some(settings) = file.lookup(table)
+            && let Some(template) = &settings.subject
+        {
+            checks.push((table.clone(), template, Some(table)));
+        }
+    }
+    for (key, template) in file.templates() {
+        let is_pattern = key.contains(['*', '?']);
+        if !is_pattern {
+            checks.push((key.to_owned(), template, Some(key)));
+        } else if !config.tables.iter().any(|table| file.lookup(table).is_some_and(|s| s.key == key)) {
+            checks.push((key.to_owned(), template, None));
+        }
+    }
+    for (table, template, literal) in checks {
+        let shape = template.shape(&config.subject_prefix, literal);
+        if !subjects.iter().any(|filter| subject_matches(filter, &shape)) {
+            return Err(SetupError::TemplateNotCaptured {
+                stream: stream.to_owned(),
+                table,
+                template: template.text().to_owned(),
+                subject: shape,
+                subjects: subjects.to_vec(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The stream as the seed creates it.
 fn seed_stream_config(config: &Config) -> stream::Config {
     stream::Config {
@@ -68,6 +105,8 @@ pub async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<D
             _ => return Err(fail(err.to_string())),
         },
     };
+    let subjects = existing.as_ref().map_or_else(|| seed_stream_config(config).subjects, |s| s.subjects.clone());
+    templates_captured(config, &name, &subjects)?;
     let Some(existing) = existing else {
         let created = js.create_stream(seed_stream_config(config)).await.map_err(|e| fail(e.to_string()))?;
         tracing::info!(stream = %name, subjects = %format!("{}.>", config.subject_prefix), "created stream");
@@ -230,6 +269,26 @@ mod tests {
         let text = metrics.encode();
         assert!(text.contains("dynamodb_stream_consumer_stream_duplicate_window_seconds 120\n"), "{text}");
         assert!(text.contains("dynamodb_stream_consumer_duplicate_window_covers_takeover 1\n"), "{text}");
+    }
+
+    #[test]
+    fn a_template_the_stream_would_not_capture_is_refused_naming_table_setting_and_subject() {
+        let config = |file: &str| {
+            let argv = ["consumer", "--dynamodb-tables=orders,itx-a"].map(str::to_owned);
+            let mut config = crate::config::Args::parse_with_env(argv, |_| None).unwrap().validate().unwrap();
+            config.tables_file = std::sync::Arc::new(crate::tables::TablesFile::parse(file).unwrap());
+            config
+        };
+        let seed = vec!["dynamodb_streams.>".to_owned()];
+        let ok = config("tables:\n  orders:\n    subject: '{prefix}.{table}.{event_name}.{key.pk}'\n");
+        assert!(templates_captured(&ok, "s", &seed).is_ok());
+        let outside = config("tables:\n  'itx-*':\n    subject: 'elsewhere.{table}'\n");
+        let err = templates_captured(&outside, "s", &seed).unwrap_err().to_string();
+        assert!(err.contains("table \"itx-a\", setting `subject`") && err.contains("\"elsewhere.itx-a\""), "{err}");
+        let per_table = vec!["dynamodb_streams.orders".to_owned()];
+        let deeper = config("tables:\n  orders:\n    subject: '{prefix}.{table}.{event_name}'\n");
+        let err = templates_captured(&deeper, "s", &per_table).unwrap_err().to_string();
+        assert!(err.contains("\"dynamodb_streams.orders.*\""), "{err}");
     }
 
     #[test]

@@ -274,6 +274,8 @@ impl Fleet {
             cancel: stop.clone(),
             guard,
             memory: pipeline.memory.clone(),
+            tables: Arc::clone(&pipeline.tables),
+            subject_prefix: pipeline.subject_prefix.clone(),
         };
         self.track(shard, Running { generation, stop, leases: Leases::Segments }, reader.run());
     }

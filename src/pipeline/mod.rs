@@ -13,6 +13,7 @@
 pub mod backfill;
 pub mod deliver;
 pub mod fleet;
+mod judge;
 pub mod reader;
 pub mod topology;
 
@@ -31,6 +32,7 @@ use crate::retry;
 use crate::source::ShardSource;
 use crate::source::scan::TableScan;
 use crate::status::ShardProgress;
+pub(crate) use judge::Judge;
 use reader::Outcome;
 
 /// How a shard is polled and how many publishes it keeps in flight.
@@ -64,6 +66,10 @@ pub struct Pipeline {
     pub value_limit: usize,
     /// The bytes that pages may hold across every reader (`crate::memory`).
     pub memory: MemoryBudget,
+    /// Per-table settings (`TABLES_FILE`): what flows, what of it, where.
+    pub tables: Arc<crate::tables::TablesFile>,
+    /// `NATS_SUBJECT_PREFIX`, the `{prefix}` of subject templates.
+    pub subject_prefix: String,
 }
 
 /// How a reader that was told to stop, or whose lease ended, ends.

@@ -204,7 +204,9 @@ impl Job {
                 let message = async_nats::jetstream::message::PublishMessage::build()
                     .headers(headers)
                     .payload(record.payload.clone());
-                match connection.js.send_publish(subject.clone(), message).await {
+                // A record routed by its table's subject template goes there; the rest to the shard's.
+                let to = record.subject.clone().unwrap_or_else(|| subject.clone());
+                match connection.js.send_publish(to, message).await {
                     Ok(ack) => {
                         in_flight.insert(record.item);
                         pending.push_back((next, Instant::now(), ack));

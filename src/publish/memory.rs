@@ -136,7 +136,7 @@ impl EventSink for MemorySink {
             }
             if let Some(plan) = planned.filter(|plan| plan.acked == acked) {
                 if plan.stored_anyway {
-                    Self::store(&mut state, shard.subject, record);
+                    Self::store(&mut state, record.subject().unwrap_or(shard.subject), record);
                 }
                 let message = "planned failure".to_owned();
                 let unconfirmed = Some(GENERATION);
@@ -149,7 +149,7 @@ impl EventSink for MemorySink {
                     unconfirmed,
                 ));
             }
-            Self::store(&mut state, shard.subject, record);
+            Self::store(&mut state, record.subject().unwrap_or(shard.subject), record);
         }
         Ok(())
     }

@@ -90,6 +90,8 @@ pub struct Prepared {
     /// Kept until published, in case the full event turns out to exceed the max payload.
     body: Body,
     reduced: Reduction,
+    /// The record's own subject (a table's `subject` template); `None`: its shard's.
+    subject: Option<async_nats::Subject>,
 }
 
 /// What an event is written from, kept to write it lighter.
@@ -213,6 +215,7 @@ impl Prepared {
             keys,
             body,
             reduced: Reduction::None,
+            subject: None,
         };
         let headers = prepared.build_headers(table, shard_id);
         if prepared.payload.len() + header_wire_len(&headers) > max_payload {
@@ -220,6 +223,17 @@ impl Prepared {
         }
         prepared.headers = Some(headers);
         prepared
+    }
+
+    /// The record published to `subject` instead of its shard's.
+    pub fn routed(mut self, subject: Option<String>) -> Prepared {
+        self.subject = subject.map(async_nats::Subject::from);
+        self
+    }
+
+    /// The record's own subject, if it has one (else its shard's).
+    pub fn subject(&self) -> Option<&str> {
+        self.subject.as_deref()
     }
 
     /// The `keys` JSON of the event: the same primary key gives the same bytes (`{}` for none).

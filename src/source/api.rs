@@ -221,7 +221,7 @@ impl ShardSource for StreamsApi {
         };
         // A body the SDK could not read either: transient, as the SDK's own response error is.
         let page = transcode(&body).map_err(|err| ReadError::Transient(err.to_string()))?;
-        Ok(Page { records: page.events, unusable: page.unusable, next_iterator: page.next_iterator })
+        Ok(Page { records: page.events, unusable: page.unusable, next_iterator: page.next_iterator, body })
     }
 }
 

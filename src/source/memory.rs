@@ -151,8 +151,9 @@ impl ShardSource for MemorySource {
             "Records": records.iter().map(wire).collect::<Vec<_>>(),
             "NextShardIterator": next_iterator,
         });
-        let page = transcode(body.to_string().as_bytes()).map_err(|err| ReadError::Other(err.to_string()))?;
-        Ok(Page { records: page.events, unusable: page.unusable, next_iterator: page.next_iterator })
+        let body = bytes::Bytes::from(body.to_string());
+        let page = transcode(&body).map_err(|err| ReadError::Other(err.to_string()))?;
+        Ok(Page { records: page.events, unusable: page.unusable, next_iterator: page.next_iterator, body })
     }
 }
 

@@ -39,6 +39,9 @@ pub struct Page {
     /// and counts them.
     pub unusable: Vec<Unusable>,
     pub next_iterator: Option<String>,
+    /// The response body the records were transcoded from: a table with a `filter` reads its records
+    /// again from it, as Lambda shows them (`tables::PageDocuments`).
+    pub body: bytes::Bytes,
 }
 
 /// Reading one shard: DynamoDB Streams in the service ([`api::StreamsApi`]), memory in unit tests.

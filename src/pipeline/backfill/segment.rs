@@ -29,6 +29,7 @@ use crate::retry;
 use crate::source::error::ReadError;
 use crate::source::scan::{ScanPage, ScanPosition, Segment, SegmentProgress, TableScan, keys_of};
 use crate::status::now_secs;
+use crate::tables::Verdict;
 
 /// Read capacity units per second, spent as pages report what they consumed (`ConsumedCapacity` is
 /// known only after a page): a page is read only while the budget is not in debt.
@@ -97,6 +98,10 @@ pub struct SegmentReader {
     pub guard: LeaseGuard,
     /// The process's memory budget: each page is charged before it is read, until it is published.
     pub memory: MemoryBudget,
+    /// Per-table settings (`TABLES_FILE`): snapshot rows follow them as stream records do.
+    pub tables: Arc<crate::tables::TablesFile>,
+    /// `NATS_SUBJECT_PREFIX`, the `{prefix}` of subject templates.
+    pub subject_prefix: String,
 }
 
 impl SegmentReader {
@@ -211,9 +216,10 @@ impl SegmentReader {
     async fn publish(&self, items: Vec<crate::record::Map>, mut charge: Charge) -> Result<(), Outcome> {
         let read_at = now_secs();
         let label = format!("backfill-{}-segment-{}-of-{}", self.epoch, self.segment.index, self.segment.total);
+        let settings = self.tables.lookup(&self.table);
         let batch = items
             .into_iter()
-            .map(|item| {
+            .filter_map(|item| {
                 let row = ChangeRecord {
                     event_id: format!("snapshot-{}", self.epoch),
                     event_name: "INSERT".to_owned(),
@@ -223,7 +229,14 @@ impl SegmentReader {
                     origin: Origin::Snapshot { epoch: self.epoch },
                     ..ChangeRecord::default()
                 };
-                self.sink.prepare(&self.table, &label, row)
+                let Some(settings) = settings else { return Some(self.sink.prepare(&self.table, &label, row)) };
+                match settings.judge_record(&self.subject_prefix, &self.table, row) {
+                    Verdict::Publish(row, subject) => Some(self.sink.prepare(&self.table, &label, row).routed(subject)),
+                    Verdict::Drop(reason) => {
+                        self.metrics.records_filtered.with_label_values(&[&self.table, reason.as_str()]).inc();
+                        None
+                    }
+                }
             })
             .collect::<Vec<_>>();
         charge.shrink_to(memory::batch_bytes(&batch));

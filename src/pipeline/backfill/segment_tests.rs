@@ -42,6 +42,7 @@ struct Rig {
     budget: Arc<ReadBudget>,
     value_limit: usize,
     memory: MemoryBudget,
+    tables: Arc<crate::tables::TablesFile>,
 }
 
 impl Rig {
@@ -53,6 +54,7 @@ impl Rig {
             budget: Arc::new(ReadBudget::new(budget)),
             value_limit: usize::MAX,
             memory: MemoryBudget::unlimited(),
+            tables: Arc::default(),
         }
     }
 
@@ -78,6 +80,8 @@ impl Rig {
             cancel: CancellationToken::new(),
             guard,
             memory: self.memory.clone(),
+            tables: self.tables.clone(),
+            subject_prefix: "dynamodb_streams".to_owned(),
         };
         tokio::time::timeout(DEADLINE, reader.run()).await.unwrap()
     }
@@ -206,4 +210,28 @@ async fn segments_sharing_a_memory_budget_smaller_than_a_page_all_end_done_and_g
     assert_eq!(keys.iter().collect::<HashSet<_>>().len(), 1050, "every item once");
     assert!(waits.get() > 0, "a page and its prefetch do not both fit: readers waited");
     assert_eq!((rig.memory.held(), held.get()), (0, 0), "every charge was given back");
+}
+
+/// Snapshot rows follow their table's settings (`TABLES_FILE`) as stream records do: filtered,
+/// projected and routed; the segment still ends done.
+#[tokio::test(start_paused = true)]
+async fn snapshot_rows_are_filtered_projected_and_routed_by_the_tables_settings() {
+    let mut rig = Rig::new(20, 0.5, 1e9);
+    let file = r#"
+tables:
+  "?":
+    filter: '{"Filters":[{"Pattern":"{\"dynamodb\":{\"NewImage\":{\"n\":{\"N\":[{\"numeric\":[\"<\",5]}]}}}}"}]}'
+    include_attributes: [pk]
+    subject: "{prefix}.{table}.{event_name}"
+"#;
+    rig.tables = Arc::new(crate::tables::TablesFile::parse(file).unwrap());
+    assert_eq!(rig.read(Segment { index: 0, total: 1 }).await, Outcome::Finished);
+    let stored = rig.sink.stored();
+    assert_eq!(stored.len(), 5, "items 0 to 4 pass the filter");
+    for event in &stored {
+        assert_eq!(event.subject, "dynamodb_streams.t.INSERT");
+        let json: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+        assert_eq!(json["new_image"].as_object().map(|image| image.len()), Some(1), "{json}");
+        assert_eq!(json["snapshot"], true);
+    }
 }

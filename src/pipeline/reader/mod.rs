@@ -114,6 +114,14 @@ struct Fetched {
     bytes: i64,
     next_iterator: Option<String>,
     batch: Vec<Prepared>,
+    /// The `keys` JSON of the records the table's settings dropped (filtered out, TTL deletions):
+    /// handled, not published.
+    dropped: Vec<Vec<u8>>,
+    /// The sequence number of the page's last record, when the table's settings dropped it.
+    dropped_end: Option<checkpoint::SequenceNumber>,
+    /// The creation time of the page's last record, whether published or dropped (only for a table
+    /// with settings: its lag counts the records it drops too).
+    last_created: Option<f64>,
     /// The batch's share of the memory budget: dropped with the batch, once it is published.
     charge: Charge,
 }
@@ -297,12 +305,15 @@ impl ShardReader {
             _ => None,
         };
         let (mut batch, charge) = (page.batch, page.charge);
-        let page_end = batch.last().map(|record| record.sequence_number.clone());
+        // Records the table's settings dropped are handled too: the checkpoint may pass them.
+        let page_end = batch.last().map(|record| record.sequence_number.clone()).max(page.dropped_end);
         let skipped = cursor.skip_before.map_or(0, |before| skip_older(&mut batch, before));
-        let newest = batch.last().and_then(|p| p.created_at).filter(|_| count > 0);
+        let dropped = page.dropped.len();
+        let newest = page.last_created.or_else(|| batch.last().and_then(|p| p.created_at)).filter(|_| count > 0);
         // Reported before publishing, so the lag keeps growing while these records wait.
         self.pipeline.progress.read(table, shard_id, newest);
         Self::note_live(cursor, &batch);
+        Self::note_dropped(cursor, page.dropped);
         if !batch.is_empty()
             && let Err(outcome) = Box::pin(self.publish(batch, cursor)).await
         {
@@ -310,15 +321,16 @@ impl ShardReader {
         }
         // Every record of the batch is acknowledged and the batch is gone: so is its memory.
         drop(charge);
-        if skipped > 0
+        if skipped + dropped > 0
             && let Some(end) = page_end
         {
-            // Every record of the page is published or skipped: the checkpoint covers the page.
+            // Every record of the page is published, skipped or dropped: the checkpoint covers the page.
             tracing::debug!(
                 table,
                 shard_id,
                 skipped,
-                "records created before the first sighting (START_FROM_LATEST) or the rewind's time skipped"
+                dropped,
+                "records created before the first sighting (START_FROM_LATEST) or the rewind's time skipped, or dropped by the table's settings"
             );
             cursor.start = StartAt::After(end.to_string());
             if let Err(outcome) = self.checkpoint(&mut cursor.checkpoint, Position::After(end)).await {
@@ -559,17 +571,40 @@ impl ShardReader {
 async fn fetch(pipeline: &Pipeline, shard: &Readable, iterator: &str) -> Result<Fetched, ReadError> {
     let (table, shard_id) = (shard.table.as_str(), shard.shard_id.as_str());
     let mut charge = pipeline.memory.take(memory::PAGE_RESERVE).await;
-    let Page { records, unusable, next_iterator } = pipeline.source.records(iterator).await?;
+    let Page { records, unusable, next_iterator, body } = pipeline.source.records(iterator).await?;
     for record in &unusable {
         tracing::error!(table, shard_id, error = %record, "record cannot be published: skipped");
         pipeline.metrics.unrepresentable_records.with_label_values(&[table]).inc();
     }
     let count = records.len() + unusable.len();
     let bytes = records.iter().filter_map(|record| record.size_bytes).sum();
-    let batch: Vec<Prepared> =
-        records.into_iter().map(|event| pipeline.sink.prepare_stream(table, shard_id, event, Origin::Stream)).collect();
+    let mut judge = super::Judge::new(pipeline, table, shard_id, body);
+    let (mut dropped, mut dropped_end) = (Vec::new(), None);
+    if !judge.has_settings() {
+        let batch: Vec<Prepared> = records
+            .into_iter()
+            .map(|event| pipeline.sink.prepare_stream(table, shard_id, event, Origin::Stream))
+            .collect();
+        charge.shrink_to(memory::batch_bytes(&batch));
+        return Ok(Fetched { count, bytes, next_iterator, batch, dropped, dropped_end, last_created: None, charge });
+    }
+    let mut batch: Vec<Prepared> = Vec::with_capacity(records.len());
+    let last_created = records.last().and_then(|event| event.created_at);
+    for event in records {
+        let sequence_number = event.sequence_number.clone();
+        match judge.prepare(event, Origin::Stream) {
+            Ok(prepared) => {
+                batch.push(prepared);
+                dropped_end = None;
+            }
+            Err(keys) => {
+                dropped.push(keys);
+                dropped_end = checkpoint::SequenceNumber::parse(&sequence_number);
+            }
+        }
+    }
     charge.shrink_to(memory::batch_bytes(&batch));
-    Ok(Fetched { count, bytes, next_iterator, batch, charge })
+    Ok(Fetched { count, bytes, next_iterator, batch, dropped, dropped_end, last_created, charge })
 }
 
 /// Drops the records created before second `before` (epoch; DynamoDB's creation times are whole

@@ -106,6 +106,14 @@ impl ShardReader {
         }
     }
 
+    /// Notes the items of live records the table's settings dropped: handled by the live path as
+    /// much as published ones, so the replay leaves them alone too.
+    pub(super) fn note_dropped(cursor: &mut Cursor, dropped: Vec<Vec<u8>>) {
+        if let Some(replay) = cursor.replay.as_mut() {
+            replay.skip.extend(dropped.iter().filter_map(|keys| item_key(keys)));
+        }
+    }
+
     /// Starts the table's replay when it is due, and handles its next page if it has been read (or,
     /// with `wait`, once it is): called after each live page. True when a replay page was handled
     /// (the reader then reads on without waiting).
@@ -268,7 +276,7 @@ impl ShardReader {
             }
         };
         replay.delays = retry::backoff();
-        let Page { records, next_iterator, .. } = page;
+        let Page { records, next_iterator, body, .. } = page;
         if let Some(skim) = replay.skim.as_mut() {
             let mut passed = next_iterator.is_none();
             for record in records {
@@ -293,6 +301,7 @@ impl ShardReader {
         }
         let mut done = next_iterator.is_none();
         let mut batch = Vec::new();
+        let mut judge = crate::pipeline::Judge::new(&self.pipeline, table, shard_id, body);
         for record in records {
             let Some(seq) = SequenceNumber::parse(&record.sequence_number) else { continue };
             if seq > replay.p1 {
@@ -303,7 +312,10 @@ impl ShardReader {
             replay.after = Some(seq);
             if !replay.skip.contains(record.keys_json()) {
                 let origin = Origin::Replay { epoch: replay.epoch };
-                batch.push(self.pipeline.sink.prepare_stream(table, shard_id, record, origin));
+                // A record the table's settings drop is passed over like a published one.
+                if let Ok(prepared) = judge.prepare(record, origin) {
+                    batch.push(prepared);
+                }
             }
             if last {
                 done = true;

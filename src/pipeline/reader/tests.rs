@@ -50,6 +50,8 @@ struct Harness {
     idle_poll_max: Duration,
     /// The readers' memory budget (unlimited unless a test sets one).
     memory: MemoryBudget,
+    /// The readers' `TABLES_FILE` (none unless a test sets one).
+    tables: Arc<crate::tables::TablesFile>,
 }
 
 fn shard() -> Readable {
@@ -82,6 +84,7 @@ impl Harness {
             backfills: watch::channel(Backfills::default()).0,
             idle_poll_max: Duration::from_millis(500),
             memory: MemoryBudget::unlimited(),
+            tables: Arc::default(),
         }
     }
 
@@ -104,6 +107,8 @@ impl Harness {
             backfill: BackfillConfig::default(),
             value_limit: usize::MAX,
             memory: self.memory.clone(),
+            tables: self.tables.clone(),
+            subject_prefix: "dynamodb_streams".to_owned(),
         });
         let (force, forced) = Force::detached();
         self.forced = forced;
@@ -611,4 +616,95 @@ async fn a_reader_counts_where_its_time_goes() {
     for on in WaitOn::ALL {
         assert!(waited(on) >= 0.0);
     }
+}
+
+/// A table's settings (`TABLES_FILE`) on the live path: what a filter or `ttl_deletes: drop` drops is
+/// not published but checkpointed past, also when it ends the page, and counted; what passes is
+/// projected and routed to its templated subject.
+#[tokio::test(start_paused = true)]
+async fn records_the_tables_settings_drop_are_checkpointed_past_counted_and_the_rest_routed() {
+    let mut h = Harness::new(1000).await;
+    h.tables = Arc::new(
+        crate::tables::TablesFile::parse(
+            r#"
+tables:
+  "*":
+    filter: '{"Filters":[{"Pattern":"{\"dynamodb\":{\"Keys\":{\"pk\":{\"S\":[{\"prefix\":\"keep\"}]}}}}"}]}'
+    exclude_attributes: [v]
+    subject: "{prefix}.{table}.{key.pk}"
+    ttl_deletes: drop
+"#,
+        )
+        .unwrap(),
+    );
+    let mut ttl = record(4, "keep-ttl", 1, CREATED);
+    ttl.event_name = "REMOVE".to_owned();
+    ttl.old_image = ttl.new_image.take();
+    ttl.user_identity = Some(crate::record::UserIdentity {
+        kind: "Service".to_owned(),
+        principal_id: "dynamodb.amazonaws.com".to_owned(),
+    });
+    h.source.append(
+        SHARD,
+        [
+            record(1, "keep-a", 0, CREATED),
+            record(2, "drop-b", 0, CREATED),
+            record(3, "keep-c", 1, CREATED),
+            ttl,
+            record(5, "drop-d", 1, CREATED),
+        ],
+    );
+    h.source.close(SHARD);
+    let (task, _) = h.start(shard());
+    assert_eq!(outcome(task).await, Outcome::Finished);
+    let last = SequenceNumber::parse(&seq(5)).unwrap();
+    assert_eq!(h.checkpoint().await, Some(Position::Finished { last: Some(last) }), "the dropped tail is covered");
+    let stored = h.sink.stored();
+    let subjects: Vec<&str> = stored.iter().map(|s| s.subject.as_str()).collect();
+    assert_eq!(subjects, [format!("dynamodb_streams.{TABLE}.keep-a"), format!("dynamodb_streams.{TABLE}.keep-c")]);
+    for event in &stored {
+        let json: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+        assert!(json["new_image"].get("v").is_none() && json["new_image"]["pk"].is_string(), "{json}");
+    }
+    let filtered = |reason: &str| h.metrics.records_filtered.with_label_values(&[TABLE, reason]).get();
+    assert_eq!((filtered("filter"), filtered("ttl_delete")), (2, 1));
+}
+
+/// A backfill's replay follows the table's settings as the live path does: a record the filter
+/// rejects is passed over (the replay still ends), the rest is projected.
+#[tokio::test(start_paused = true)]
+async fn the_replay_follows_the_tables_settings() {
+    let mut h = Harness::new(10).await;
+    h.tables = Arc::new(
+        crate::tables::TablesFile::parse(
+            r#"
+tables:
+  "*":
+    filter:
+      Filters:
+        - Pattern: '{"dynamodb": {"Keys": {"pk": {"S": ["item-0", "item-1"]}}}}'
+    exclude_attributes: [v]
+"#,
+        )
+        .unwrap(),
+    );
+    h.source.append(SHARD, records(1, 300, 7));
+    let (task, _cancel) = h.start(shard());
+    // Items 0 and 1 of 7: 43 records each.
+    h.until_stored(86).await;
+    h.store.create(&pin_key(TABLE, 1, SHARD), seq(100).into()).await.unwrap();
+    h.backfills.send_replace(backfill(Phase::Replaying));
+    h.until_replay(true).await;
+    let stored: Vec<serde_json::Value> =
+        h.sink.stored().iter().map(|event| serde_json::from_slice(&event.payload).unwrap()).collect();
+    let replayed: Vec<_> = stored.iter().filter(|json| json["replay"] == true).collect();
+    // Seq 101..=300 of items 0 and 1 (106, 113, …, 295 and 107, …, 296): 28 + 28.
+    assert_eq!(replayed.len(), 56, "only what passes the filter is replayed");
+    for json in &stored {
+        assert!(["item-0", "item-1"].contains(&json["keys"]["pk"].as_str().unwrap()), "{json}");
+        assert!(json["new_image"].get("v").is_none() && json["new_image"]["pk"].is_string(), "{json}");
+    }
+    let filtered = h.metrics.records_filtered.with_label_values(&[TABLE, "filter"]).get();
+    assert_eq!(filtered, 214 + 144, "live: 300 - 86; replay: 200 - 56");
+    assert!(!task.is_finished());
 }

@@ -68,6 +68,10 @@ pub struct StreamEvent {
     old_image: Option<Range<usize>>,
     /// The hash of the `keys` JSON ([`Encoded::item`]).
     item: u64,
+    /// A REMOVE whose `userIdentity` is DynamoDB's TTL (`Service`, `dynamodb.amazonaws.com`).
+    ttl_delete: bool,
+    /// Written with `"ttl_delete": true` after its origin flags (a table's `ttl_deletes: flag`).
+    flag_ttl_delete: bool,
 }
 
 impl StreamEvent {
@@ -85,6 +89,9 @@ impl StreamEvent {
         let shift = w.out.len() - self.table_at;
         w.out.extend_from_slice(&self.json[self.table_at..]);
         w.origin(origin);
+        if self.flag_ttl_delete {
+            w.flag("ttl_delete");
+        }
         w.raw("}");
         let moved = |range: &Range<usize>| range.start + shift..range.end + shift;
         let lighter =
@@ -119,6 +126,47 @@ impl StreamEvent {
     /// The hash of the `keys` JSON ([`Encoded::item`]).
     pub fn item(&self) -> u64 {
         self.item
+    }
+
+    /// Whether DynamoDB's TTL made this deletion: a REMOVE by `userIdentity` `Service` /
+    /// `dynamodb.amazonaws.com`.
+    pub fn is_ttl_delete(&self) -> bool {
+        self.ttl_delete
+    }
+
+    /// Marks the event `"ttl_delete": true` (written after its origin flags, before a reduction's).
+    pub fn flag_ttl_delete(&mut self) {
+        self.flag_ttl_delete = true;
+    }
+
+    /// The event with only the image attributes `keep` says yes to (`keys` untouched). The images are
+    /// written event JSON with their fields in name order: each field is kept or cut as it stands.
+    pub fn project(mut self, keep: impl Fn(&str) -> bool) -> StreamEvent {
+        let images = [self.new_image.clone(), self.old_image.clone()];
+        let mut json = Vec::with_capacity(self.json.len());
+        let mut at = 0;
+        let mut placed: [Option<Range<usize>>; 2] = [None, None];
+        let mut spans: Vec<(usize, &Range<usize>)> =
+            images.iter().enumerate().filter_map(|(index, range)| range.as_ref().map(|range| (index, range))).collect();
+        spans.sort_by_key(|(_, range)| range.start);
+        for (index, range) in spans {
+            json.extend_from_slice(&self.json[at..range.start]);
+            let start = json.len();
+            match project_object(&self.json[range.clone()], &keep) {
+                Some(projected) => json.extend_from_slice(&projected),
+                // Not an object as the transcoder writes one (never): kept whole.
+                None => json.extend_from_slice(&self.json[range.clone()]),
+            }
+            placed[index] = Some(start..json.len());
+            at = range.end;
+        }
+        json.extend_from_slice(&self.json[at..]);
+        let [new_image, old_image] = placed;
+        // The keys come before the images, so their place does not move.
+        self.json = json;
+        self.new_image = new_image;
+        self.old_image = old_image;
+        self
     }
 }
 
@@ -424,6 +472,11 @@ fn write_event(
     let new_image = copy(&mut w, &stream.new_image, "null");
     w.field("old_image");
     let old_image = copy(&mut w, &stream.old_image, "null");
+    let ttl_delete = event_name == "REMOVE"
+        && identity.as_ref().is_some_and(|identity| {
+            identity.kind.as_deref() == Some(TTL_IDENTITY_TYPE)
+                && identity.principal_id.as_deref() == Some(TTL_PRINCIPAL)
+        });
     if let Some(identity) = identity {
         w.field("user_identity");
         w.raw("{\"type\":");
@@ -444,6 +497,58 @@ fn write_event(
         keys,
         new_image,
         old_image,
+        ttl_delete,
+        flag_ttl_delete: false,
+    }
+}
+
+/// The `userIdentity` of a deletion made by DynamoDB's TTL (AWS: "Time to Live (TTL) and DynamoDB
+/// Streams": `"type": "Service"`, `"principalId": "dynamodb.amazonaws.com"`).
+pub const TTL_IDENTITY_TYPE: &str = "Service";
+pub const TTL_PRINCIPAL: &str = "dynamodb.amazonaws.com";
+
+/// A written JSON object with only the fields `keep` says yes to, in their order; `None` if `object`
+/// is not one.
+fn project_object(object: &[u8], keep: &impl Fn(&str) -> bool) -> Option<Vec<u8>> {
+    let fields: Vec<(Cow<'_, str>, &RawValue)> = serde_json::from_slice::<OrderedFields<'_>>(object).ok()?.0;
+    let mut w = JsonWriter { out: Vec::with_capacity(object.len()), lossy: Vec::new() };
+    w.raw("{");
+    let mut first = true;
+    for (name, value) in fields.iter().filter(|(name, _)| keep(name)) {
+        if !first {
+            w.raw(",");
+        }
+        first = false;
+        w.string(name);
+        w.raw(":");
+        w.out.extend_from_slice(value.get().as_bytes());
+    }
+    w.raw("}");
+    Some(w.out)
+}
+
+/// A JSON object's fields in the order written, values unparsed.
+struct OrderedFields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for OrderedFields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = OrderedFields<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(name) = key(&mut access)? {
+                    fields.push((name, access.next_value::<&'de RawValue>()?));
+                }
+                Ok(OrderedFields(fields))
+            }
+        }
+        deserializer.deserialize_map(Fields)
     }
 }
 
