@@ -45,6 +45,8 @@ pub struct Health {
     pub unreadable: Arc<UnreadableTables>,
     /// The tables' backfills, once the fleet runs.
     pub backfills: std::sync::OnceLock<watch::Receiver<Backfills>>,
+    /// The tables selected now and why (issue 20), once the fleet started.
+    pub tables: std::sync::OnceLock<watch::Receiver<crate::pipeline::tables::Selected>>,
     /// The memory budget, once start-up sized it.
     pub memory: std::sync::OnceLock<crate::memory::Sizing>,
 }
@@ -59,6 +61,7 @@ impl Health {
             leases: std::sync::OnceLock::new(),
             unreadable: Arc::default(),
             backfills: std::sync::OnceLock::new(),
+            tables: std::sync::OnceLock::new(),
             memory: std::sync::OnceLock::new(),
         }
     }
@@ -124,6 +127,7 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
         "lease_renewal": if leases.renews_each_lease { "each_lease" } else { "session" },
         "leases": leases.held.iter().map(|shard| shard.as_str()).collect::<Vec<_>>(),
         "shards": health.metrics.progress().snapshot(),
+        "tables": health.selected_tables(),
         "tables_unreadable": health.unreadable.snapshot(),
         "backfills": health.backfills(),
         "memory": health.memory.get().map(|sizing| sizing.status(health.metrics.memory_waits.get())),
@@ -131,6 +135,16 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
 }
 
 impl Health {
+    /// Each selected table with how it was selected (`name`, `pattern` or `tags`); `null` while the
+    /// fleet's set is not known yet.
+    fn selected_tables(&self) -> serde_json::Value {
+        let selected = self.tables.get().and_then(|tables| tables.borrow().clone());
+        match selected {
+            Some(set) => set.iter().map(|(table, by)| (table.clone(), serde_json::json!(by.as_str()))).collect(),
+            None => serde_json::Value::Null,
+        }
+    }
+
     /// Each table's latest backfill as this replica last read it.
     fn backfills(&self) -> serde_json::Map<String, serde_json::Value> {
         let Some(backfills) = self.backfills.get() else { return serde_json::Map::new() };

@@ -98,9 +98,16 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let (fleet, leases) = Fleet::start(config.clone(), pipeline, topology, store, tracker.clone())?;
     let _ = health.leases.set(leases);
     let _ = health.backfills.set(fleet.backfills());
+    let _ = health.tables.set(fleet.tables());
     tracker.spawn(fleet.run(root.clone()));
     health.serving.store(true, Ordering::SeqCst);
-    tracing::info!(replica_id = %config.replica_id, tables = ?config.tables, "serving");
+    tracing::info!(
+        replica_id = %config.replica_id,
+        tables = ?config.tables,
+        patterns = ?config.selection.patterns,
+        tags = ?config.selection.tags,
+        "serving"
+    );
 
     let signal = signals.next().await;
     tracing::info!(
@@ -185,7 +192,6 @@ async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) ->
     });
     let topology = TopologyContext {
         discovery: Discovery { api, checkpoints, metrics, start_from_latest: config.start_from_latest },
-        tables: config.tables.clone(),
         refresh_interval: config.shard_refresh_interval,
         bucket: config.bucket.clone(),
         value_limit,
