@@ -16,12 +16,14 @@
 //! stored), so no value grows with the number of tables and the original deployment's bucket (1 KiB
 //! values, history 1) takes any set. Every second each replica reads the head (one KV get) and the
 //! table keys only when the head's `changes` moved. A replica that has seen the same revision of the
-//! head for `TABLE_REFRESH_INTERVAL_SEC` (on its own clock) lists the tables (`ListTables`), checks
-//! tags, writes the table keys that changed (each by compare-and-swap), then the head by
-//! compare-and-swap at the revision it saw: that write is the claim, and it moves the revision every
-//! other replica times the interval from. So about one replica per interval pays for the AWS calls,
-//! whatever the size of the fleet. Two replicas refreshing at once both write what AWS told them; one
-//! head write wins and the loser reads the keys again.
+//! head for `TABLE_REFRESH_INTERVAL_SEC` (on its own clock) first **claims** the refresh: it rewrites
+//! the head by compare-and-swap at the revision it saw, which moves the revision every other replica
+//! times the interval from; a replica that loses the claim makes no AWS call. The winner lists the
+//! tables (`ListTables`), checks tags, writes the table keys that changed (each by compare-and-swap),
+//! then the head again (`changes` + 1 when a key changed). So one replica per interval pays for the
+//! AWS calls, whatever the size of the fleet, even when an evaluation takes longer than the
+//! interval. A winner that dies before its second head write leaves the set as it was; the claim's
+//! revision then stays unchanged for an interval and another replica refreshes.
 //!
 //! `ListTagsOfResource` is limited to about 10 calls per second per account, and is the only call
 //! whose count grows with the account's tables: a refresh checks the tags of at most
@@ -51,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{SelectedBy, TableSelection, forms_keys, is_valid_table_name};
 use crate::metrics::{Metrics, TableSetRefresh};
+use crate::pipeline::backfill::watch::now_ms;
 use crate::source::api::StreamsApi;
 use crate::source::error::ReadError;
 
@@ -256,10 +259,26 @@ impl TableSetWatch {
         });
     }
 
-    /// Evaluates the selection from AWS and writes what changed, then claims the refresh.
+    /// Claims the refresh (the head rewritten by compare-and-swap at the revision seen, so that no
+    /// other replica finds it due), evaluates the selection from AWS, writes the table keys that
+    /// changed, then the head again. A replica that loses the claim makes no AWS call.
     async fn refresh(&mut self) {
         let metrics = Arc::clone(&self.context.metrics);
         let count = |outcome: TableSetRefresh| metrics.table_set_refreshes.with_label_values(&[outcome.as_str()]).inc();
+        let claim = SetHead { at: now_ms(), ..self.head.clone().unwrap_or_default() };
+        match self.write_head(claim).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict { .. }) => {
+                count(TableSetRefresh::Conflict);
+                tracing::debug!("another replica claimed the table set's refresh first");
+                return;
+            }
+            Err(err) => {
+                count(TableSetRefresh::Failed);
+                tracing::warn!(error = %err, "cannot claim the table set's refresh; retrying");
+                return;
+            }
+        }
         let next = match self.evaluate().await {
             Ok(next) => next,
             Err(err) => {
@@ -277,7 +296,7 @@ impl TableSetWatch {
             Err(StoreError::Conflict { .. }) => {
                 count(TableSetRefresh::Conflict);
                 self.read_at = None;
-                tracing::debug!("another replica refreshed the table set first");
+                tracing::debug!("another replica refreshed the table set meanwhile");
             }
             Err(err) => {
                 count(TableSetRefresh::Failed);
@@ -394,23 +413,28 @@ impl TableSetWatch {
             changed = true;
         }
         let previous = self.head.as_ref().map_or(0, |head| head.changes);
-        let head = SetHead {
-            changes: if changed { previous + 1 } else { previous },
-            tables: wanted.len(),
-            at: crate::pipeline::backfill::watch::now_ms(),
-        };
+        let changes = if changed { previous + 1 } else { previous };
+        self.write_head(SetHead { changes, tables: wanted.len(), at: now_ms() }).await?;
+        Ok(changed)
+    }
+
+    /// Writes `head` by compare-and-swap at the revision seen (created when there was none) and
+    /// adopts it.
+    async fn write_head(&mut self, head: SetHead) -> Result<(), StoreError> {
         let value = Bytes::from(
             serde_json::json!({ "changes": head.changes, "tables": head.tables, "at": head.at }).to_string(),
         );
-        let key = head_key(&group);
+        let key = head_key(&self.context.group);
         let revision = match self.seen {
             None => self.store.create(&key, value).await?,
             Some((revision, _)) => self.store.update(&key, value, revision).await?,
         };
         self.seen = Some((revision, Instant::now()));
-        self.read_at = Some(head.changes);
+        if self.read_at == self.head.as_ref().map(|head| head.changes) {
+            self.read_at = Some(head.changes);
+        }
         self.head = Some(head);
-        Ok(changed)
+        Ok(())
     }
 }
 
