@@ -234,6 +234,23 @@ async fn untag(ddb: &aws_sdk_dynamodb::Client, table: &str) {
     ddb.untag_resource().resource_arn(table_arn(ddb, table).await).tag_keys(TAG.0).send().await.unwrap();
 }
 
+/// Runs the binary's operator command `args` with the fleet's selection; its stdout.
+async fn command(nats: &NatsServer, args: &[&str]) -> String {
+    let output = tokio::process::Command::new(binary())
+        .args(args)
+        .env_clear()
+        .env("DYNAMODB_TABLES", format!("{SELECTED_BY_NAME},{PATTERN}"))
+        .env("DYNAMODB_TABLE_TAGS", format!("{}={}", TAG.0, TAG.1))
+        .env("NATS_URL", nats.url())
+        .env("AWS_REGION", fixtures::REGION)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{args:?}: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
 async fn sum_metric(replicas: &[Replica], name_and_labels: &str) -> f64 {
     let mut total = 0.0;
     for replica in replicas {
@@ -299,6 +316,12 @@ async fn tables_are_selected_by_name_pattern_and_tag_and_follow_tagging_without_
     let all_selected = [SELECTED_BY_NAME, "itx-a", "itx-b", "tagged-1", "tagged-2"];
     wait_arrived("every write to the grown set", &writer, &arrivals, &all_selected).await;
 
+    // The operator's `status` lists the checkpoints of every table of the fleet's set.
+    let listed = command(&nats, &["status", "--json"]).await;
+    for table in all_selected {
+        assert!(listed.contains(&format!("\"{table}\"")), "status lists {table}: {listed}");
+    }
+
     // 3. Untagged, tagged-1 leaves the set: its lease is released, its checkpoint stays.
     untag(&ddb, "tagged-1").await;
     let shrunk: Vec<(&str, &str)> = grown.iter().copied().filter(|(table, _)| *table != "tagged-1").collect();
@@ -316,6 +339,8 @@ async fn tables_are_selected_by_name_pattern_and_tag_and_follow_tagging_without_
         .find(|key| key.starts_with("tagged-1.shardId-"))
         .unwrap_or_else(|| panic!("the checkpoint of tagged-1 stays: {checkpoint_keys:?}"));
     let kept = kv.get(checkpoint).await.unwrap().unwrap();
+    let listed = command(&nats, &["checkpoints", "list", "tagged-1"]).await;
+    assert!(listed.contains("tagged-1") && listed.contains("free"), "a dropped table's checkpoint: {listed}");
     // Writes to tagged-1 go on while it is not read; a full round of the other tables arriving shows
     // the fleet kept reading them meanwhile.
     let unread_from = writer.count("tagged-1");

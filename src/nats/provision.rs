@@ -84,6 +84,19 @@ pub async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<D
             });
         }
     }
+    if config.selection.is_dynamic() {
+        // Tables discovered later have subjects of their own: the stream must capture every
+        // `{prefix}.{table}` (a literal `*` token matches only a `*` or `>` filter).
+        let subject = format!("{}.*", config.subject_prefix);
+        if !existing.subjects.iter().any(|filter| subject_matches(filter, &subject)) {
+            return Err(SetupError::NotCaptured {
+                stream: name,
+                subject,
+                subjects: existing.subjects.clone(),
+                prefix: config.subject_prefix.clone(),
+            });
+        }
+    }
     let seed = seed_stream_config(config);
     let mut differs = Vec::new();
     if existing.retention != seed.retention {
@@ -242,5 +255,9 @@ mod tests {
         assert!(!subject_matches("dynamodb_streams.>", "dynamodb_streams"));
         assert!(!subject_matches("other.>", "dynamodb_streams.orders"));
         assert!(!subject_matches("dynamodb_streams.orders.x", "dynamodb_streams.orders"));
+        // With discovery, `{prefix}.*` stands for any table's subject: only a wildcard filter takes it.
+        assert!(subject_matches("dynamodb_streams.>", "dynamodb_streams.*"));
+        assert!(subject_matches("dynamodb_streams.*", "dynamodb_streams.*"));
+        assert!(!subject_matches("dynamodb_streams.orders", "dynamodb_streams.*"));
     }
 }

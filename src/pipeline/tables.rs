@@ -100,6 +100,20 @@ fn table_key(group: &str, table: &str) -> String {
     format!("{}{}", table_prefix(group), escape(table))
 }
 
+/// The tables of group `group`'s set selected by a pattern or tag, as the fleet last stored them (for
+/// the operator's commands; the named tables are not stored).
+pub async fn stored_tables(store: &dyn LeaseStore, group: &str) -> Result<Vec<String>, StoreError> {
+    let prefix = table_prefix(group);
+    let entries = store.scan(&[prefix.as_str()]).await?;
+    let mut tables: Vec<String> = entries
+        .into_iter()
+        .filter_map(|(_, entry)| serde_json::from_slice::<TableValue>(&entry.value).ok())
+        .map(|value| value.table)
+        .collect();
+    tables.sort();
+    Ok(tables)
+}
+
 /// One table's tags as this replica last checked them.
 struct TagCheck {
     arn: Option<String>,
