@@ -114,7 +114,7 @@ impl Fleet {
         pipeline.metrics.init_tables(&config.tables);
         let status = coordinator.watch_status();
         let tables = TablesContext {
-            api: topology.discovery.api.clone(),
+            api: Arc::new(topology.discovery.api.clone()),
             selection: config.selection.clone(),
             group: config.lease.group.clone(),
             metrics: Arc::clone(&pipeline.metrics),

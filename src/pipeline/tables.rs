@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{SelectedBy, TableSelection, forms_keys, is_valid_table_name};
 use crate::metrics::{Metrics, TableSetRefresh};
 use crate::pipeline::backfill::watch::now_ms;
-use crate::source::api::StreamsApi;
+use crate::source::TableCatalog;
 use crate::source::error::ReadError;
 
 /// How often the head is read: a set changed by another replica is followed within about this long.
@@ -123,7 +123,7 @@ struct TagCheck {
 
 /// What the watch reads from and reports to.
 pub struct TablesContext {
-    pub api: StreamsApi,
+    pub api: Arc<dyn TableCatalog>,
     pub selection: TableSelection,
     /// The lease group: the fingerprint of the selection's rules.
     pub group: String,
@@ -453,20 +453,5 @@ impl TableSetWatch {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stored_values_stay_small_with_the_longest_names() {
-        let table = "t".repeat(255);
-        let value = serde_json::json!({ "table": table, "by": SelectedBy::Pattern.as_str() }).to_string();
-        assert!(value.len() < 320, "{}", value.len());
-        let decoded: TableValue = serde_json::from_str(&value).unwrap();
-        assert_eq!(decoded, TableValue { table: table.clone(), by: SelectedBy::Pattern });
-        let head = SetHead { changes: u64::MAX, tables: usize::MAX, at: u64::MAX };
-        assert!(serde_json::to_vec(&head).unwrap().len() < 100);
-        let key = table_key("0123456789abcdef", &table);
-        coordination::keys::check_kv_key(&key).expect("a valid KV key");
-        assert!(table_key("g", "a.b").ends_with("table.a=2Eb"));
-    }
-}
+#[path = "tables_tests.rs"]
+mod tests;
