@@ -100,10 +100,10 @@ async fn one_replica_evaluates_per_interval_whatever_the_fleet_size() {
     let store = Arc::new(MemoryStore::new());
     let mut replicas: Vec<_> = (0..3).map(|_| replica(&catalog, &store, &["plain"])).collect();
     let seconds = 30;
+    // The replicas read at the same moments, and a refresh takes time (its tag checks are paced), so
+    // they all find the set due together.
     for _ in 0..seconds {
-        for (watch, _) in &mut replicas {
-            watch.step().await;
-        }
+        futures::future::join_all(replicas.iter_mut().map(|(watch, _)| watch.step())).await;
         tokio::time::advance(Duration::from_secs(1)).await;
     }
     let lists = catalog.lists.load(Ordering::SeqCst);
@@ -116,9 +116,7 @@ async fn one_replica_evaluates_per_interval_whatever_the_fleet_size() {
     // A table tagged later joins every replica's set within an interval and a read or two.
     catalog.set("other", true);
     for _ in 0..(INTERVAL.as_secs() + 3) {
-        for (watch, _) in &mut replicas {
-            watch.step().await;
-        }
+        futures::future::join_all(replicas.iter_mut().map(|(watch, _)| watch.step())).await;
         tokio::time::advance(Duration::from_secs(1)).await;
     }
     for (_, selected) in &replicas {
