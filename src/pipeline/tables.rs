@@ -9,7 +9,7 @@
 //!
 //! | key | value (bytes at most) |
 //! |---|---|
-//! | `tables/{group}/head` | `{"changes":n,"tables":n,"at":unix_ms}` (< 100) |
+//! | `tables/{group}/head` | `{"changes":n,"tables":n,"at":unix_ms}`, with `"pending":true` while the very first evaluation runs (< 128) |
 //! | `tables/{group}/table.{escaped name}` | `{"table":"…","by":"pattern"\|"tags"}` (a 255-character name: < 320) |
 //!
 //! One key per table selected by a pattern or by tags (named tables are always selected and are not
@@ -86,6 +86,10 @@ struct SetHead {
     tables: usize,
     /// When the set was last evaluated (Unix ms), for `/status`.
     at: u64,
+    /// Written by the claim of the very first evaluation, before any set was stored: nothing is
+    /// published from it (it would be the named tables alone, a second before the whole set).
+    #[serde(default)]
+    pending: bool,
 }
 
 fn head_key(group: &str) -> String {
@@ -250,9 +254,9 @@ impl TableSetWatch {
     }
 
     fn publish(&self) {
-        // Before any set is stored, only a failed refresh publishes (the named tables, which need no
+        // Before any set is stored (no head, or the first claim's), only a failed refresh publishes (the named tables, which need no
         // AWS call), so a fleet whose first refresh fails still reads what it was told by name.
-        if self.head.is_none() && !self.refresh_failed {
+        if self.head.as_ref().is_none_or(|head| head.pending) && !self.refresh_failed {
             return;
         }
         let set = self.stored_set();
@@ -279,7 +283,8 @@ impl TableSetWatch {
     async fn refresh(&mut self) {
         let metrics = Arc::clone(&self.context.metrics);
         let count = |outcome: TableSetRefresh| metrics.table_set_refreshes.with_label_values(&[outcome.as_str()]).inc();
-        let claim = SetHead { at: now_ms(), ..self.head.clone().unwrap_or_default() };
+        let pending = self.head.as_ref().is_none_or(|head| head.pending);
+        let claim = SetHead { at: now_ms(), pending, ..self.head.clone().unwrap_or_default() };
         match self.write_head(claim).await {
             Ok(()) => {}
             Err(StoreError::Conflict { .. }) => {
@@ -428,16 +433,18 @@ impl TableSetWatch {
         }
         let previous = self.head.as_ref().map_or(0, |head| head.changes);
         let changes = if changed { previous + 1 } else { previous };
-        self.write_head(SetHead { changes, tables: wanted.len(), at: now_ms() }).await?;
+        self.write_head(SetHead { changes, tables: wanted.len(), at: now_ms(), pending: false }).await?;
         Ok(changed)
     }
 
     /// Writes `head` by compare-and-swap at the revision seen (created when there was none) and
     /// adopts it.
     async fn write_head(&mut self, head: SetHead) -> Result<(), StoreError> {
-        let value = Bytes::from(
-            serde_json::json!({ "changes": head.changes, "tables": head.tables, "at": head.at }).to_string(),
-        );
+        let mut value = serde_json::json!({ "changes": head.changes, "tables": head.tables, "at": head.at });
+        if head.pending {
+            value["pending"] = serde_json::Value::Bool(true);
+        }
+        let value = Bytes::from(value.to_string());
         let key = head_key(&self.context.group);
         let revision = match self.seen {
             None => self.store.create(&key, value).await?,

@@ -18,6 +18,8 @@ struct Catalog {
     /// Tables whose tags cannot be read (throttled).
     failing: Mutex<BTreeSet<String>>,
     lists: AtomicUsize,
+    /// `ListTables` fails (access denied).
+    list_fails: std::sync::atomic::AtomicBool,
     tag_calls: Mutex<Vec<String>>,
 }
 
@@ -44,6 +46,9 @@ impl Catalog {
 impl TableCatalog for Catalog {
     async fn list_tables(&self) -> Result<Vec<String>, ReadError> {
         self.lists.fetch_add(1, Ordering::SeqCst);
+        if self.list_fails.load(Ordering::SeqCst) {
+            return Err(ReadError::Other("AccessDeniedException: dynamodb:ListTables".to_owned()));
+        }
         Ok(self.tables.lock().unwrap().keys().cloned().collect())
     }
 
@@ -183,9 +188,45 @@ fn stored_values_stay_small_with_the_longest_names() {
     assert!(value.len() < 320, "{}", value.len());
     let decoded: TableValue = serde_json::from_str(&value).unwrap();
     assert_eq!(decoded, TableValue { table: table.clone(), by: SelectedBy::Pattern });
-    let head = SetHead { changes: u64::MAX, tables: usize::MAX, at: u64::MAX };
-    assert!(serde_json::to_vec(&head).unwrap().len() < 100);
+    let head = SetHead { changes: u64::MAX, tables: usize::MAX, at: u64::MAX, pending: true };
+    assert!(serde_json::to_vec(&head).unwrap().len() < 128);
     let key = table_key("0123456789abcdef", &table);
     coordination::keys::check_kv_key(&key).expect("a valid KV key");
     assert!(table_key("g", "a.b").ends_with("table.a=2Eb"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn named_tables_are_read_while_discovery_fails_and_the_rest_joins_once_it_works() {
+    let catalog = Catalog::with(&[("plain", false), ("itx-a", false)]);
+    catalog.list_fails.store(true, Ordering::SeqCst);
+    let store = Arc::new(MemoryStore::new());
+    let (mut watch, selected) = replica(&catalog, &store, &["plain"]);
+    watch.step().await;
+    assert_eq!(set(&selected), expect(&[("plain", "name")]), "the named tables need no AWS call");
+    catalog.list_fails.store(false, Ordering::SeqCst);
+    for _ in 0..(INTERVAL.as_secs() + 2) {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        watch.step().await;
+    }
+    assert_eq!(set(&selected), expect(&[("itx-a", "pattern"), ("plain", "name")]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_reading_the_first_claim_publishes_nothing_until_the_set_is_stored() {
+    let catalog = Catalog::with(&[("plain", false), ("itx-a", false)]);
+    let store = Arc::new(MemoryStore::new());
+    let (mut first, first_selected) = replica(&catalog, &store, &["plain"]);
+    let (mut second, second_selected) = replica(&catalog, &store, &["plain"]);
+    // The first replica's claim is written, its evaluation not yet.
+    let pending = SetHead { pending: true, ..SetHead::default() };
+    first.write_head(pending).await.unwrap();
+    second.step().await;
+    assert!(second_selected.borrow().is_none(), "not the named tables alone: {:?}", set(&second_selected));
+    // The evaluation lands: both publish the whole set.
+    first.refresh().await;
+    first.publish();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    second.step().await;
+    let whole = expect(&[("itx-a", "pattern"), ("plain", "name")]);
+    assert_eq!((set(&first_selected), set(&second_selected)), (whole.clone(), whole));
 }
