@@ -158,6 +158,9 @@ impl TopologyWatch {
                         view.force = true;
                     }
                 }
+                // The table set changed: a new table is read at once, not at the next tick. (A
+                // static set's sender is gone: this branch is then disabled, never busy.)
+                Ok(()) = self.selected.changed() => {}
                 _ = tick.tick() => {}
             }
             // A slow AWS call must not hold up a shutdown: a refresh cut short is redone by whoever
