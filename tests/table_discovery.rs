@@ -14,6 +14,10 @@
 //! At the end every write to a selected table is in the stream exactly once, in write order per item,
 //! and nothing of the unselected table is. The stream is created beforehand with a 100 ms duplicate
 //! window, so JetStream cannot hide a record published twice while the set changes.
+//!
+//! A second test starts one replica with tags alone (no table selected at first), `START_FROM_LATEST`
+//! and `BACKFILL_TABLES=*`: a table tagged later skips its changes from before it was first seen and
+//! gets them as a backfill's snapshot rows instead.
 
 #![allow(clippy::unwrap_used)]
 
@@ -400,4 +404,83 @@ async fn tables_are_selected_by_name_pattern_and_tag_and_follow_tagging_without_
          duplicates absorbed by the stream: {duplicates}",
         stored.len()
     );
+}
+
+/// A table that joins the set starts where `START_FROM_LATEST` says (its changes from before it was
+/// first seen are not read) and `BACKFILL_TABLES=*` backfills it once, so its items still arrive: as
+/// snapshot rows, each item's last event its last write. The fleet starts with tags alone and no table
+/// selected yet.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_tagged_later_starts_at_latest_and_is_backfilled_by_a_star() {
+    let (nats, moto) = (NatsServer::start().await, Moto::start().await);
+    let ddb = fixtures::dynamodb(&moto).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let port = fixtures::http_port();
+    let mut env = fixtures::service_env(&nats, &moto, "", port);
+    env.extend(
+        [
+            ("DYNAMODB_TABLE_TAGS", format!("{}={}", TAG.0, TAG.1)),
+            ("TABLE_REFRESH_INTERVAL_SEC", "1".to_owned()),
+            ("START_FROM_LATEST", "true".to_owned()),
+            ("BACKFILL_TABLES", "*".to_owned()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    let replica = Replica {
+        id: "r1".to_owned(),
+        port,
+        process: ServiceProcess::start_ready(binary(), &env, port, DEADLINE).await,
+    };
+    wait_for_set("an empty set", std::slice::from_ref(&replica), &[]).await;
+
+    // Items written before the table is selected: their stream records precede its first sighting.
+    fixtures::create_table(&ddb, "late", Some(StreamViewType::NewAndOldImages)).await;
+    let put = |pk: String, v: i64| {
+        let ddb = ddb.clone();
+        async move {
+            ddb.put_item()
+                .table_name("late")
+                .item("pk", Av::S(pk))
+                .item("v", Av::N(v.to_string()))
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    for i in 0..5 {
+        put(format!("k{i}"), 1).await;
+    }
+    tag(&ddb, "late", TAG.1).await;
+    wait_for_set("the tagged table read", std::slice::from_ref(&replica), &[("late", "tags")]).await;
+    // Changes after it was seen: read from the stream.
+    for i in 0..5 {
+        put(format!("k{i}"), 2).await;
+    }
+    put("k5".to_owned(), 1).await;
+    let last_written: BTreeMap<String, i64> = (0..6).map(|i| (format!("k{i}"), if i < 5 { 2 } else { 1 })).collect();
+
+    let backfill_done = || async {
+        let status = status(&replica).await?;
+        (status["backfills"]["late"]["phase"] == "done").then_some(())
+    };
+    wait_for("the backfill of the new table done", DEADLINE, backfill_done).await;
+    let events: Vec<serde_json::Value> = wait_for("every item's last write last", DEADLINE, || async {
+        let events: Vec<serde_json::Value> =
+            fixtures::all_messages(&js, STREAM).await.iter().map(|m| m.json()).collect();
+        let mut last: BTreeMap<String, i64> = BTreeMap::new();
+        for event in &events {
+            last.insert(event["keys"]["pk"].as_str().unwrap().to_owned(), event["new_image"]["v"].as_i64().unwrap());
+        }
+        (last == last_written).then_some(events)
+    })
+    .await;
+    replica.process.stop_gracefully(Duration::from_secs(25)).await;
+    let snapshots = events.iter().filter(|event| event["snapshot"] == true).count();
+    assert!(snapshots >= 5, "the items written before the table was seen arrive as snapshot rows: {events:?}");
+    let early: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|event| event["snapshot"] != true && event["new_image"]["v"] == 1 && event["keys"]["pk"] != "k5")
+        .collect();
+    assert!(early.is_empty(), "changes from before the first sighting were read (START_FROM_LATEST): {early:?}");
 }
