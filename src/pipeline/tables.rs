@@ -84,7 +84,7 @@ struct SetHead {
     changes: u64,
     /// Tables stored (selected by pattern or tags).
     tables: usize,
-    /// When the set was last evaluated (Unix ms), for `/status`.
+    /// When the set was last evaluated or claimed (Unix ms), for an operator reading the bucket.
     at: u64,
     /// Written by the claim of the very first evaluation, before any set was stored: nothing is
     /// published from it (it would be the named tables alone, a second before the whole set).
@@ -238,7 +238,7 @@ impl TableSetWatch {
         Ok(())
     }
 
-    /// The set as stored (plus the named tables); `None` while nothing was stored and no refresh ran.
+    /// The set as stored, plus the named tables (selected whatever the bucket holds).
     fn stored_set(&self) -> BTreeMap<String, SelectedBy> {
         let mut set: BTreeMap<String, SelectedBy> =
             self.context.selection.names.iter().map(|name| (name.clone(), SelectedBy::Name)).collect();
@@ -254,8 +254,9 @@ impl TableSetWatch {
     }
 
     fn publish(&self) {
-        // Before any set is stored (no head, or the first claim's), only a failed refresh publishes (the named tables, which need no
-        // AWS call), so a fleet whose first refresh fails still reads what it was told by name.
+        // Before any set is stored (no head, or the first claim's), only a failed refresh publishes
+        // (the named tables, which need no AWS call), so a fleet whose first refresh fails still
+        // reads what it was told by name.
         if self.head.as_ref().is_none_or(|head| head.pending) && !self.refresh_failed {
             return;
         }
