@@ -271,6 +271,7 @@ impl Fleet {
             cancel: stop.clone(),
             guard,
             readable: self.readable_rx.clone(),
+            tables: self.tables_rx.clone(),
             force: self.force.clone(),
             backfills: self.backfills_rx.clone(),
         };

@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 use super::{Outcome, ShardReader};
 use crate::checkpoint::{self, Checkpoints, Position, Progress, SequenceNumber};
 use crate::config::BackfillConfig;
+use crate::config::SelectedBy;
 use crate::memory::MemoryBudget;
 use crate::metrics::{Metrics, PublishErrorKind as FailureKind, WaitOn};
 use crate::pipeline::backfill::state::{BackfillState, Phase, ReplayProgress, pin_key, replay_key};
 use crate::pipeline::backfill::watch::{BackfillView, Backfills, TableBackfill};
+use crate::pipeline::tables::Selected;
 use crate::pipeline::topology::{Force, ReadableShards};
 use crate::pipeline::{Pipeline, ReadSettings};
 use crate::publish::memory::{MemorySink, Planned};
@@ -44,6 +46,8 @@ struct Harness {
     coordinator: Coordinator,
     guard: LeaseGuard,
     readable: watch::Sender<ReadableShards>,
+    /// The fleet's table set: `t` alone until a test changes it.
+    tables: watch::Sender<Selected>,
     forced: mpsc::UnboundedReceiver<String>,
     backfills: watch::Sender<Backfills>,
     /// `IDLE_POLL_MAX_MS` of the readers started (the poll interval, 500 ms, unless a test sets it).
@@ -78,6 +82,7 @@ impl Harness {
             coordinator,
             guard,
             readable,
+            tables: watch::channel(Some(Arc::new(BTreeMap::from([(TABLE.to_owned(), SelectedBy::Name)])))).0,
             forced,
             backfills: watch::channel(Backfills::default()).0,
             idle_poll_max: Duration::from_millis(500),
@@ -115,6 +120,7 @@ impl Harness {
             cancel: cancel.clone(),
             guard: self.guard.clone(),
             readable: self.readable.subscribe(),
+            tables: self.tables.subscribe(),
             force,
             backfills: self.backfills.subscribe(),
         };
@@ -350,6 +356,25 @@ async fn a_shard_not_found_has_ended_only_once_the_topology_no_longer_lists_it_o
     h.readable.send_replace(Some(Arc::new(BTreeMap::from([(key, Readable { closed: true, ..shard() })]))));
     assert_eq!(outcome(task).await, Outcome::Finished);
     assert_eq!(h.checkpoint().await, Some(Position::Finished { last: None }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shard_not_found_after_its_table_left_the_set_has_not_ended() {
+    let mut h = Harness::new(1000).await;
+    let key = ShardKey::for_shard(TABLE, SHARD);
+    h.readable.send_replace(Some(Arc::new(BTreeMap::from([(key, shard())]))));
+    // No such shard at the source: AWS answers NotFound, and keeps retrying while it is listed open.
+    let (task, stop) = h.start(shard());
+    tokio::time::timeout(DEADLINE, h.forced.recv()).await.unwrap();
+    // The table is untagged: it leaves the set, and its shards the readable set with it.
+    h.tables.send_replace(Some(Arc::new(BTreeMap::new())));
+    h.readable.send_replace(Some(Arc::new(BTreeMap::new())));
+    tokio::time::timeout(DEADLINE, h.forced.recv()).await.unwrap();
+    assert!(!task.is_finished(), "a table that left the set says nothing about its shards' end");
+    // The fleet hands the lease over: the reader stops, and the shard is not marked finished.
+    stop.cancel();
+    assert_eq!(outcome(task).await, Outcome::Stopped);
+    assert_eq!(h.checkpoint().await, None);
 }
 
 #[tokio::test(start_paused = true)]
