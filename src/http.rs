@@ -47,10 +47,13 @@ pub struct Health {
     pub unreadable: Arc<UnreadableTables>,
     /// The tables' backfills, once the fleet runs.
     pub backfills: std::sync::OnceLock<watch::Receiver<Backfills>>,
+    /// The tables selected now and why (issue 20), once the fleet started.
+    pub tables: std::sync::OnceLock<watch::Receiver<crate::pipeline::tables::Selected>>,
     /// The memory budget, once start-up sized it.
     pub memory: std::sync::OnceLock<crate::memory::Sizing>,
-    /// `TABLES_FILE`'s settings and the configured tables, for each table's effective settings.
-    pub tables: std::sync::OnceLock<(Arc<crate::tables::TablesFile>, Vec<String>)>,
+    /// `TABLES_FILE`'s settings and the tables named in `DYNAMODB_TABLES`, for each table's
+    /// effective settings.
+    pub settings: std::sync::OnceLock<(Arc<crate::tables::TablesFile>, Vec<String>)>,
 }
 
 impl Health {
@@ -63,8 +66,9 @@ impl Health {
             leases: std::sync::OnceLock::new(),
             unreadable: Arc::default(),
             backfills: std::sync::OnceLock::new(),
-            memory: std::sync::OnceLock::new(),
             tables: std::sync::OnceLock::new(),
+            memory: std::sync::OnceLock::new(),
+            settings: std::sync::OnceLock::new(),
         }
     }
 
@@ -129,6 +133,7 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
         "lease_renewal": if leases.renews_each_lease { "each_lease" } else { "session" },
         "leases": leases.held.iter().map(|shard| shard.as_str()).collect::<Vec<_>>(),
         "shards": health.metrics.progress().snapshot(),
+        "tables": health.selected_tables(),
         "tables_unreadable": health.unreadable.snapshot(),
         "backfills": health.backfills(),
         "memory": health.memory.get().map(|sizing| sizing.status(health.metrics.memory_waits.get())),
@@ -137,12 +142,29 @@ async fn status(State(health): State<Arc<Health>>) -> impl IntoResponse {
 }
 
 impl Health {
-    /// Each table's effective settings (`TABLES_FILE`): the configured tables and any other table
-    /// read here.
+    /// Each table's effective settings (`TABLES_FILE`): the tables named in `DYNAMODB_TABLES`, the
+    /// tables selected now (patterns, tags) and any other table read here.
     fn table_settings(&self) -> std::collections::BTreeMap<String, crate::tables::EffectiveSettings> {
-        let Some((file, configured)) = self.tables.get() else { return Default::default() };
+        let Some((file, named)) = self.settings.get() else { return Default::default() };
+        let selected: Vec<String> = self
+            .tables
+            .get()
+            .and_then(|tables| tables.borrow().clone())
+            .map(|set| set.keys().cloned().collect())
+            .unwrap_or_default();
         let read_here = self.metrics.progress().snapshot().into_iter().map(|shard| shard.table);
-        configured.iter().cloned().chain(read_here).map(|table| (table.clone(), file.effective(&table))).collect()
+        let tables = named.iter().cloned().chain(selected).chain(read_here);
+        tables.map(|table| (table.clone(), file.effective(&table))).collect()
+    }
+
+    /// Each selected table with how it was selected (`name`, `pattern` or `tags`); `null` while the
+    /// fleet's set is not known yet.
+    fn selected_tables(&self) -> serde_json::Value {
+        let selected = self.tables.get().and_then(|tables| tables.borrow().clone());
+        match selected {
+            Some(set) => set.iter().map(|(table, by)| (table.clone(), serde_json::json!(by.as_str()))).collect(),
+            None => serde_json::Value::Null,
+        }
     }
 
     /// Each table's latest backfill as this replica last read it.

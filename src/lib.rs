@@ -78,7 +78,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let mut signals = Signals::new()?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(http::Health::new(metrics.clone(), config.replica_id.clone()));
-    let _ = health.tables.set((Arc::clone(&config.tables_file), config.tables.clone()));
+    let _ = health.settings.set((Arc::clone(&config.tables_file), config.tables.clone()));
     for table in &config.tables {
         let settings = config.tables_file.effective(table);
         if let Some(matched) = &settings.matched {
@@ -108,9 +108,16 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let (fleet, leases) = Fleet::start(config.clone(), pipeline, topology, store, tracker.clone())?;
     let _ = health.leases.set(leases);
     let _ = health.backfills.set(fleet.backfills());
+    let _ = health.tables.set(fleet.tables());
     tracker.spawn(fleet.run(root.clone()));
     health.serving.store(true, Ordering::SeqCst);
-    tracing::info!(replica_id = %config.replica_id, tables = ?config.tables, "serving");
+    tracing::info!(
+        replica_id = %config.replica_id,
+        tables = ?config.tables,
+        patterns = ?config.selection.patterns,
+        tags = ?config.selection.tags,
+        "serving"
+    );
 
     let signal = signals.next().await;
     tracing::info!(
@@ -197,7 +204,6 @@ async fn start(config: &Config, metrics: Arc<Metrics>, health: &http::Health) ->
     });
     let topology = TopologyContext {
         discovery: Discovery { api, checkpoints, metrics, start_from_latest: config.start_from_latest },
-        tables: config.tables.clone(),
         refresh_interval: config.shard_refresh_interval,
         bucket: config.bucket.clone(),
         value_limit,

@@ -542,6 +542,8 @@ fn iam_policies_grant_exactly_the_aws_calls_the_code_makes() {
             "dynamodb:GetShardIterator",
             "dynamodb:GetRecords",
             "dynamodb:Scan",
+            "dynamodb:ListTables",
+            "dynamodb:ListTagsOfResource",
             "sts:AssumeRole"
         ]
         .map(str::to_owned)
@@ -558,9 +560,16 @@ fn iam_policies_grant_exactly_the_aws_calls_the_code_makes() {
             for action in &actions {
                 assert!(!action.contains('*'), "{file}: wildcard action {action}");
                 for resource in &resources {
+                    // ListTables names no resource: IAM grants it on `*` or not at all.
+                    if action == "dynamodb:ListTables" {
+                        assert_eq!(resource, "*", "{file}: {action} takes no resource");
+                        continue;
+                    }
                     assert!(resource.contains("ACCOUNT_ID"), "{file}: {resource} has no ACCOUNT_ID placeholder");
                     let expected_suffix = match action.as_str() {
-                        "dynamodb:DescribeTable" | "dynamodb:Scan" => ":table/TABLE_NAME",
+                        "dynamodb:DescribeTable" | "dynamodb:Scan" | "dynamodb:ListTagsOfResource" => {
+                            ":table/TABLE_NAME"
+                        }
                         "sts:AssumeRole" => "",
                         _ => ":table/TABLE_NAME/stream/*",
                     };

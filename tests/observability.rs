@@ -444,6 +444,7 @@ async fn metrics_status_and_logs_show_what_flowed_what_failed_and_where_the_leas
         "lease_renewal",
         "leases",
         "shards",
+        "tables",
         "tables_unreadable",
         "backfills",
         "memory",
@@ -455,6 +456,10 @@ async fn metrics_status_and_logs_show_what_flowed_what_failed_and_where_the_leas
         assert_eq!(settings["matched"], serde_json::Value::Null, "{status}");
         assert_eq!(settings["ttl_deletes"], "publish", "{status}");
     }
+    // Named tables are selected by name (issue 20), whether they can be read or not.
+    let selected = status["tables"].as_object().unwrap();
+    assert!(!selected.is_empty() && selected.values().all(|by| by == "name"), "{status}");
+    assert!(selected.contains_key("orders") && selected.contains_key("customers"), "{status}");
     // The memory budget: its limit and budget are null without a memory limit (a CI container may
     // have one: then both are numbers).
     let memory = status["memory"].as_object().unwrap();

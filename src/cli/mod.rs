@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
 
-use dynamodb_stream_consumer::config::{BackfillCommand, CheckpointsCommand, Command, Config};
+use dynamodb_stream_consumer::config::{BackfillCommand, CheckpointsCommand, Command, Config, is_valid_table_name};
 use dynamodb_stream_consumer::nats;
 use dynamodb_stream_consumer::pipeline::backfill::state::request_key;
 use dynamodb_stream_consumer::pipeline::backfill::watch::BACKFILL_READ_INTERVAL;
@@ -137,7 +137,27 @@ fn known_table(config: &Config, table: &str, action: &'static str) -> Result<(),
     if config.tables.iter().any(|configured| configured == table) {
         return Ok(());
     }
+    // With discovery (issue 20), a table a pattern matches, or any table when tags select: whether
+    // it is read now is the fleet's to say, and its checkpoints are kept when it is not.
+    let selection = &config.selection;
+    if selection.by_name(table).is_some() || (!selection.tags.is_empty() && is_valid_table_name(table)) {
+        return Ok(());
+    }
     Err(CommandError::UnknownTable { action, table: table.to_owned(), tables: config.tables.join(", ") })
+}
+
+/// The tables the service reads: those named in `DYNAMODB_TABLES`, then (with patterns or tags) those
+/// the fleet's table set holds now.
+async fn selected_tables(config: &Config, bucket: &fleet::Bucket) -> Result<Vec<String>, CommandError> {
+    let mut tables = config.tables.clone();
+    if config.selection.is_dynamic() {
+        let stored =
+            dynamodb_stream_consumer::pipeline::tables::stored_tables(bucket.store.as_ref(), &config.lease.group)
+                .await
+                .map_err(|err| bucket_error(bucket, &err))?;
+        tables.extend(stored.into_iter().filter(|table| !config.tables.contains(table)));
+    }
+    Ok(tables)
 }
 
 /// The service's checkpoint bucket; never created here (see the module docs).
@@ -161,9 +181,14 @@ async fn list_checkpoints(config: &Config, table: Option<&str>) -> Result<String
             known_table(config, table, "list the checkpoints of")?;
             vec![table]
         }
-        None => config.tables.iter().map(String::as_str).collect(),
+        None => Vec::new(),
     };
     let bucket = fleet::Bucket::new(config.bucket.clone(), open_bucket(config).await?);
+    let every = match table {
+        Some(_) => Vec::new(),
+        None => selected_tables(config, &bucket).await?,
+    };
+    let tables: Vec<&str> = if table.is_some() { tables } else { every.iter().map(String::as_str).collect() };
     let fleet = fleet::Fleet::read(bucket.store.as_ref()).await.map_err(|err| bucket_error(&bucket, &err))?;
     let checkpoints =
         fleet::checkpoint_rows(&bucket, &fleet, &tables).await.map_err(|err| bucket_error(&bucket, &err))?;

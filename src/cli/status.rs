@@ -12,7 +12,8 @@ use super::{CommandError, bucket_error, open_bucket};
 pub async fn status(config: &Config, json: bool) -> Result<String, CommandError> {
     let bucket = Bucket::new(config.bucket.clone(), open_bucket(config).await?);
     let fleet = Fleet::read(bucket.store.as_ref()).await.map_err(|err| bucket_error(&bucket, &err))?;
-    let tables: Vec<&str> = config.tables.iter().map(String::as_str).collect();
+    let tables = super::selected_tables(config, &bucket).await?;
+    let tables: Vec<&str> = tables.iter().map(String::as_str).collect();
     let rows = fleet::checkpoint_rows(&bucket, &fleet, &tables).await.map_err(|err| bucket_error(&bucket, &err))?;
     Ok(if json { as_json(&bucket, &fleet, &rows) } else { as_text(&bucket, &fleet, &rows) })
 }

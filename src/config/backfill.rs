@@ -1,12 +1,18 @@
 //! The backfill settings (issue 17, `docs/backfill.md`): which tables to backfill once, the read
 //! budget the fleet shares, and how a table is cut into `Scan` segments and pages.
 //!
-//! A table named in `BACKFILL_TABLES` must be one this replica reads (`DYNAMODB_TABLES`): a backfill
-//! of a table without a reader would publish a snapshot that no stream ever completes, so a name
-//! outside the list is refused at start-up rather than ignored.
+//! A table named in `BACKFILL_TABLES` must be one this replica can read: a backfill of a table
+//! without a reader would publish a snapshot that no stream ever completes, so a name that cannot be
+//! selected is refused at start-up rather than ignored. With a static selection that means a name of
+//! `DYNAMODB_TABLES`; with patterns it may also be a name a pattern matches; with a tag rule any valid
+//! name is accepted (whether it carries the tags is only known at run time, and a table never
+//! selected is simply never backfilled). `*` stands for every selected table, including those
+//! discovered later: each is backfilled once, the first time the fleet sees it.
 
 use super::Args;
 use super::checker::Checker;
+use super::names::is_valid_table_name;
+use super::tables::{TableSelection, forms_keys};
 use crate::source::scan::MAX_SEGMENTS;
 
 /// The read budget when `BACKFILL_READ_UNITS_PER_SEC` is unset: read capacity units per second for
@@ -26,8 +32,10 @@ const MAX_PAGE_ITEMS: u64 = 10_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackfillConfig {
     /// Tables backfilled once, the first time the fleet sees them without a backfill recorded in the
-    /// bucket; each is one of the configured tables (`*` lists them all). Empty: none.
+    /// bucket; each is one of the configured tables (`*` lists the named ones and sets `all`). Empty: none.
     pub tables: Vec<String>,
+    /// `BACKFILL_TABLES=*`: every selected table, those discovered at run time included.
+    pub all: bool,
     /// Read capacity units per second, shared by every replica and every segment being read.
     pub read_units_per_sec: f64,
     /// `TotalSegments` of every backfill's `Scan`; `None`: from the table's size
@@ -41,6 +49,7 @@ impl Default for BackfillConfig {
     fn default() -> Self {
         BackfillConfig {
             tables: Vec::new(),
+            all: false,
             read_units_per_sec: DEFAULT_READ_UNITS_PER_SEC,
             segments: None,
             page_items: DEFAULT_PAGE_ITEMS,
@@ -48,10 +57,18 @@ impl Default for BackfillConfig {
     }
 }
 
-/// The backfill settings of `args`; `tables` are the validated `DYNAMODB_TABLES`.
-pub(super) fn backfill_config(check: &mut Checker, args: &Args, tables: &[String]) -> BackfillConfig {
+impl BackfillConfig {
+    /// Whether `table` is to be backfilled once (when selected).
+    pub fn covers(&self, table: &str) -> bool {
+        self.all || self.tables.iter().any(|listed| listed == table)
+    }
+}
+
+/// The backfill settings of `args`; `selection` is the validated table selection.
+pub(super) fn backfill_config(check: &mut Checker, args: &Args, selection: &TableSelection) -> BackfillConfig {
+    let all = args.backfill_tables.split(',').map(str::trim).filter(|name| !name.is_empty()).eq(["*"]);
     let mut config =
-        BackfillConfig { tables: backfill_tables(check, &args.backfill_tables, tables), ..Default::default() };
+        BackfillConfig { tables: backfill_tables(check, &args.backfill_tables, selection), all, ..Default::default() };
     let units = args.backfill_read_units_per_sec.trim();
     if !units.is_empty() {
         match units.parse::<f64>() {
@@ -73,9 +90,10 @@ pub(super) fn backfill_config(check: &mut Checker, args: &Args, tables: &[String
     config
 }
 
-/// `BACKFILL_TABLES`: names from `tables`, or `*` alone for all of them.
-fn backfill_tables(check: &mut Checker, text: &str, tables: &[String]) -> Vec<String> {
+/// `BACKFILL_TABLES`: names that can be selected, or `*` alone for all of them.
+fn backfill_tables(check: &mut Checker, text: &str, selection: &TableSelection) -> Vec<String> {
     const VARIABLE: &str = "BACKFILL_TABLES";
+    let tables = &selection.names;
     let names: Vec<&str> = text.split(',').map(str::trim).filter(|name| !name.is_empty()).collect();
     if names == ["*"] {
         return tables.to_vec();
@@ -89,7 +107,18 @@ fn backfill_tables(check: &mut Checker, text: &str, tables: &[String]) -> Vec<St
             check.fail(VARIABLE, "`*` (every table of DYNAMODB_TABLES) stands alone, without other names");
         } else if chosen.iter().any(|table| table == name) {
             check.fail(VARIABLE, format!("{name:?} is listed twice"));
-        } else if tables_ok && !tables.iter().any(|table| table == name) {
+        } else if selection.is_dynamic() && (!is_valid_table_name(name) || !forms_keys(name)) {
+            check.fail(VARIABLE, format!("{name:?} is not a table name that can be read"));
+        } else if selection.is_dynamic() && selection.tags.is_empty() && selection.by_name(name).is_none() {
+            check.fail(
+                VARIABLE,
+                format!(
+                    "{name:?} is neither named nor matched by a pattern of DYNAMODB_TABLES ({}): only a table \
+                     that is read can be backfilled",
+                    selection.fingerprint_parts().join(", ")
+                ),
+            );
+        } else if tables_ok && !selection.is_dynamic() && !tables.iter().any(|table| table == name) {
             check.fail(
                 VARIABLE,
                 format!(
@@ -196,6 +225,25 @@ mod tests {
                 .expect_err("not a budget");
             assert_eq!(error.0[0].0, "BACKFILL_READ_UNITS_PER_SEC", "{units}");
         }
+    }
+
+    #[test]
+    fn with_discovery_a_name_must_be_selectable() {
+        let config = args(&[("dynamodb-tables", "orders,itx-*"), ("backfill-tables", "itx-a,orders")])
+            .validate()
+            .expect("itx-a matches a pattern");
+        assert!(config.backfill.covers("itx-a") && config.backfill.covers("orders") && !config.backfill.covers("x-a"));
+        let error = args(&[("dynamodb-tables", "itx-*"), ("backfill-tables", "other")])
+            .validate()
+            .expect_err("other cannot be selected");
+        assert!(error.0[0].1.contains("\"other\" is neither named nor matched"), "{error}");
+        let config =
+            args(&[("dynamodb-tables", "itx-*"), ("dynamodb-table-tags", "a=b"), ("backfill-tables", "other")])
+                .validate()
+                .expect("other may carry the tags");
+        assert!(config.backfill.covers("other"));
+        let config = args(&[("dynamodb-table-tags", "a=b"), ("backfill-tables", "*")]).validate().expect("valid");
+        assert!(config.backfill.all && config.backfill.covers("anything-discovered"));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The lease settings handed to the coordination crate, and the lease group of this replica.
 //!
 //! The TTL, renew interval and cap are checked against the fencing argument of
-//! `coordination/DESIGN.md`. The group is a fingerprint of the table list that every build must
-//! compute alike, or a rolling upgrade would split the fleet.
+//! `coordination/DESIGN.md`. The group is a fingerprint of the table list (with patterns and tag
+//! rules, their text) that every build must compute alike, or a rolling upgrade would split the fleet.
 
 use std::collections::BTreeSet;
 
@@ -15,15 +15,17 @@ pub(super) fn lease_config(
     check: &mut Checker,
     args: &Args,
     replica_id: &str,
-    tables: &[String],
+    selection: &[String],
 ) -> coordination::Config {
     // Below 2 s the safety margin (TTL/5) would not cover one publish batch.
     let ttl = check.secs("LEASE_TTL_SEC", &args.lease_ttl_sec, 2, 3_600);
     let mut lease = coordination::Config::new(replica_id, ttl);
     // Replicas share leases only with peers that read the same tables (coordination/DESIGN.md,
     // "Groups"): deployments with other table lists in the same bucket, or the other side of a rolling
-    // change of this list, do not lower this replica's share.
-    lease.group = table_set_fingerprint(tables);
+    // change of this list, do not lower this replica's share. A selection by patterns or tags is
+    // grouped by its rules (`TableSelection::fingerprint_parts`), which every replica of the fleet
+    // shares whatever tables the rules select at the moment.
+    lease.group = table_set_fingerprint(selection);
     if !args.lease_renew_interval_ms.trim().is_empty() {
         let renew = check.millis("LEASE_RENEW_INTERVAL_MS", &args.lease_renew_interval_ms, 100, 3_600_000);
         lease.renew_interval = renew;

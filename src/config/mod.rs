@@ -15,6 +15,7 @@ mod lease;
 mod names;
 mod nats;
 mod sources;
+pub mod tables;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -29,6 +30,7 @@ pub use lease::table_set_fingerprint;
 use names::{is_literal_subject, is_valid_bucket_name, is_valid_stream_name};
 pub use names::{is_valid_table_name, subject_for};
 pub use nats::{NatsAuth, NatsTls, Secret, redact_url};
+pub use tables::{SelectedBy, TableSelection, forms_keys, glob_match};
 
 /// GetRecords returns at most 1000 records per call (DynamoDB Streams API limit).
 pub const MAX_RECORDS_PER_CALL: i32 = 1000;
@@ -37,9 +39,15 @@ pub const MAX_RECORDS_PER_CALL: i32 = 1000;
 #[derive(Debug, Clone, PartialEq, Eq, Parser)]
 #[command(name = "dynamodb-stream-consumer", version, about, long_about = None)]
 pub struct Args {
-    /// Comma-separated DynamoDB table names to read the streams of
+    /// Comma-separated DynamoDB table names or glob patterns (`*`, `?`) to read the streams of
     #[arg(long, env = "DYNAMODB_TABLES", default_value = "")]
     pub dynamodb_tables: String,
+    /// Comma-separated `key=value` tags: tables carrying all of them are read too (ListTagsOfResource)
+    #[arg(long, env = "DYNAMODB_TABLE_TAGS", default_value = "")]
+    pub dynamodb_table_tags: String,
+    /// Seconds between re-evaluations of the table patterns and tags (one replica for the fleet)
+    #[arg(long, env = "TABLE_REFRESH_INTERVAL_SEC", default_value = "60")]
+    pub table_refresh_interval_sec: String,
     /// AWS region
     #[arg(long, env = "AWS_REGION", default_value = "us-west-2")]
     pub aws_region: String,
@@ -186,7 +194,10 @@ pub enum LogFormat {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The tables named in `DYNAMODB_TABLES` (plain names; patterns and tags are in `selection`).
     pub tables: Vec<String>,
+    /// Every rule of the table selection: names, patterns, tags, and how often they are re-evaluated.
+    pub selection: TableSelection,
     pub aws_region: String,
     pub assume_role_arn: Option<String>,
     pub nats_urls: Vec<String>,
@@ -246,28 +257,13 @@ impl Args {
     pub fn validate(&self) -> Result<Config, ConfigError> {
         let mut check = Checker::default();
 
-        let mut tables: Vec<String> = Vec::new();
-        for name in self.dynamodb_tables.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if !is_valid_table_name(name) {
-                check.fail(
-                    "DYNAMODB_TABLES",
-                    format!("{name:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)"),
-                );
-            } else if name.starts_with('.') || name.ends_with('.') || name.contains("..") {
-                // `{table}.{shard}` would not be a legal KV key, so no checkpoint could be written.
-                check.fail(
-                    "DYNAMODB_TABLES",
-                    format!("{name:?}: a leading, trailing or doubled dot cannot form a checkpoint key"),
-                );
-            } else if tables.iter().any(|t| t == name) {
-                check.fail("DYNAMODB_TABLES", format!("{name:?} is listed twice"));
-            } else {
-                tables.push(name.to_owned());
-            }
-        }
-        if tables.is_empty() && check.0.iter().all(|(v, _)| *v != "DYNAMODB_TABLES") {
-            check.fail("DYNAMODB_TABLES", "required: a comma-separated list of table names");
-        }
+        let selection = tables::table_selection(
+            &mut check,
+            &self.dynamodb_tables,
+            &self.dynamodb_table_tags,
+            &self.table_refresh_interval_sec,
+        );
+        let tables = selection.names.clone();
 
         let aws_region = self.aws_region.trim().to_owned();
         if aws_region.is_empty() {
@@ -339,8 +335,8 @@ impl Args {
             check.fail("REPLICA_ID", format!("{replica_id:?} may only contain a-z A-Z 0-9 _ - ."));
         }
 
-        let lease = lease::lease_config(&mut check, self, &replica_id, &tables);
-        let backfill = backfill::backfill_config(&mut check, self, &tables);
+        let lease = lease::lease_config(&mut check, self, &replica_id, &selection.fingerprint_parts());
+        let backfill = backfill::backfill_config(&mut check, self, &selection);
 
         let port = check.number("PORT", &self.port, 0, u16::MAX.into()) as u16;
         let bind = match self.bind.trim() {
@@ -375,6 +371,7 @@ impl Args {
         }
         Ok(Config {
             tables,
+            selection,
             aws_region,
             assume_role_arn,
             nats_urls,

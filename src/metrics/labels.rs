@@ -153,3 +153,18 @@ mod tests {
         assert_eq!(LeaseChange::ALL.len(), 6);
     }
 }
+
+label! {
+    /// `outcome` of `table_set_refreshes_total`: one evaluation of the table patterns and tags from AWS
+    /// (issue 20), by this replica.
+    TableSetRefresh {
+        /// The set changed and was written.
+        Changed = "changed",
+        /// The set was as stored; the head was written (the claim).
+        Unchanged = "unchanged",
+        /// Another replica wrote the set first; its set is adopted.
+        Conflict = "conflict",
+        /// An AWS or bucket call failed; the set stays as it was.
+        Failed = "failed",
+    }
+}

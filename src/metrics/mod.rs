@@ -22,7 +22,8 @@ use prometheus::{
 };
 
 pub use labels::{
-    EventName, LeaseChange, Omitted, PublishErrorKind, ReadErrorKind, ShardState, TableErrorKind, UnreadableReason,
+    EventName, LeaseChange, Omitted, PublishErrorKind, ReadErrorKind, ShardState, TableErrorKind, TableSetRefresh,
+    UnreadableReason,
 };
 
 use crate::status::ShardProgress;
@@ -118,6 +119,12 @@ pub struct Metrics {
     pub memory_held: IntGauge,
     /// Times a reader waited for the memory budget before reading a page.
     pub memory_waits: IntCounter,
+    /// Tables selected now (named, matched by a pattern or tagged), as this replica last read the set.
+    pub tables_selected: IntGauge,
+    /// Evaluations of the table patterns and tags from AWS made by this replica, by outcome.
+    pub table_set_refreshes: IntCounterVec,
+    /// `ListTagsOfResource` calls made by this replica.
+    pub table_tag_queries: IntCounter,
     /// The shards being read here: `lag_seconds` and `shard_readers` are derived from it.
     progress: Arc<ShardProgress>,
     /// The configured tables: each has a `lag_seconds` and `shard_readers` series, 0 without readers.
@@ -197,7 +204,7 @@ impl Metrics {
             lease_changes.with_label_values(&[change.as_str()]);
         }
 
-        Metrics {
+        let metrics = Metrics {
             records_published: counter(
                 r,
                 "records_published_total",
@@ -405,10 +412,32 @@ impl Metrics {
                 "memory_waits_total",
                 "Times a reader waited for the memory budget before reading a page (the budget was spent)",
             ),
+            tables_selected: gauge(
+                r,
+                "tables_selected",
+                "Tables selected now: named in DYNAMODB_TABLES, matched by one of its patterns, or carrying \
+                 DYNAMODB_TABLE_TAGS",
+            ),
+            table_set_refreshes: counter(
+                r,
+                "table_set_refreshes_total",
+                "Evaluations of the table patterns and tags from AWS by this replica (one replica per \
+                 TABLE_REFRESH_INTERVAL_SEC for the fleet), by outcome",
+                &["outcome"],
+            ),
+            table_tag_queries: counter_plain(
+                r,
+                "table_tag_queries_total",
+                "ListTagsOfResource calls by this replica (AWS allows about 10 a second per account)",
+            ),
             progress: Arc::default(),
             tables: Mutex::default(),
             registry,
+        };
+        for outcome in TableSetRefresh::ALL {
+            metrics.table_set_refreshes.with_label_values(&[outcome.as_str()]);
         }
+        metrics
     }
 
     /// Exports every series of `tables` with 0 (see the module comment).

@@ -40,7 +40,8 @@ pub fn subject_matches(filter: &str, subject: &str) -> bool {
 /// Refuses a subject template of `TABLES_FILE` whose subjects the stream's `subjects` would not all
 /// capture. A template's subjects are checked as a filter (its shape): the prefix literal, the table
 /// literal for a table's own key and for each configured table a pattern applies to (`*` for a
-/// pattern that no configured table matches), every token holding a record's value as `*`.
+/// pattern that no configured table matches, and for every pattern when tables are discovered by
+/// pattern or tag), every token holding a record's value as `*`.
 fn templates_captured(config: &Config, stream: &str, subjects: &[String]) -> Result<(), SetupError> {
     let file = &config.tables_file;
     let mut checks: Vec<(String, &crate::tables::SubjectTemplate, Option<&str>)> = Vec::new();
@@ -55,7 +56,10 @@ fn templates_captured(config: &Config, stream: &str, subjects: &[String]) -> Res
         let is_pattern = key.contains(['*', '?']);
         if !is_pattern {
             checks.push((key.to_owned(), template, Some(key)));
-        } else if !config.tables.iter().any(|table| file.lookup(table).is_some_and(|s| s.key == key)) {
+        } else if config.selection.is_dynamic()
+            || !config.tables.iter().any(|table| file.lookup(table).is_some_and(|s| s.key == key))
+        {
+            // Discovery may select tables the pattern applies to at any time: each must be captured.
             checks.push((key.to_owned(), template, None));
         }
     }
@@ -114,6 +118,19 @@ pub async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<D
     };
     for table in &config.tables {
         let subject = config.subject_for(table);
+        if !existing.subjects.iter().any(|filter| subject_matches(filter, &subject)) {
+            return Err(SetupError::NotCaptured {
+                stream: name,
+                subject,
+                subjects: existing.subjects.clone(),
+                prefix: config.subject_prefix.clone(),
+            });
+        }
+    }
+    if config.selection.is_dynamic() {
+        // Tables discovered later have subjects of their own: the stream must capture every
+        // `{prefix}.{table}` (a literal `*` token matches only a `*` or `>` filter).
+        let subject = format!("{}.*", config.subject_prefix);
         if !existing.subjects.iter().any(|filter| subject_matches(filter, &subject)) {
             return Err(SetupError::NotCaptured {
                 stream: name,
@@ -301,5 +318,9 @@ mod tests {
         assert!(!subject_matches("dynamodb_streams.>", "dynamodb_streams"));
         assert!(!subject_matches("other.>", "dynamodb_streams.orders"));
         assert!(!subject_matches("dynamodb_streams.orders.x", "dynamodb_streams.orders"));
+        // With discovery, `{prefix}.*` stands for any table's subject: only a wildcard filter takes it.
+        assert!(subject_matches("dynamodb_streams.>", "dynamodb_streams.*"));
+        assert!(subject_matches("dynamodb_streams.*", "dynamodb_streams.*"));
+        assert!(!subject_matches("dynamodb_streams.orders", "dynamodb_streams.*"));
     }
 }

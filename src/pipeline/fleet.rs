@@ -8,6 +8,11 @@
 //!   the lease is released so that a peer takes it at once;
 //! - `Revoked` → the reader stops at once (its guard already forbids publishing and checkpointing).
 //!
+//! The tables come from the table set (`super::tables`: fixed for plain names, a watch of its own
+//! for patterns and tags); the topology watch follows it, so a table that leaves the set loses its
+//! shards from the readable set and the coordinator hands their leases over like any other shard
+//! that left the set.
+//!
 //! Backfill segments (`super::backfill`) are leased through a coordinator of their own, started
 //! while the [`BackfillWatch`] lists segments to read: its lease group is the shards' group with
 //! `.backfill` appended, so segments are shared out among themselves and their coming and going
@@ -31,6 +36,7 @@ use super::Pipeline;
 use super::backfill::watch::{BackfillContext, BackfillWatch, Backfills, SegmentWork};
 use super::backfill::{ReadBudget, SegmentReader};
 use super::reader::{Outcome, ShardReader};
+use super::tables::{Selected, TableSet, TableSetWatch, TablesContext};
 use super::topology::{Force, ReadableShards, TopologyContext, TopologyWatch};
 use crate::config::Config;
 use crate::metrics::LeaseChange;
@@ -79,6 +85,9 @@ pub struct Fleet {
     readers: CancellationToken,
     watch: Option<TopologyWatch>,
     backfill_watch: Option<BackfillWatch>,
+    /// The table set's watch, for a selection by patterns or tags.
+    tables_watch: Option<TableSetWatch>,
+    tables_rx: watch::Receiver<Selected>,
     readable_rx: watch::Receiver<ReadableShards>,
     /// The shards that may be read now, as last given to the coordinator.
     readable: ReadableShards,
@@ -104,13 +113,21 @@ impl Fleet {
         let (coordinator, events) = Coordinator::start(Arc::clone(&store), config.lease.clone())?;
         pipeline.metrics.init_tables(&config.tables);
         let status = coordinator.watch_status();
-        let (topology, readable_rx, force) = TopologyWatch::new(Arc::new(topology), Arc::clone(&store));
+        let tables = TablesContext {
+            api: Arc::new(topology.discovery.api.clone()),
+            selection: config.selection.clone(),
+            group: config.lease.group.clone(),
+            metrics: Arc::clone(&pipeline.metrics),
+        };
+        let (tables_rx, tables_watch) = TableSet::start(tables, Arc::clone(&store));
+        let (topology, readable_rx, force) =
+            TopologyWatch::new(Arc::new(topology), Arc::clone(&store), tables_rx.clone());
         let backfill = BackfillContext {
             store: Arc::clone(&store),
             checkpoints: pipeline.checkpoints.clone(),
             scan: Arc::clone(&pipeline.scan),
             settings: pipeline.backfill.clone(),
-            tables: config.tables.clone(),
+            tables: tables_rx.clone(),
             metrics: Arc::clone(&pipeline.metrics),
         };
         let (backfill_watch, backfills_rx) = BackfillWatch::new(Arc::new(backfill), readable_rx.clone());
@@ -127,6 +144,8 @@ impl Fleet {
             readers: CancellationToken::new(),
             watch: Some(topology),
             backfill_watch: Some(backfill_watch),
+            tables_watch,
+            tables_rx,
             readable_rx,
             readable: None,
             backfills_rx,
@@ -140,6 +159,11 @@ impl Fleet {
         Ok((fleet, status))
     }
 
+    /// The tables selected now, and why (for `/status`).
+    pub fn tables(&self) -> watch::Receiver<Selected> {
+        self.tables_rx.clone()
+    }
+
     /// The tables' backfills as the fleet follows them (for `/status`).
     pub fn backfills(&self) -> watch::Receiver<Backfills> {
         self.backfills_rx.clone()
@@ -147,6 +171,9 @@ impl Fleet {
 
     /// Runs until `stop` is cancelled, then stops the readers and releases every lease.
     pub async fn run(mut self, stop: CancellationToken) {
+        if let Some(tables) = self.tables_watch.take() {
+            self.tracker.spawn(tables.run(stop.child_token()));
+        }
         if let Some(topology) = self.watch.take() {
             self.tracker.spawn(topology.run(stop.child_token()));
         }
@@ -244,6 +271,7 @@ impl Fleet {
             cancel: stop.clone(),
             guard,
             readable: self.readable_rx.clone(),
+            tables: self.tables_rx.clone(),
             force: self.force.clone(),
             backfills: self.backfills_rx.clone(),
         };

@@ -9,12 +9,14 @@
 //! - [`backfill`]: a table's existing items published as snapshot rows (segments leased like
 //!   shards), then each shard's changes since the backfill began replayed by its reader.
 //! - [`topology`]: every table's shards kept fresh in the bucket, and the shards readable now.
+//! - [`tables`]: which tables are read, re-evaluated from AWS by one replica for the fleet (issue 20).
 
 pub mod backfill;
 pub mod deliver;
 pub mod fleet;
 mod judge;
 pub mod reader;
+pub mod tables;
 pub mod topology;
 
 use std::sync::Arc;

@@ -12,6 +12,12 @@
 //! It runs as its own task, so slow AWS calls never delay the lease events the fleet handles, and it
 //! refreshes at most [`REFRESHES_PER_TICK`] tables per second: `DescribeStream` is limited to about
 //! 10 calls per second per account.
+//!
+//! The tables come from the fleet's table set (`super::tables`): a table that joins it is followed
+//! from its next read (a table never seen starts as `START_FROM_LATEST` says, as at start-up); a table
+//! that leaves it is dropped, so its shards leave the readable set, and the lease protocol hands its
+//! held leases over. Its keys and checkpoints stay in the bucket, for when it comes back. Nothing is
+//! published as readable before the set is first known.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use super::tables::Selected;
 use crate::metrics::{ShardState, UnreadableReason};
 use crate::source::discovery::{self, Discovery};
 use crate::source::layout::{self, Head};
@@ -45,8 +52,6 @@ const WRITES_IN_FLIGHT: usize = 64;
 /// What the topology watch reads, writes and reports with.
 pub struct TopologyContext {
     pub discovery: Discovery,
-    /// The configured tables.
-    pub tables: Vec<String>,
     /// `SHARD_REFRESH_INTERVAL_SEC`.
     pub refresh_interval: Duration,
     /// The checkpoint bucket's name, for the message of a table whose topology does not fit it.
@@ -97,6 +102,8 @@ pub struct TopologyWatch {
     context: Arc<TopologyContext>,
     store: Arc<dyn LeaseStore>,
     tables: BTreeMap<String, TableView>,
+    /// The fleet's table set; `tables` follows it at each read.
+    selected: watch::Receiver<Selected>,
     readable: watch::Sender<ReadableShards>,
     forced: mpsc::UnboundedReceiver<String>,
 }
@@ -106,11 +113,36 @@ impl TopologyWatch {
     pub fn new(
         context: Arc<TopologyContext>,
         store: Arc<dyn LeaseStore>,
+        selected: watch::Receiver<Selected>,
     ) -> (Self, watch::Receiver<ReadableShards>, Force) {
-        let tables = context.tables.iter().map(|table| (table.clone(), TableView::default())).collect();
         let (readable, readable_rx) = watch::channel(None);
         let (force, forced) = mpsc::unbounded_channel();
-        (TopologyWatch { context, store, tables, readable, forced }, readable_rx, Force(force))
+        let tables = BTreeMap::new();
+        (TopologyWatch { context, store, tables, selected, readable, forced }, readable_rx, Force(force))
+    }
+
+    /// Follows the table set: views for the tables that joined it, none for those that left. False
+    /// while the set is not known yet.
+    fn follow_set(&mut self) -> bool {
+        let Some(selected) = self.selected.borrow_and_update().clone() else { return false };
+        let metrics = &self.context.discovery.metrics;
+        let joined: Vec<String> = selected.keys().filter(|table| !self.tables.contains_key(*table)).cloned().collect();
+        if !joined.is_empty() {
+            metrics.init_tables(&joined);
+            for table in joined {
+                self.tables.insert(table, TableView::default());
+            }
+        }
+        let left: Vec<String> = self.tables.keys().filter(|table| !selected.contains_key(*table)).cloned().collect();
+        for table in left {
+            tracing::info!(table, "table left the set: its shards are no longer read (checkpoints stay)");
+            self.tables.remove(&table);
+            for state in ShardState::ALL {
+                metrics.shards_known.with_label_values(&[&table, state.as_str()]).set(0);
+            }
+            self.context.unreadable.clear(&table);
+        }
+        true
     }
 
     pub async fn run(mut self, stop: CancellationToken) {
@@ -126,6 +158,9 @@ impl TopologyWatch {
                         view.force = true;
                     }
                 }
+                // The table set changed: a new table is read at once, not at the next tick. (A
+                // static set's sender is gone: this branch is then disabled, never busy.)
+                Ok(()) = self.selected.changed() => {}
                 _ = tick.tick() => {}
             }
             // A slow AWS call must not hold up a shutdown: a refresh cut short is redone by whoever
@@ -140,6 +175,9 @@ impl TopologyWatch {
     /// Reads every table's topology, refreshes the stale ones (forced first, at most
     /// [`REFRESHES_PER_TICK`]), and publishes the readable shards.
     async fn read(&mut self) {
+        if !self.follow_set() {
+            return;
+        }
         let now = Instant::now();
         let interval = self.context.refresh_interval;
         for (table, view) in &mut self.tables {

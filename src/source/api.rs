@@ -1,6 +1,7 @@
 //! The calls this service makes to AWS, and nothing else: `DescribeTable`, `DescribeStream`,
-//! `GetShardIterator`, `GetRecords`, `Scan` (a backfill's segments; issue 17) and `GetCallerIdentity`
-//! at start-up.
+//! `GetShardIterator`, `GetRecords`, `Scan` (a backfill's segments; issue 17), `ListTables` and
+//! `ListTagsOfResource` (table discovery by pattern and tag; issue 20) and `GetCallerIdentity` at
+//! start-up.
 //!
 //! Each returns our own types and a classified [`ReadError`], so the rest of the service never sees
 //! an SDK error. The IAM policy in `deploy/` lists exactly these actions.
@@ -12,7 +13,7 @@ use aws_sdk_dynamodbstreams::types::{SequenceNumberRange, Shard, ShardIteratorTy
 use super::error::ReadError;
 use super::raw_body::KeepBody;
 use super::scan::{ScanPage, ScanPosition, Segment, TableScan, TableShape};
-use super::{Page, ShardSource, StartAt, convert};
+use super::{Page, ShardSource, StartAt, TableCatalog, convert};
 use crate::config::MAX_RECORDS_PER_CALL;
 use crate::metrics::TableErrorKind;
 use crate::publish::event::transcode::transcode;
@@ -175,6 +176,59 @@ impl StreamsApi {
             match description.last_evaluated_shard_id {
                 Some(last) if !last.is_empty() => start = Some(last),
                 _ => return Ok(shards),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl TableCatalog for StreamsApi {
+    /// Every table name of the account and region, paging through `ListTables` (100 names a page).
+    async fn list_tables(&self) -> Result<Vec<String>, ReadError> {
+        let mut names = Vec::new();
+        let mut start: Option<String> = None;
+        loop {
+            let output = self
+                .dynamodb
+                .list_tables()
+                .set_exclusive_start_table_name(start.take())
+                .send()
+                .await
+                .map_err(ReadError::from_sdk)?;
+            names.extend(output.table_names.unwrap_or_default());
+            match output.last_evaluated_table_name {
+                Some(last) if !last.is_empty() => start = Some(last),
+                _ => return Ok(names),
+            }
+        }
+    }
+
+    /// The table's ARN (`DescribeTable`): `ListTagsOfResource` takes an ARN, `ListTables` lists names.
+    async fn table_arn(&self, table: &str) -> Result<String, ReadError> {
+        let output = self.dynamodb.describe_table().table_name(table).send().await.map_err(ReadError::from_sdk)?;
+        output
+            .table
+            .and_then(|description| description.table_arn)
+            .ok_or_else(|| ReadError::NotFound(format!("DescribeTable returned no ARN for table {table}")))
+    }
+
+    /// Every tag of the resource `arn`, paging through `ListTagsOfResource`.
+    async fn tags(&self, arn: &str) -> Result<Vec<(String, String)>, ReadError> {
+        let mut tags = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let output = self
+                .dynamodb
+                .list_tags_of_resource()
+                .resource_arn(arn)
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(ReadError::from_sdk)?;
+            tags.extend(output.tags.unwrap_or_default().into_iter().map(|tag| (tag.key, tag.value)));
+            match output.next_token {
+                Some(next) if !next.is_empty() => token = Some(next),
+                _ => return Ok(tags),
             }
         }
     }

@@ -53,3 +53,17 @@ pub trait ShardSource: Send + Sync {
     /// The page at `iterator`.
     async fn records(&self, iterator: &str) -> Result<Page, ReadError>;
 }
+
+/// The tables of the account and their tags, for table discovery (issue 20): DynamoDB in the service
+/// ([`api::StreamsApi`]), memory in unit tests.
+#[async_trait]
+pub trait TableCatalog: Send + Sync {
+    /// Every table name (`ListTables`, every page).
+    async fn list_tables(&self) -> Result<Vec<String>, ReadError>;
+
+    /// The table's ARN (`DescribeTable`), which `ListTagsOfResource` takes.
+    async fn table_arn(&self, table: &str) -> Result<String, ReadError>;
+
+    /// Every tag of the resource `arn` (`ListTagsOfResource`, every page).
+    async fn tags(&self, arn: &str) -> Result<Vec<(String, String)>, ReadError>;
+}

@@ -367,32 +367,8 @@ impl Glob {
         Ok(Glob(pattern.to_owned()))
     }
 
-    /// Whether `name` matches, whole.
+    /// Whether `name` matches, whole: as a `DYNAMODB_TABLES` pattern matches (one matcher for both).
     pub fn matches(&self, name: &str) -> bool {
-        glob_matches(self.0.as_bytes(), name.as_bytes())
+        crate::config::tables::glob_match(&self.0, name)
     }
-}
-
-/// Iterative wildcard matching with backtracking to the last `*` (linear in practice).
-fn glob_matches(pattern: &[u8], name: &[u8]) -> bool {
-    let (mut p, mut n) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while n < name.len() {
-        match pattern.get(p) {
-            Some(b'*') => {
-                star = Some((p, n));
-                p += 1;
-            }
-            Some(b'?') => (p, n) = (p + 1, n + 1),
-            Some(c) if *c == name[n] => (p, n) = (p + 1, n + 1),
-            _ => match star {
-                Some((star_p, star_n)) => {
-                    (p, n) = (star_p + 1, star_n + 1);
-                    star = Some((star_p, star_n + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    pattern[p..].iter().all(|c| *c == b'*')
 }

@@ -32,6 +32,7 @@ use super::state::{
 use crate::checkpoint::{self, Checkpoints, Position, Progress};
 use crate::config::BackfillConfig;
 use crate::metrics::Metrics;
+use crate::pipeline::tables::Selected;
 use crate::pipeline::topology::ReadableShards;
 use crate::source::scan::{Segment, SegmentProgress, TableScan, segments_for};
 
@@ -102,8 +103,9 @@ pub struct BackfillContext {
     pub checkpoints: Checkpoints,
     pub scan: Arc<dyn TableScan>,
     pub settings: BackfillConfig,
-    /// The configured tables.
-    pub tables: Vec<String>,
+    /// The fleet's table set (`crate::pipeline::tables`): a table that joins it is backfilled if
+    /// `settings` covers it.
+    pub tables: watch::Receiver<Selected>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -170,7 +172,8 @@ impl BackfillWatch {
     /// Reads (and moves on) every table's backfill and publishes the view.
     pub async fn read(&mut self) {
         let mut view = BackfillView::default();
-        let tables = self.context.tables.clone();
+        let selected = self.context.tables.borrow().clone();
+        let tables: Vec<String> = selected.map(|set| set.keys().cloned().collect()).unwrap_or_default();
         for table in &tables {
             let found = match self.step(table).await {
                 Ok(found) => found,
@@ -225,7 +228,7 @@ impl BackfillWatch {
                 }
             },
         };
-        if state.is_none() && request.is_none() && self.context.settings.tables.iter().any(|listed| listed == table) {
+        if state.is_none() && request.is_none() && self.context.settings.covers(table) {
             let now = now_ms();
             match store.create(&request_key(table), now.to_string().into()).await {
                 Ok(_) => {

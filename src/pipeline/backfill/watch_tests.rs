@@ -60,7 +60,10 @@ impl Rig {
                 segments: Some(3),
                 ..BackfillConfig::default()
             },
-            tables: vec![TABLE.to_owned(), "other".to_owned()],
+            tables: watch::channel(Some(Arc::new(
+                [TABLE, "other"].map(|table| (table.to_owned(), crate::config::SelectedBy::Name)).into(),
+            )))
+            .1,
             metrics: Arc::new(Metrics::new()),
         };
         BackfillWatch::new(Arc::new(context), self.readable.subscribe())

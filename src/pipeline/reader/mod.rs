@@ -53,6 +53,7 @@ mod tests;
 mod write;
 
 use super::backfill::watch::Backfills;
+use super::tables::Selected;
 use super::topology::{Force, ReadableShards};
 use super::{Pipeline, ReadSettings};
 use crate::checkpoint::{self, Position, ShardCheckpoint};
@@ -159,6 +160,9 @@ pub struct ShardReader {
     /// The shards that may be read now, as the fleet last saw them: tells whether a shard AWS calls
     /// missing is closed or gone (then it has ended) or still listed open (then NotFound is transient).
     pub readable: watch::Receiver<ReadableShards>,
+    /// The fleet's table set (`crate::pipeline::tables`): a table that left it is missing from
+    /// `readable` too, which then says nothing about whether its shards ended.
+    pub tables: watch::Receiver<Selected>,
     /// Asks for a refresh of the table's topology at once.
     pub force: Force,
     /// The tables' backfills: when one hands off, this reader replays the shard's part.
@@ -536,6 +540,13 @@ impl ShardReader {
     }
 
     fn listing(&self) -> Listing {
+        // The table left the set (untagged, say): its shards left the readable set with it, not the
+        // stream. Taking that for their end would mark this shard finished and skip the rest of it
+        // if the table came back; the fleet stops this reader instead.
+        let left = self.tables.borrow().as_deref().is_some_and(|set| !set.contains_key(&self.shard.table));
+        if left {
+            return Listing::Open;
+        }
         let readable = self.readable.borrow();
         match readable.as_deref().map(|shards| shards.get(self.guard.shard())) {
             // No topology yet: nothing says it ended.

@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 use super::{Outcome, ShardReader};
 use crate::checkpoint::{self, Checkpoints, Position, Progress, SequenceNumber};
 use crate::config::BackfillConfig;
+use crate::config::SelectedBy;
 use crate::memory::MemoryBudget;
 use crate::metrics::{Metrics, PublishErrorKind as FailureKind, WaitOn};
 use crate::pipeline::backfill::state::{BackfillState, Phase, ReplayProgress, pin_key, replay_key};
 use crate::pipeline::backfill::watch::{BackfillView, Backfills, TableBackfill};
+use crate::pipeline::tables::Selected;
 use crate::pipeline::topology::{Force, ReadableShards};
 use crate::pipeline::{Pipeline, ReadSettings};
 use crate::publish::memory::{MemorySink, Planned};
@@ -44,6 +46,8 @@ struct Harness {
     coordinator: Coordinator,
     guard: LeaseGuard,
     readable: watch::Sender<ReadableShards>,
+    /// The fleet's table set: `t` alone until a test changes it.
+    tables: watch::Sender<Selected>,
     forced: mpsc::UnboundedReceiver<String>,
     backfills: watch::Sender<Backfills>,
     /// `IDLE_POLL_MAX_MS` of the readers started (the poll interval, 500 ms, unless a test sets it).
@@ -51,7 +55,7 @@ struct Harness {
     /// The readers' memory budget (unlimited unless a test sets one).
     memory: MemoryBudget,
     /// The readers' `TABLES_FILE` (none unless a test sets one).
-    tables: Arc<crate::tables::TablesFile>,
+    settings: Arc<crate::tables::TablesFile>,
 }
 
 fn shard() -> Readable {
@@ -80,11 +84,12 @@ impl Harness {
             coordinator,
             guard,
             readable,
+            tables: watch::channel(Some(Arc::new(BTreeMap::from([(TABLE.to_owned(), SelectedBy::Name)])))).0,
             forced,
             backfills: watch::channel(Backfills::default()).0,
             idle_poll_max: Duration::from_millis(500),
             memory: MemoryBudget::unlimited(),
-            tables: Arc::default(),
+            settings: Arc::default(),
         }
     }
 
@@ -107,7 +112,7 @@ impl Harness {
             backfill: BackfillConfig::default(),
             value_limit: usize::MAX,
             memory: self.memory.clone(),
-            tables: self.tables.clone(),
+            tables: self.settings.clone(),
             subject_prefix: "dynamodb_streams".to_owned(),
         });
         let (force, forced) = Force::detached();
@@ -120,6 +125,7 @@ impl Harness {
             cancel: cancel.clone(),
             guard: self.guard.clone(),
             readable: self.readable.subscribe(),
+            tables: self.tables.subscribe(),
             force,
             backfills: self.backfills.subscribe(),
         };
@@ -355,6 +361,25 @@ async fn a_shard_not_found_has_ended_only_once_the_topology_no_longer_lists_it_o
     h.readable.send_replace(Some(Arc::new(BTreeMap::from([(key, Readable { closed: true, ..shard() })]))));
     assert_eq!(outcome(task).await, Outcome::Finished);
     assert_eq!(h.checkpoint().await, Some(Position::Finished { last: None }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shard_not_found_after_its_table_left_the_set_has_not_ended() {
+    let mut h = Harness::new(1000).await;
+    let key = ShardKey::for_shard(TABLE, SHARD);
+    h.readable.send_replace(Some(Arc::new(BTreeMap::from([(key, shard())]))));
+    // No such shard at the source: AWS answers NotFound, and keeps retrying while it is listed open.
+    let (task, stop) = h.start(shard());
+    tokio::time::timeout(DEADLINE, h.forced.recv()).await.unwrap();
+    // The table is untagged: it leaves the set, and its shards the readable set with it.
+    h.tables.send_replace(Some(Arc::new(BTreeMap::new())));
+    h.readable.send_replace(Some(Arc::new(BTreeMap::new())));
+    tokio::time::timeout(DEADLINE, h.forced.recv()).await.unwrap();
+    assert!(!task.is_finished(), "a table that left the set says nothing about its shards' end");
+    // The fleet hands the lease over: the reader stops, and the shard is not marked finished.
+    stop.cancel();
+    assert_eq!(outcome(task).await, Outcome::Stopped);
+    assert_eq!(h.checkpoint().await, None);
 }
 
 #[tokio::test(start_paused = true)]
@@ -624,7 +649,7 @@ async fn a_reader_counts_where_its_time_goes() {
 #[tokio::test(start_paused = true)]
 async fn records_the_tables_settings_drop_are_checkpointed_past_counted_and_the_rest_routed() {
     let mut h = Harness::new(1000).await;
-    h.tables = Arc::new(
+    h.settings = Arc::new(
         crate::tables::TablesFile::parse(
             r#"
 tables:
@@ -675,7 +700,7 @@ tables:
 #[tokio::test(start_paused = true)]
 async fn the_replay_follows_the_tables_settings() {
     let mut h = Harness::new(10).await;
-    h.tables = Arc::new(
+    h.settings = Arc::new(
         crate::tables::TablesFile::parse(
             r#"
 tables:
