@@ -255,28 +255,7 @@ async fn a_bucket_written_by_the_seed_is_resumed_from() {
     }
     // Read the stream as the seed would have, and checkpoint the 10th record the seed's way: a plain
     // put of the bare sequence number under `{table}.{shard_id}` in a history-1 bucket.
-    let streams = aws_sdk_dynamodbstreams::Client::new(
-        &aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(fixtures::REGION))
-            .endpoint_url(moto.endpoint())
-            .credentials_provider(aws_sdk_dynamodbstreams::config::Credentials::new("t", "t", None, None, "t"))
-            .load()
-            .await,
-    );
-    let arn = ddb.describe_table().table_name("orders").send().await.unwrap().table.unwrap().latest_stream_arn.unwrap();
-    let description = streams.describe_stream().stream_arn(&arn).send().await.unwrap().stream_description.unwrap();
-    let shard = description.shards.unwrap()[0].shard_id.clone().unwrap();
-    let iterator = streams
-        .get_shard_iterator()
-        .stream_arn(&arn)
-        .shard_id(&shard)
-        .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::TrimHorizon)
-        .send()
-        .await
-        .unwrap()
-        .shard_iterator
-        .unwrap();
-    let records = streams.get_records().shard_iterator(iterator).send().await.unwrap().records.unwrap();
+    let (shard, records) = fixtures::first_shard_records(&moto, "orders").await;
     let tenth = records[9].dynamodb().unwrap().sequence_number().unwrap().to_owned();
 
     let client = async_nats::connect(nats.url()).await.unwrap();

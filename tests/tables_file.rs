@@ -77,24 +77,7 @@ async fn put_person(ddb: &aws_sdk_dynamodb::Client, table: &str, pk: &str, versi
 
 /// The sequence number of the last record in `table`'s stream (moto: one shard), and the shard id.
 async fn last_record(moto: &Moto, table: &str) -> (String, String) {
-    let config = fixtures::aws_config(moto).await;
-    let ddb = aws_sdk_dynamodb::Client::new(&config);
-    let streams = aws_sdk_dynamodbstreams::Client::new(&config);
-    let described = ddb.describe_table().table_name(table).send().await.unwrap();
-    let arn = described.table.unwrap().latest_stream_arn.unwrap();
-    let stream = streams.describe_stream().stream_arn(&arn).send().await.unwrap().stream_description.unwrap();
-    let shard_id = stream.shards.unwrap()[0].shard_id.clone().unwrap();
-    let iterator = streams
-        .get_shard_iterator()
-        .stream_arn(&arn)
-        .shard_id(&shard_id)
-        .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::TrimHorizon)
-        .send()
-        .await
-        .unwrap()
-        .shard_iterator
-        .unwrap();
-    let records = streams.get_records().shard_iterator(iterator).send().await.unwrap().records.unwrap();
+    let (shard_id, records) = fixtures::first_shard_records(moto, table).await;
     let last = records.last().unwrap().dynamodb.as_ref().unwrap().sequence_number.clone().unwrap();
     (shard_id, last)
 }

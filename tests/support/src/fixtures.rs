@@ -24,6 +24,32 @@ pub async fn aws_config(moto: &Moto) -> aws_config::SdkConfig {
         .await
 }
 
+/// The first shard of `table`'s stream (moto keeps one) and its records from `TRIM_HORIZON`, one
+/// `GetRecords` page, read as the seed would have read them.
+pub async fn first_shard_records(moto: &Moto, table: &str) -> (String, Vec<aws_sdk_dynamodbstreams::types::Record>) {
+    let config = aws_config(moto).await;
+    let ddb = aws_sdk_dynamodb::Client::new(&config);
+    let streams = aws_sdk_dynamodbstreams::Client::new(&config);
+    let described = ddb.describe_table().table_name(table).send().await.expect("DescribeTable");
+    let arn = described.table.and_then(|t| t.latest_stream_arn).expect("the table has a stream");
+    let stream = streams.describe_stream().stream_arn(&arn).send().await.expect("DescribeStream");
+    let shards = stream.stream_description.and_then(|d| d.shards).unwrap_or_default();
+    let shard_id = shards.first().and_then(|shard| shard.shard_id.clone()).expect("the stream has a shard");
+    let iterator = streams
+        .get_shard_iterator()
+        .stream_arn(&arn)
+        .shard_id(&shard_id)
+        .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .expect("GetShardIterator")
+        .shard_iterator
+        .expect("an iterator");
+    let records = streams.get_records().shard_iterator(iterator).send().await.expect("GetRecords").records;
+    let records = records.unwrap_or_default();
+    (shard_id, records)
+}
+
 /// A DynamoDB client on the emulator.
 pub async fn dynamodb(moto: &Moto) -> aws_sdk_dynamodb::Client {
     aws_sdk_dynamodb::Client::new(&aws_config(moto).await)
