@@ -214,14 +214,7 @@ async fn restart_publishes_nothing_twice_and_misses_nothing() {
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     // A duplicate window too short to hide a record published twice.
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["dynamodb_streams.>".into()],
-        duplicate_window: Duration::from_millis(100),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    js.create_stream(fixtures::stream_without_dedup(STREAM)).await.unwrap();
 
     let port = fixtures::http_port();
     let env = fixtures::service_env(&nats, &moto, "orders", port);

@@ -188,12 +188,7 @@ async fn replicas_split_hand_over_roll_fail_over_and_fence_without_losing_or_dou
     }
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
-    let mut stream_config = async_nats::jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["dynamodb_streams.>".into()],
-        duplicate_window: Duration::from_millis(100),
-        ..Default::default()
-    };
+    let mut stream_config = fixtures::stream_without_dedup(STREAM);
     js.create_stream(stream_config.clone()).await.unwrap();
     let arrivals = watch_arrivals(client.clone());
     let writer = Writer::start(ddb.clone());

@@ -275,14 +275,7 @@ async fn tables_are_selected_by_name_pattern_and_tag_and_follow_tagging_without_
     tag(&ddb, NEVER, "off").await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["dynamodb_streams.>".into()],
-        duplicate_window: Duration::from_millis(100),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    js.create_stream(fixtures::stream_without_dedup(STREAM)).await.unwrap();
     let arrivals = watch_arrivals(client.clone());
     let writer = Writer::start(ddb.clone(), &[SELECTED_BY_NAME, "itx-a", "tagged-1", NEVER]);
 

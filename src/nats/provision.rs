@@ -116,21 +116,11 @@ pub async fn ensure_stream(js: &jetstream::Context, config: &Config) -> Result<D
         tracing::info!(stream = %name, subjects = %format!("{}.>", config.subject_prefix), "created stream");
         return Ok(created.cached_info().config.duplicate_window);
     };
-    for table in &config.tables {
-        let subject = config.subject_for(table);
-        if !existing.subjects.iter().any(|filter| subject_matches(filter, &subject)) {
-            return Err(SetupError::NotCaptured {
-                stream: name,
-                subject,
-                subjects: existing.subjects.clone(),
-                prefix: config.subject_prefix.clone(),
-            });
-        }
-    }
-    if config.selection.is_dynamic() {
-        // Tables discovered later have subjects of their own: the stream must capture every
-        // `{prefix}.{table}` (a literal `*` token matches only a `*` or `>` filter).
-        let subject = format!("{}.*", config.subject_prefix);
+    // Each named table's subject, and with patterns or tags every `{prefix}.{table}`: tables discovered
+    // later have subjects of their own (a literal `*` token matches only a `*` or `>` filter).
+    let named = config.tables.iter().map(|table| config.subject_for(table));
+    let discovered = config.selection.is_dynamic().then(|| format!("{}.*", config.subject_prefix));
+    for subject in named.chain(discovered) {
         if !existing.subjects.iter().any(|filter| subject_matches(filter, &subject)) {
             return Err(SetupError::NotCaptured {
                 stream: name,

@@ -127,6 +127,17 @@ impl Stored {
     }
 }
 
+/// The stream `name` on `dynamodb_streams.>` with a duplicate window too short (100 ms) to hide a
+/// record published twice: what a test that counts duplicates publishes into.
+pub fn stream_without_dedup(name: &str) -> async_nats::jetstream::stream::Config {
+    async_nats::jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec!["dynamodb_streams.>".into()],
+        duplicate_window: std::time::Duration::from_millis(100),
+        ..Default::default()
+    }
+}
+
 /// The number of messages in `stream` (0 while it does not exist).
 pub async fn message_count(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
     match js.get_stream(stream).await {
