@@ -35,9 +35,10 @@ const PREFIX: &str = "dynamodb_stream_consumer";
 pub enum WaitOn {
     /// A `GetRecords` page not prefetched in time (and the memory budget for it).
     Read,
-    /// Publishes of a page until they are acknowledged.
+    /// Publishes of a page until they are sent (the next page is pipelined behind them) or
+    /// acknowledged, with the checkpoint written beside them.
     Publish,
-    /// A checkpoint write.
+    /// A checkpoint write nothing else goes on beside.
     Checkpoint,
     /// The wait between polls (`POLL_GAP_MS`, `POLL_INTERVAL_MS`, the idle backoff).
     Pause,
@@ -292,8 +293,8 @@ impl Metrics {
                     Opts::new(
                         format!("{PREFIX}_reader_wait_seconds_total"),
                         "Seconds shard readers waited, by what on: read (a GetRecords page, and the memory budget \
-                         for it, when not prefetched), publish (acknowledgements), checkpoint (its write), pause \
-                         (between polls)",
+                         for it, when not prefetched), publish (sends and acknowledgements, a checkpoint written beside them), checkpoint (a write \
+                         nothing else goes on beside), pause (between polls)",
                     ),
                     &["table", "on"],
                 )

@@ -1,19 +1,21 @@
 //! [`EventSink`] on JetStream: every shard's events on one fenced publish connection
 //! ([`super::connection`]), pipelined with at most one unacknowledged publish per item.
 
-use std::collections::{HashSet, VecDeque};
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use async_nats::jetstream::{self, context::PublishErrorKind};
+use async_nats::jetstream::{self, context::PublishErrorKind, publish::PublishAck};
 use async_trait::async_trait;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use coordination::LeaseGuard;
 
 use super::connection::{self, PublishConnection};
 use super::event::transcode::StreamEvent;
-use super::{Destination, EventSink, FailureKind, Prepared, PublishFailure};
+use super::{Destination, EventSink, FailureKind, Outbox, Prepared, PublishFailure, Until};
 use crate::metrics::Metrics;
 use crate::record::{ChangeRecord, Origin};
 
@@ -92,48 +94,62 @@ impl EventSink for Publisher {
         }
     }
 
-    /// Publishes `batch[from..]` in order with at most `window` acks outstanding, awaiting acks in
-    /// order, at most one unacknowledged publish per item, each record sent only while `guard` is
-    /// valid. A failure's `acked` counts from `from`.
+    /// Publishes `batch[from..]` in order with at most the outbox's window of acks outstanding,
+    /// awaiting acks in order, at most one unacknowledged publish per item, each record sent only
+    /// while `guard` is valid, until `until` (see [`EventSink::publish_in_order`]).
     ///
     /// The loop runs on the publish connection's runtime, beside the client's task, so a record and
-    /// its ack do not each cross between threads; the batch is lent to it and is back in `batch`
-    /// when this returns, also when a fence ends that runtime under the loop.
+    /// its ack do not each cross between threads; the batch and the outbox are lent to it and are
+    /// back when this returns, also when a fence ends that runtime under the loop.
     async fn publish_in_order(
         &self,
         shard: Destination<'_>,
         batch: &mut Vec<Prepared>,
         from: usize,
-        window: usize,
         guard: &LeaseGuard,
-    ) -> Result<(), PublishFailure> {
+        outbox: &mut Outbox,
+        until: Until,
+    ) -> Result<usize, PublishFailure> {
         let Destination { subject, table, shard_id } = shard;
         let connection = match self.connection.get().await {
             Ok(connection) => connection,
-            Err(err) => return Err(self.stop(table, 0, FailureKind::Disconnected, err.to_string(), None)),
+            Err(err) => {
+                let unconfirmed = outbox.unconfirmed(from);
+                outbox.clear();
+                return Err(self.stop(table, 0, FailureKind::Disconnected, err.to_string(), unconfirmed));
+            }
         };
         let generation = connection.generation;
-        let lent =
-            Arc::new(Lent { records: tokio::sync::Mutex::new(std::mem::take(batch)), acked: AtomicUsize::new(0) });
+        if let Some(earlier) = outbox.unconfirmed(from).filter(|earlier| *earlier != generation) {
+            // The connection the outstanding publishes went out on was dropped (a fence): their acks
+            // will not come. Sent again from the first unacknowledged, in order, on this one.
+            outbox.clear();
+            let message = "the publish connection of the unacknowledged publishes was replaced".to_owned();
+            return Err(self.stop(table, 0, FailureKind::Disconnected, message, Some(earlier)));
+        }
+        let lent = Arc::new(Lent {
+            state: tokio::sync::Mutex::new((std::mem::take(batch), std::mem::replace(outbox, Outbox::new(1)))),
+            acked: AtomicUsize::new(0),
+        });
         let job = Job {
             publisher: self.clone(),
             connection: connection.clone(),
             subject: async_nats::Subject::from(subject),
             table: table.to_owned(),
             shard_id: shard_id.to_owned(),
-            window,
             guard: guard.clone(),
         };
         let run = {
             let lent = lent.clone();
             async move {
-                let mut records = lent.records.lock().await;
-                job.run(&mut records[from..], &lent.acked).await
+                let mut state = lent.state.lock().await;
+                let (records, outbox) = &mut *state;
+                job.run(records, from, outbox, until, &lent.acked).await
             }
         };
         let joined = connection.runtime.spawn(run).await;
         // The loop is over, or its task was dropped with the runtime: either way the batch is free.
-        *batch = std::mem::take(&mut *lent.records.lock().await);
+        (*batch, *outbox) = std::mem::replace(&mut *lent.state.lock().await, (Vec::new(), Outbox::new(1)));
         let result = joined.unwrap_or_else(|join| {
             // A fence (of this shard or another) shut the runtime down under the loop; whatever it
             // had not seen acknowledged went with the connection.
@@ -141,6 +157,9 @@ impl EventSink for Publisher {
             let message = format!("the publish connection was dropped under the batch: {join}");
             Err(self.stop(table, acked, FailureKind::Disconnected, message, None))
         });
+        if result.is_err() {
+            outbox.clear();
+        }
         if let Err(PublishFailure { fence: Some(why), .. }) = &result {
             self.fence(generation, table, shard_id, why);
         }
@@ -148,11 +167,34 @@ impl EventSink for Publisher {
     }
 }
 
-/// A batch lent to the publish loop on the publish runtime: the records, and how many of them (from
-/// where the loop started) are acknowledged so far, readable when the loop's task was dropped.
+/// A batch and its outbox lent to the publish loop on the publish runtime, and how many records
+/// (from where the loop started) are acknowledged so far, readable when the loop's task was dropped.
 struct Lent {
-    records: tokio::sync::Mutex<Vec<Prepared>>,
+    state: tokio::sync::Mutex<(Vec<Prepared>, Outbox)>,
     acked: AtomicUsize,
+}
+
+/// A publish sent and not acknowledged yet ([`Outbox`]).
+pub struct Outstanding {
+    /// The record's index in the delivery's batch.
+    pub(super) index: usize,
+    sent: Instant,
+    /// Its ack, until it is awaited (small: the future it becomes is boxed only for the oldest).
+    ack: Option<jetstream::context::PublishAckFuture>,
+    /// The ack being awaited: polled in place (not taken out), so a loop that stops waiting leaves
+    /// it there for the next.
+    awaited: Option<AckFuture>,
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, jetstream::context::PublishError>> + Send>>;
+
+impl Outstanding {
+    fn awaited(&mut self) -> Option<&mut AckFuture> {
+        if self.awaited.is_none() {
+            self.awaited = self.ack.take().map(IntoFuture::into_future);
+        }
+        self.awaited.as_mut()
+    }
 }
 
 /// What the publish loop of one batch owns on the publish runtime.
@@ -163,38 +205,52 @@ struct Job {
     subject: async_nats::Subject,
     table: String,
     shard_id: String,
-    window: usize,
     guard: LeaseGuard,
 }
 
 impl Job {
     /// The loop of [`Publisher::publish_in_order`]; `progress` follows the acknowledged count.
-    async fn run(self, batch: &mut [Prepared], progress: &AtomicUsize) -> Result<(), PublishFailure> {
-        let Job { publisher, connection, subject, table, shard_id, window, guard } = self;
+    async fn run(
+        self,
+        batch: &mut [Prepared],
+        from: usize,
+        outbox: &mut Outbox,
+        until: Until,
+        progress: &AtomicUsize,
+    ) -> Result<usize, PublishFailure> {
+        let Job { publisher, connection, subject, table, shard_id, guard } = self;
         let (table, shard_id) = (table.as_str(), shard_id.as_str());
         let generation = connection.generation;
         let metrics = &publisher.metrics;
         let ack_seconds = metrics.publish_ack_seconds.with_label_values(&[table]);
         // The counters of the event names seen so far, looked up once each rather than once a record.
         let mut published: Vec<(String, prometheus::IntCounter)> = Vec::with_capacity(3);
-        let mut pending: VecDeque<(usize, Instant, jetstream::context::PublishAckFuture)> = VecDeque::new();
-        // The items of `pending`: a record whose item is here waits for that item's ack.
-        let mut in_flight: HashSet<u64> = HashSet::new();
         let lost = guard.lost();
         tokio::pin!(lost);
+        let ready = match &until {
+            Until::Acked { ready: Some(ready) } => Some(ready.clone()),
+            _ => None,
+        };
+        let sent_is_enough = matches!(until, Until::Sent);
+        // Counted from `from` (failures report it so); `next` is an index into `batch`.
         let mut acked = 0;
-        let mut next = 0;
+        let mut next = outbox.next.max(from);
+        outbox.generation = generation;
         // Set when every process-wide ack permit is taken: await an own ack before sending more.
         let mut saturated = false;
-        while acked < batch.len() {
-            let may_send = !saturated || pending.is_empty();
-            if next < batch.len() && pending.len() < window && may_send && !in_flight.contains(&batch[next].item) {
+        while from + acked < batch.len() && !(sent_is_enough && next == batch.len()) {
+            let may_send = !saturated || outbox.acks.is_empty();
+            if next < batch.len()
+                && outbox.acks.len() < outbox.window
+                && may_send
+                && !outbox.items.contains(&batch[next].item)
+            {
                 if let Err(lost) = guard.check() {
-                    let unconfirmed = (!pending.is_empty()).then_some(generation);
+                    let unconfirmed = (!outbox.acks.is_empty()).then_some(generation);
                     return Err(publisher.stop(table, acked, FailureKind::LeaseLost, lost.to_string(), unconfirmed));
                 }
                 if connection.client.connection_state() != async_nats::connection::State::Connected {
-                    let unconfirmed = (!pending.is_empty()).then_some(generation);
+                    let unconfirmed = (!outbox.acks.is_empty()).then_some(generation);
                     let message = "the publish connection is not connected".to_owned();
                     return Err(publisher.stop(table, acked, FailureKind::Disconnected, message, unconfirmed));
                 }
@@ -208,9 +264,12 @@ impl Job {
                 let to = record.subject.clone().unwrap_or_else(|| subject.clone());
                 match connection.js.send_publish(to, message).await {
                     Ok(ack) => {
-                        in_flight.insert(record.item);
-                        pending.push_back((next, Instant::now(), ack));
+                        outbox.items.insert(record.item);
+                        let outstanding =
+                            Outstanding { index: next, sent: Instant::now(), ack: Some(ack), awaited: None };
+                        outbox.acks.push_back(outstanding);
                         next += 1;
+                        outbox.next = next;
                     }
                     Err(err) if err.kind() == PublishErrorKind::MaxPayloadExceeded && record.reducible() => {
                         // Our estimate of the headers' size was short; reduce and send again.
@@ -220,20 +279,24 @@ impl Job {
                     // by awaiting our oldest ack, or, holding none, give the others a moment.
                     Err(err) if err.kind() == PublishErrorKind::MaxAckPending => {
                         saturated = true;
-                        if pending.is_empty() {
+                        if outbox.acks.is_empty() {
                             tokio::time::sleep(SATURATED_PAUSE).await;
                         }
                     }
                     Err(err) => {
                         // A publish the client refused was not queued; the earlier ones may be.
-                        let unconfirmed = (!pending.is_empty()).then_some(generation);
+                        let unconfirmed = (!outbox.acks.is_empty()).then_some(generation);
                         return Err(publisher.failure(table, acked, &err, unconfirmed));
                     }
                 }
                 continue;
             }
-            let Some((index, sent, ack)) = pending.pop_front() else { break };
+            if ready.as_ref().is_some_and(CancellationToken::is_cancelled) {
+                break;
+            }
+            let Some(ack) = outbox.acks.front_mut().and_then(Outstanding::awaited) else { break };
             let answer = tokio::select! {
+                biased;
                 answer = ack => answer,
                 lost = &mut lost => {
                     // The lease may move on from now: nothing this shard queued may arrive later.
@@ -241,11 +304,14 @@ impl Job {
                     failure.fence = Some("lease lost with publishes unacknowledged");
                     return Err(failure);
                 }
+                // The next page is in hand: it goes out beside the acks still outstanding.
+                () = cancelled(ready.as_ref()) => break,
             };
+            let Some(Outstanding { index, sent, .. }) = outbox.acks.pop_front() else { break };
             match answer {
                 Ok(ack) => {
                     let record = &batch[index];
-                    in_flight.remove(&record.item);
+                    outbox.items.remove(&record.item);
                     ack_seconds.observe(sent.elapsed().as_secs_f64());
                     if ack.duplicate {
                         metrics.duplicate_publishes.with_label_values(&[table]).inc();
@@ -260,7 +326,7 @@ impl Job {
                             }
                         }
                     }
-                    acked = index + 1;
+                    acked = index + 1 - from;
                     progress.store(acked, Ordering::Release);
                     saturated = false;
                 }
@@ -275,6 +341,17 @@ impl Job {
                 Err(err) => return Err(publisher.failure(table, acked, &err, Some(generation))),
             }
         }
-        Ok(())
+        if outbox.acks.is_empty() {
+            outbox.clear();
+        }
+        Ok(acked)
+    }
+}
+
+/// Resolves once `ready` is cancelled; never without one.
+async fn cancelled(ready: Option<&CancellationToken>) {
+    match ready {
+        Some(ready) => ready.cancelled().await,
+        None => std::future::pending().await,
     }
 }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use coordination::LeaseGuard;
 
 use super::event::transcode::StreamEvent;
-use super::{Destination, EventSink, FailureKind, Prepared, PublishFailure};
+use super::{Destination, EventSink, FailureKind, Outbox, Prepared, PublishFailure, Until};
 use crate::metrics::Metrics;
 use crate::record::{ChangeRecord, Origin};
 
@@ -51,6 +51,8 @@ pub struct MemorySink {
     held: tokio::sync::watch::Sender<bool>,
     /// Publish calls that have begun, held or not.
     calls: std::sync::atomic::AtomicUsize,
+    /// Only calls after this many are held by [`MemorySink::hold`].
+    hold_after: std::sync::atomic::AtomicUsize,
 }
 
 impl MemorySink {
@@ -62,6 +64,12 @@ impl MemorySink {
     /// Holds (`true`) or releases (`false`) every publish call.
     pub fn hold(&self, held: bool) {
         self.held.send_replace(held);
+    }
+
+    /// Holds every publish call after the first `calls` (until released with `hold(false)`).
+    pub fn hold_after(&self, calls: usize) {
+        self.hold_after.store(calls, std::sync::atomic::Ordering::SeqCst);
+        self.hold(true);
     }
 
     /// Publish calls that have begun.
@@ -115,29 +123,48 @@ impl EventSink for MemorySink {
         Prepared::from_stream(table, shard_id, event, origin, usize::MAX, &self.metrics)
     }
 
+    /// Stores `batch[from..]` in order. With [`Until::Sent`] the last record's ack is left
+    /// outstanding in the outbox and given at the next call (a planned failure may come first), so
+    /// that pipelining across calls is exercised.
     async fn publish_in_order(
         &self,
         shard: Destination<'_>,
         batch: &mut Vec<Prepared>,
         from: usize,
-        _window: usize,
         guard: &LeaseGuard,
-    ) -> Result<(), PublishFailure> {
-        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let mut held = self.held.subscribe();
-        // The sender lives as long as the sink, so the wait ends when released.
-        let _ = held.wait_for(|held| !held).await;
+        outbox: &mut Outbox,
+        until: Until,
+    ) -> Result<usize, PublishFailure> {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if call > self.hold_after.load(std::sync::atomic::Ordering::SeqCst) {
+            let mut held = self.held.subscribe();
+            // The sender lives as long as the sink, so the wait ends when released.
+            let _ = held.wait_for(|held| !held).await;
+        }
         let mut state = self.lock();
         let planned = state.planned.pop_front();
+        // Sent by an earlier call: stored already, their acks outstanding.
+        let stored_to = outbox.sent_to().max(from);
         for (acked, record) in batch[from..].iter().enumerate() {
+            let index = from + acked;
+            let unconfirmed = (stored_to > index).then_some(GENERATION);
             if let Err(lost) = guard.check() {
+                outbox.clear();
                 let kind = FailureKind::LeaseLost;
-                return Err(PublishFailure::counted(&self.metrics, shard.table, acked, kind, lost.to_string(), None));
+                return Err(PublishFailure::counted(
+                    &self.metrics,
+                    shard.table,
+                    acked,
+                    kind,
+                    lost.to_string(),
+                    unconfirmed,
+                ));
             }
             if let Some(plan) = planned.filter(|plan| plan.acked == acked) {
-                if plan.stored_anyway {
+                if plan.stored_anyway && index >= stored_to {
                     Self::store(&mut state, record.subject().unwrap_or(shard.subject), record);
                 }
+                outbox.clear();
                 let message = "planned failure".to_owned();
                 let unconfirmed = Some(GENERATION);
                 return Err(PublishFailure::counted(
@@ -149,9 +176,16 @@ impl EventSink for MemorySink {
                     unconfirmed,
                 ));
             }
-            Self::store(&mut state, record.subject().unwrap_or(shard.subject), record);
+            if index >= stored_to {
+                Self::store(&mut state, record.subject().unwrap_or(shard.subject), record);
+            }
+            if matches!(until, Until::Sent) && index + 1 == batch.len() {
+                outbox.sent(GENERATION, batch.len());
+                return Ok(acked);
+            }
         }
-        Ok(())
+        outbox.clear();
+        Ok(batch.len() - from)
     }
 
     fn fence(&self, _generation: u64, _table: &str, _shard_id: &str, _why: &'static str) {

@@ -14,7 +14,13 @@
 //!   `Nats-Msg-Id` (deduplicated) and the lost ones in order;
 //! - **fenced**: each record is handed on only while the shard's lease guard is valid; when the guard
 //!   is lost while publishes are unacknowledged, what may still hold them is fenced (see
-//!   [`connection`]) before the failure is returned.
+//!   [`connection`]) before the failure is returned;
+//! - **pipelined across calls**: a call may stop once every record is sent ([`Until::Sent`]) and leave
+//!   the last acknowledgements outstanding in the caller's [`Outbox`], where the next call (with more
+//!   records appended to the batch) takes them up first: a shard's next page goes out while its
+//!   previous page's tail is acknowledged. Per-item order holds across calls (the outbox keeps the
+//!   items of its publishes), and so does fencing: the caller fences the outbox's connection when its
+//!   lease is lost between calls ([`Outbox::unconfirmed`]).
 
 pub mod connection;
 pub mod event;
@@ -22,9 +28,12 @@ pub mod jetstream;
 #[cfg(test)]
 pub mod memory;
 
+use std::collections::{HashSet, VecDeque};
+
 use async_nats::HeaderMap;
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 
 use coordination::LeaseGuard;
 
@@ -55,21 +64,98 @@ pub trait EventSink: Send + Sync {
     /// Makes a transcoded stream record ready to publish as `origin` (reduced if it would not fit).
     fn prepare_stream(&self, table: &str, shard_id: &str, event: StreamEvent, origin: Origin) -> Prepared;
 
-    /// Publishes `batch[from..]` in order with at most `window` acks outstanding, each record handed
-    /// on only while `guard` is valid (see the module comment). A failure's `acked` counts from
-    /// `from`; the batch is back in `batch` when this returns.
+    /// Publishes `batch[from..]` in order with at most the outbox's window of acks outstanding, each
+    /// record handed on only while `guard` is valid (see the module comment), until `until`; returns
+    /// how many records from `from` are acknowledged. `batch[from..outbox.sent_to()]` were sent by
+    /// earlier calls and await their acks in `outbox`. A failure's `acked` counts from `from`, and
+    /// leaves the outbox empty; the batch is back in `batch` when this returns.
     async fn publish_in_order(
         &self,
         shard: Destination<'_>,
         batch: &mut Vec<Prepared>,
         from: usize,
-        window: usize,
         guard: &LeaseGuard,
-    ) -> Result<(), PublishFailure>;
+        outbox: &mut Outbox,
+        until: Until,
+    ) -> Result<usize, PublishFailure>;
 
     /// Throws away what publish connection `generation` may still hold, if it is still the current
     /// one (a lease was lost while publishes of its shard were unacknowledged).
     fn fence(&self, generation: u64, table: &str, shard_id: &str, why: &'static str);
+}
+
+/// Where a publish call may stop.
+#[derive(Clone, Debug)]
+pub enum Until {
+    /// Once every record is sent: the acknowledgements still outstanding stay in the outbox.
+    Sent,
+    /// Once every record is acknowledged, or, as soon as `ready` is cancelled (the next page is in
+    /// hand), with what is acknowledged by then: the rest stays in the outbox.
+    Acked { ready: Option<CancellationToken> },
+}
+
+impl Until {
+    /// Every record acknowledged, however long that takes.
+    pub const ACKED: Until = Until::Acked { ready: None };
+}
+
+/// Publishes a delivery sent and not yet acknowledged, carried from one publish call to the next
+/// (see the module comment). Indices are into the delivery's batch ([`Outbox::rebase`] follows it
+/// when its acknowledged head is dropped).
+pub struct Outbox {
+    /// At most this many publishes unacknowledged (`MAX_IN_FLIGHT`).
+    window: usize,
+    /// The publish connection they were sent on.
+    generation: u64,
+    /// Index of the first record not sent; the records before it from the first unacknowledged one
+    /// on were sent (a failure empties the outbox: the retry sends from the first unacknowledged).
+    next: usize,
+    /// Their acknowledgements, oldest first (the in-memory sink's acknowledge at its next call and
+    /// keep none here).
+    acks: VecDeque<jetstream::Outstanding>,
+    /// The items of the unacknowledged publishes: a record of one of them waits for that item's ack.
+    items: HashSet<u64>,
+}
+
+impl Outbox {
+    pub fn new(window: usize) -> Outbox {
+        Outbox { window: window.max(1), generation: 0, next: 0, acks: VecDeque::new(), items: HashSet::new() }
+    }
+
+    /// Index of the first record not yet sent (0 when nothing is outstanding).
+    pub fn sent_to(&self) -> usize {
+        self.next
+    }
+
+    /// The publish connection that may hold publishes sent and not acknowledged, when any of
+    /// `batch[from..]` are (`from`: the first unacknowledged record).
+    pub fn unconfirmed(&self, from: usize) -> Option<u64> {
+        (self.next > from).then_some(self.generation)
+    }
+
+    /// Forgets what is outstanding (after a failure, or when the delivery gives it up): whatever of
+    /// it arrives is a duplicate of the retry or unwanted, and is not waited for.
+    pub fn clear(&mut self) {
+        self.next = 0;
+        self.acks.clear();
+        self.items.clear();
+    }
+
+    /// Everything before `next` was sent on connection `generation` (by a sink that keeps no acks
+    /// here: the in-memory one).
+    #[cfg(test)]
+    fn sent(&mut self, generation: u64, next: usize) {
+        self.generation = generation;
+        self.next = next;
+    }
+
+    /// The delivery dropped its first `by` records (all acknowledged).
+    pub fn rebase(&mut self, by: usize) {
+        self.next = self.next.saturating_sub(by);
+        for outstanding in &mut self.acks {
+            outstanding.index -= by;
+        }
+    }
 }
 
 /// A record ready to publish. It owns its record, so records can be prepared on another task (the

@@ -60,7 +60,8 @@ use crate::checkpoint::{self, Position, ShardCheckpoint};
 use crate::config::MAX_RECORDS_PER_CALL;
 use crate::memory::{self, Charge};
 use crate::metrics::WaitOn;
-use crate::publish::Prepared;
+use crate::pipeline::deliver::Delivery;
+use crate::publish::{Destination, Prepared, Until};
 use crate::record::Origin;
 use crate::retry::{self, Backoff};
 use crate::source::error::ReadError;
@@ -128,10 +129,26 @@ struct Fetched {
 }
 
 /// A prefetch in flight: the task reading and converting the page at the state's iterator.
-type Prefetch = AbortOnDropHandle<Result<Fetched, ReadError>>;
+struct Prefetch {
+    task: AbortOnDropHandle<Result<Fetched, ReadError>>,
+    /// Cancelled once the task is over (read, failed, panicked or aborted).
+    ready: CancellationToken,
+}
+
+impl Prefetch {
+    fn spawn(pipeline: Arc<Pipeline>, shard: Readable, iterator: String) -> Prefetch {
+        let ready = CancellationToken::new();
+        let over = ready.clone().drop_guard();
+        let task = tokio::spawn(async move {
+            let _over = over;
+            fetch(&pipeline, &shard, &iterator).await
+        });
+        Prefetch { task: AbortOnDropHandle::new(task), ready }
+    }
+}
 
 /// What a reader carries from state to state.
-struct Cursor {
+struct Cursor<'a> {
     /// Where a new iterator starts: after the last record published, or the shard's fresh start.
     start: StartAt,
     checkpoint: ShardCheckpoint,
@@ -146,6 +163,13 @@ struct Cursor {
     replayed: Option<u64>,
     /// Empty reads in a row: an idle shard's wait grows with them (`IDLE_POLL_MAX_MS`).
     empty_reads: u32,
+    /// The pages published and not all acknowledged: after a full page, its last acknowledgements
+    /// may still be outstanding while the next page is read and sent (only in `Reading` with a
+    /// prefetch; any other state waits for them first).
+    delivery: Delivery<'a>,
+    /// The checkpoint of the last acknowledged prefix when not written yet: it goes out beside the
+    /// next publishes (see `ShardReader::publish`).
+    unwritten: Option<Position>,
 }
 
 /// Reads one shard of one table's stream.
@@ -198,6 +222,8 @@ impl ShardReader {
         let Some((start, skip_before)) = self.resume_at(checkpoint.position()) else { return Outcome::Finished };
         tracing::info!(table, shard_id, ?start, skip_before, "shard reader started");
         let first_lease = self.guard.term() == Term::new(1) && checkpoint.position().is_some();
+        let destination = Destination { subject: &self.subject, table, shard_id };
+        let (sink, window) = (self.pipeline.sink.as_ref(), self.pipeline.settings.max_in_flight);
         let mut cursor = Cursor {
             start,
             checkpoint,
@@ -206,9 +232,15 @@ impl ShardReader {
             replay: None,
             replayed: None,
             empty_reads: 0,
+            delivery: Delivery::new(sink, destination, Vec::new(), window, &self.guard),
+            unwritten: None,
         };
         let mut state = if first_lease { State::Holding(Hold::FirstLease) } else { State::Positioning };
         loop {
+            let unsettled = cursor.delivery.outstanding() || cursor.unwritten.is_some();
+            if unsettled && !matches!(state, State::Reading { prefetch: Some(_), .. }) {
+                state = Box::pin(self.settle(&mut cursor, state)).await;
+            }
             state = match state {
                 // Only this shard's checkpoint is held off; a backfill's replay progress moved by
                 // another writer ends the reader as before.
@@ -229,7 +261,7 @@ impl ShardReader {
     }
 
     /// `Positioning`: gets an iterator at the cursor's start.
-    async fn position(&self, cursor: &mut Cursor) -> State {
+    async fn position(&self, cursor: &mut Cursor<'_>) -> State {
         let (stream_arn, shard_id) = (&self.shard.stream_arn, &self.shard.shard_id);
         let call = self.pipeline.source.iterator(stream_arn, shard_id, &cursor.start);
         match self.unless_stopped(call).await {
@@ -242,22 +274,59 @@ impl ShardReader {
         }
     }
 
+    /// What the previous page left outstanding (or its checkpoint unwritten) is settled before any
+    /// state but the read of the next page: acknowledged and checkpointed (a stop drains it), fenced
+    /// (the lease is lost), or given up (another writer took the checkpoint).
+    async fn settle(&self, cursor: &mut Cursor<'_>, state: State) -> State {
+        if matches!(state, State::Ended(Outcome::LeaseLost | Outcome::CheckpointTaken)) {
+            cursor.unwritten = None;
+        }
+        match state {
+            State::Ended(Outcome::LeaseLost) => State::Ended(cursor.delivery.lease_lost()),
+            State::Ended(Outcome::CheckpointTaken) => {
+                cursor.delivery.abandon();
+                state
+            }
+            _ if !self.guard.is_valid() => State::Ended(cursor.delivery.lease_lost()),
+            state => match self.publish(cursor, Until::ACKED).await {
+                Ok(()) => state,
+                Err(outcome) => State::Ended(outcome),
+            },
+        }
+    }
+
     /// `Reading`: reads the page at `iterator` (or takes the prefetched one), publishes and
     /// checkpoints it, and sets up the next read.
-    async fn read_page(&self, cursor: &mut Cursor, iterator: String, prefetch: Option<Prefetch>) -> State {
-        let waiting = Instant::now();
+    async fn read_page(&self, cursor: &mut Cursor<'_>, iterator: String, prefetch: Option<Prefetch>) -> State {
         let result = match prefetch {
             // A fetch that panicked is a failed call: the same iterator is asked again.
-            Some(fetch) => match self.unless_stopped(fetch).await {
-                None => return State::Ended(self.stopped()),
-                Some(joined) => joined.unwrap_or_else(|err| Err(ReadError::Transient(err.to_string()))),
-            },
-            None => match self.unless_stopped(fetch(&self.pipeline, &self.shard, &iterator)).await {
-                None => return State::Ended(self.stopped()),
-                Some(result) => result,
-            },
+            Some(fetch) => {
+                // The previous page's last acknowledgements are taken (and checkpointed) while this
+                // page is read; once it is in hand, the rest go on beside its publishes.
+                if !fetch.ready.is_cancelled() {
+                    let ready = Until::Acked { ready: Some(fetch.ready.clone()) };
+                    if let Err(outcome) = self.publish(cursor, ready).await {
+                        return State::Ended(outcome);
+                    }
+                }
+                let waiting = Instant::now();
+                let fetched = self.unless_stopped(fetch.task).await;
+                self.waited(WaitOn::Read, waiting);
+                match fetched {
+                    None => return State::Ended(self.stopped()),
+                    Some(joined) => joined.unwrap_or_else(|err| Err(ReadError::Transient(err.to_string()))),
+                }
+            }
+            None => {
+                let waiting = Instant::now();
+                let fetched = self.unless_stopped(fetch(&self.pipeline, &self.shard, &iterator)).await;
+                self.waited(WaitOn::Read, waiting);
+                match fetched {
+                    None => return State::Ended(self.stopped()),
+                    Some(result) => result,
+                }
+            }
         };
-        self.waited(WaitOn::Read, waiting);
         self.pipeline.metrics.get_records_calls.with_label_values(&[&self.shard.table]).inc();
         match result {
             Ok(page) => {
@@ -279,7 +348,7 @@ impl ShardReader {
 
     /// What follows a failed call: a trimmed position moves on to `TRIM_HORIZON`, a shard not found
     /// may have ended, anything else is retried (`retry`) after a pause.
-    async fn after_error(&self, err: ReadError, cursor: &mut Cursor, retry: State, message: &str) -> State {
+    async fn after_error(&self, err: ReadError, cursor: &mut Cursor<'_>, retry: State, message: &str) -> State {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
         match err {
             ReadError::Trimmed(_) => Box::pin(self.trimmed(cursor)).await,
@@ -293,7 +362,7 @@ impl ShardReader {
 
     /// Publishes a page and checkpoints it; sets up the next read (prefetched after a full page) and
     /// waits as the polling rules say.
-    async fn handle(&self, cursor: &mut Cursor, page: Fetched) -> State {
+    async fn handle(&self, cursor: &mut Cursor<'_>, page: Fetched) -> State {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
         let count = page.count;
         tracing::debug!(table, shard_id, records = count, ended = page.next_iterator.is_none(), "GetRecords");
@@ -302,10 +371,7 @@ impl ShardReader {
         // The next page, asked for and converted while this one is published (only after a full page,
         // when the next call would be made at once anyway): reading and publishing overlap.
         let prefetch = match &page.next_iterator {
-            Some(next) if full => {
-                let (pipeline, shard, next) = (Arc::clone(&self.pipeline), self.shard.clone(), next.clone());
-                Some(AbortOnDropHandle::new(tokio::spawn(async move { fetch(&pipeline, &shard, &next).await })))
-            }
+            Some(next) if full => Some(Prefetch::spawn(Arc::clone(&self.pipeline), self.shard.clone(), next.clone())),
             _ => None,
         };
         let (mut batch, charge) = (page.batch, page.charge);
@@ -318,13 +384,19 @@ impl ShardReader {
         self.pipeline.progress.read(table, shard_id, newest);
         Self::note_live(cursor, &batch);
         Self::note_dropped(cursor, page.dropped);
-        if !batch.is_empty()
-            && let Err(outcome) = Box::pin(self.publish(batch, cursor)).await
-        {
+        // The next page goes out while this one's last acknowledgements are outstanding when it is
+        // read at once anyway (a prefetch) and nothing else waits for them: no records skipped or
+        // dropped past the last one published (their checkpoint follows the page), no backfill.
+        let pipelined = prefetch.is_some()
+            && skipped + dropped == 0
+            && cursor.replay.is_none()
+            && self.backfills.borrow().running(table).is_none();
+        // The page's memory is given back once its last record is acknowledged.
+        cursor.delivery.push(batch, charge);
+        let until = if pipelined { Until::Sent } else { Until::ACKED };
+        if let Err(outcome) = Box::pin(self.publish(cursor, until)).await {
             return State::Ended(outcome);
         }
-        // Every record of the batch is acknowledged and the batch is gone: so is its memory.
-        drop(charge);
         if skipped + dropped > 0
             && let Some(end) = page_end
         {
@@ -342,6 +414,14 @@ impl ShardReader {
             }
         }
         let Some(iterator) = page.next_iterator else { return State::Finishing };
+        // A backfill begun while this page was sent: its replay starts from the last record
+        // acknowledged, so it waits for all of them.
+        if (cursor.delivery.outstanding() || cursor.unwritten.is_some())
+            && self.backfills.borrow().running(table).is_some()
+            && let Err(outcome) = Box::pin(self.publish(cursor, Until::ACKED)).await
+        {
+            return State::Ended(outcome);
+        }
         let replaying = match self.replay_turn(cursor, false).await {
             Ok(replaying) => replaying,
             Err(outcome) => return State::Ended(outcome),
@@ -381,7 +461,7 @@ impl ShardReader {
     /// `Holding`: leaves the shard to the writer that moves its checkpoint until the key has stayed
     /// unchanged for a lease TTL, then resumes from the checkpoint as that writer left it. The lease
     /// is kept meanwhile, so the shard does not wander from replica to replica while it waits.
-    async fn hold(&self, cursor: &mut Cursor, why: Hold) -> State {
+    async fn hold(&self, cursor: &mut Cursor<'_>, why: Hold) -> State {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
         let quiet_for_s = self.pipeline.settings.quiet_for.as_secs_f64();
         match why {
@@ -494,7 +574,7 @@ impl ShardReader {
     /// The checkpoint is older than the stream's retention: the records between are gone, so reading
     /// goes on from `TRIM_HORIZON`, and the gap is counted once. Trimmed again at `TRIM_HORIZON` (the
     /// horizon moved on between the iterator and the read) is no new gap: retried after a pause.
-    async fn trimmed(&self, cursor: &mut Cursor) -> State {
+    async fn trimmed(&self, cursor: &mut Cursor<'_>) -> State {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
         if cursor.start == StartAt::TrimHorizon {
             tracing::info!(table, shard_id, "trimmed at TRIM_HORIZON as well; retrying");
@@ -514,7 +594,7 @@ impl ShardReader {
     /// AWS says the shard (or its stream) does not exist. That is its end only if the topology lists
     /// it closed or no longer lists it; a shard listed open is asked again after a pause, and the
     /// table's topology is refreshed meanwhile.
-    async fn not_found(&self, message: &str, cursor: &mut Cursor) -> State {
+    async fn not_found(&self, message: &str, cursor: &mut Cursor<'_>) -> State {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
         if self.listing() == Listing::Ended {
             tracing::info!(table, shard_id, error = message, "shard is closed or gone from the stream; it has ended");

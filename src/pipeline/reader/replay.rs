@@ -88,7 +88,7 @@ impl Replay {
     }
 }
 
-impl Cursor {
+impl Cursor<'_> {
     /// The shard's last record published (or covered by its checkpoint).
     fn last_published(&self) -> Option<SequenceNumber> {
         match &self.start {
@@ -100,7 +100,7 @@ impl Cursor {
 
 impl ShardReader {
     /// Notes a live batch about to be published: while replaying, its items are skipped by the replay.
-    pub(super) fn note_live(cursor: &mut Cursor, batch: &[crate::publish::Prepared]) {
+    pub(super) fn note_live(cursor: &mut Cursor<'_>, batch: &[crate::publish::Prepared]) {
         if let Some(replay) = cursor.replay.as_mut() {
             replay.skip.extend(batch.iter().filter_map(|record| item_key(record.keys_json())));
         }
@@ -108,7 +108,7 @@ impl ShardReader {
 
     /// Notes the items of live records the table's settings dropped: handled by the live path as
     /// much as published ones, so the replay leaves them alone too.
-    pub(super) fn note_dropped(cursor: &mut Cursor, dropped: Vec<Vec<u8>>) {
+    pub(super) fn note_dropped(cursor: &mut Cursor<'_>, dropped: Vec<Vec<u8>>) {
         if let Some(replay) = cursor.replay.as_mut() {
             replay.skip.extend(dropped.iter().filter_map(|keys| item_key(keys)));
         }
@@ -117,7 +117,7 @@ impl ShardReader {
     /// Starts the table's replay when it is due, and handles its next page if it has been read (or,
     /// with `wait`, once it is): called after each live page. True when a replay page was handled
     /// (the reader then reads on without waiting).
-    pub(super) async fn replay_turn(&self, cursor: &mut Cursor, wait: bool) -> Result<bool, Outcome> {
+    pub(super) async fn replay_turn(&self, cursor: &mut Cursor<'_>, wait: bool) -> Result<bool, Outcome> {
         let due = {
             let backfills = self.backfills.borrow();
             match backfills.running(&self.shard.table) {
@@ -138,7 +138,7 @@ impl ShardReader {
 
     /// The shard has ended: while its table's backfill runs, it replays first (waiting for the scan
     /// to end if need be), so that it is marked finished, and its children read, only after.
-    pub(super) async fn replay_before_finish(&self, cursor: &mut Cursor) -> Result<(), Outcome> {
+    pub(super) async fn replay_before_finish(&self, cursor: &mut Cursor<'_>) -> Result<(), Outcome> {
         let mut backfills = self.backfills.clone();
         let mut told = false;
         loop {
@@ -172,7 +172,7 @@ impl ShardReader {
 
     /// Loads the replay of `epoch` (another reader's goes on where it stopped) or begins it at the
     /// last record published.
-    async fn start_replay(&self, cursor: &mut Cursor, epoch: u64) -> Result<(), Outcome> {
+    async fn start_replay(&self, cursor: &mut Cursor<'_>, epoch: u64) -> Result<(), Outcome> {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
         let key = replay_key(table, epoch, shard_id);
         let loaded = crate::pipeline::load_fenced(&self.pipeline.checkpoints, &key, &self.guard, &self.cancel).await;
@@ -240,7 +240,7 @@ impl ShardReader {
     /// of its own, so the live reading goes on meanwhile (a page of 1000 records can take seconds on a
     /// slow endpoint). With `wait` (a shard that has ended: nothing live to read) the read is awaited.
     /// True when a page was handled (read on at once: there is likely more).
-    async fn replay_page(&self, cursor: &mut Cursor, wait: bool) -> Result<bool, Outcome> {
+    async fn replay_page(&self, cursor: &mut Cursor<'_>, wait: bool) -> Result<bool, Outcome> {
         let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
         let Some(replay) = cursor.replay.as_mut() else { return Ok(false) };
         if let Some(at) = replay.retry_at {

@@ -400,6 +400,66 @@ async fn a_stop_while_a_page_is_published_drains_that_page_and_checkpoints_it() 
     assert_eq!(h.checkpoint().await, Some(Position::After(last)));
 }
 
+/// The sequence number `n` as the memory source writes it.
+fn sequence(n: u64) -> SequenceNumber {
+    SequenceNumber::parse(&format!("{n:021}")).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_ack_of_the_previous_pages_tail_is_retried_from_it_before_the_next_page() {
+    let mut h = Harness::new(1000).await;
+    // Full pages over few items: each page goes out while the previous one's last ack is
+    // outstanding (the memory sink gives it at the next call), and that ack fails once.
+    h.source.append(SHARD, records(1, 3000, 7));
+    h.source.close(SHARD);
+    h.sink.plan(Planned { acked: 1000, kind: FailureKind::Other, stored_anyway: false });
+    h.sink.plan(Planned { acked: 0, kind: FailureKind::TimedOut, stored_anyway: false });
+    let (task, _) = h.start(shard());
+    assert_eq!(outcome(task).await, Outcome::Finished);
+    assert_complete_and_ordered(&h.sink, 1, 3000);
+    assert_eq!(h.sink.duplicates(), 1, "the record stored before its ack failed is sent again and deduplicated");
+    assert_eq!(h.checkpoint().await, Some(Position::Finished { last: Some(sequence(3000)) }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_while_the_previous_pages_last_acks_are_outstanding_drains_them_and_checkpoints_all_it_sent() {
+    let mut h = Harness::new(1000).await;
+    h.source.append(SHARD, records(1, 2000, 5));
+    // The first page goes out with its last ack outstanding; the call that would take it is held.
+    h.sink.hold_after(1);
+    let (task, stop) = h.start(shard());
+    h.until_stored(1000).await;
+    assert_eq!(h.checkpoint().await, Some(Position::After(sequence(999))), "only the acknowledged prefix");
+    stop.cancel();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!task.is_finished(), "the reader waits for the outstanding ack");
+    h.sink.hold(false);
+    assert_eq!(outcome(task).await, Outcome::Stopped);
+    let stored = h.sink.stored().len() as u64;
+    assert_complete_and_ordered(&h.sink, 1, stored);
+    assert_eq!(h.checkpoint().await, Some(Position::After(sequence(stored))), "everything sent is checkpointed");
+    assert_eq!(h.sink.fences(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_lost_while_the_previous_pages_last_acks_are_outstanding_fences_their_connection() {
+    let mut h = Harness::new(1000).await;
+    h.source.append(SHARD, records(1, 2000, 5));
+    h.sink.hold_after(1);
+    let (task, _) = h.start(shard());
+    h.until_stored(1000).await;
+    h.coordinator.release(&ShardKey::for_shard(TABLE, SHARD));
+    h.sink.hold(false);
+    assert_eq!(outcome(task).await, Outcome::LeaseLost);
+    assert_eq!(h.sink.fences(), 1, "the connection that may still hold the unacknowledged publish is fenced");
+    assert_eq!(h.sink.stored().len(), 1000, "nothing more is sent");
+    assert_eq!(
+        h.checkpoint().await,
+        Some(Position::After(sequence(999))),
+        "the checkpoint covers only what was acknowledged"
+    );
+}
+
 /// The backfill view of table `t` in `phase` (epoch 1).
 fn backfill(phase: Phase) -> Backfills {
     let state = BackfillState {

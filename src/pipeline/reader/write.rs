@@ -6,39 +6,74 @@ use tokio::time::Instant;
 use super::{Cursor, Outcome, ShardReader};
 use crate::checkpoint::{AdvanceError, Position, ShardCheckpoint};
 use crate::metrics::WaitOn;
-use crate::pipeline::deliver::Delivery;
-use crate::publish::{Destination, Prepared};
+use crate::publish::Until;
 use crate::retry;
 use crate::source::StartAt;
 
 impl ShardReader {
-    /// Publishes a batch until every record is acknowledged ([`Delivery`]), checkpointing each
-    /// acknowledged prefix.
-    pub(super) async fn publish(&self, batch: Vec<Prepared>, cursor: &mut Cursor) -> Result<(), Outcome> {
-        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
-        let destination = Destination { subject: &self.subject, table, shard_id };
-        let window = self.pipeline.settings.max_in_flight;
-        let mut delivery = Delivery::new(self.pipeline.sink.as_ref(), destination, batch, window, &self.guard);
+    /// Publishes the records the cursor's delivery holds until `until`
+    /// ([`crate::pipeline::deliver::Delivery::advance`]), checkpointing each acknowledged prefix.
+    ///
+    /// A checkpoint is written beside the publishes that follow it: the prefix acknowledged when a
+    /// page was sent is written while the next page is sent (or read). It is left in the cursor
+    /// (`unwritten`) when this returns with publishes outstanding (`Until::Sent`, or `ready`), and
+    /// written before this returns otherwise. A checkpoint written while publishes are outstanding
+    /// watches the lease too: lost meanwhile, their connection is fenced at once.
+    pub(super) async fn publish(&self, cursor: &mut Cursor<'_>, until: Until) -> Result<(), Outcome> {
+        let leave_unwritten = !matches!(until, Until::Acked { ready: None });
         loop {
             let publishing = Instant::now();
-            let acked = delivery.acked().await;
+            let (acked, written) = match cursor.unwritten.take() {
+                None => (cursor.delivery.advance(until.clone()).await, Ok(())),
+                Some(position) => {
+                    let Cursor { delivery, checkpoint, .. } = &mut *cursor;
+                    let checkpointing = async {
+                        tokio::select! {
+                            biased;
+                            written = self.write_checkpoint(checkpoint, position) => written,
+                            _ = self.guard.lost() => Err(Outcome::LeaseLost),
+                        }
+                    };
+                    tokio::join!(delivery.advance(until.clone()), checkpointing)
+                }
+            };
+            let last = match (acked, written) {
+                (Ok(last), Ok(())) => last,
+                (Err(Outcome::LeaseLost), _) | (_, Err(Outcome::LeaseLost)) => {
+                    self.waited(WaitOn::Publish, publishing);
+                    return Err(cursor.delivery.lease_lost());
+                }
+                (Err(outcome), _) | (_, Err(outcome)) => return Err(outcome),
+            };
             self.waited(WaitOn::Publish, publishing);
-            let Some(last) = acked? else { return Ok(()) };
-            let last = last.sequence_number.clone();
+            let Some(last) = last else { break };
             cursor.start = StartAt::After(last.to_string());
-            self.checkpoint(&mut cursor.checkpoint, Position::After(last)).await?;
+            cursor.unwritten = Some(Position::After(last));
+            // Left for the next publishes to carry (rather than written alone now).
+            if leave_unwritten && cursor.delivery.reached(&until) {
+                break;
+            }
         }
+        if !leave_unwritten && let Some(position) = cursor.unwritten.take() {
+            self.checkpoint(&mut cursor.checkpoint, position).await?;
+        }
+        Ok(())
     }
 
     /// Writes a checkpoint; a lost lease ends the reader, a key moved by another writer ends this
     /// page (the reader then holds the shard off, `Holding`); a bucket that does not answer leaves the
     /// write to the next one (the records are published; only progress is unsaved).
     pub(super) async fn checkpoint(&self, checkpoint: &mut ShardCheckpoint, position: Position) -> Result<(), Outcome> {
-        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
         let writing = Instant::now();
-        let advanced = checkpoint.advance(position).await;
+        let written = self.write_checkpoint(checkpoint, position).await;
         self.waited(WaitOn::Checkpoint, writing);
-        match advanced {
+        written
+    }
+
+    /// [`ShardReader::checkpoint`] without counting the wait (one written beside publishes).
+    async fn write_checkpoint(&self, checkpoint: &mut ShardCheckpoint, position: Position) -> Result<(), Outcome> {
+        let (table, shard_id) = (self.shard.table.as_str(), self.shard.shard_id.as_str());
+        match checkpoint.advance(position).await {
             Ok(written) => {
                 if written {
                     self.pipeline.metrics.checkpoints_written.with_label_values(&[table]).inc();
