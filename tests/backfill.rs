@@ -333,14 +333,7 @@ async fn a_backfill_under_writes_kills_and_restarts_converges_to_the_table() {
     // The bucket as the original deployment creates it: values of at most 1 KiB, history 1. Every
     // backfill key (state, pins, segment positions, replay progress) must fit it.
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    js.create_key_value(async_nats::jetstream::kv::Config {
-        bucket: "dynamodb-stream-checkpoints".to_owned(),
-        history: 1,
-        max_value_size: 1024,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    fixtures::original_bucket(&js, "dynamodb-stream-checkpoints").await;
 
     // DynamoDB (Scan) through a slow network, the stream directly.
     let slow = FaultProxy::start(moto.port).await;

@@ -278,14 +278,7 @@ async fn tables_are_selected_by_name_pattern_and_tag_and_follow_tagging_without_
     js.create_stream(fixtures::stream_without_dedup(STREAM)).await.unwrap();
     // The bucket as the original deployment creates it: values of at most 1 KiB, history 1. The set's
     // keys (one per table, and the head) must fit it.
-    js.create_key_value(async_nats::jetstream::kv::Config {
-        bucket: BUCKET.to_owned(),
-        history: 1,
-        max_value_size: 1024,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    fixtures::original_bucket(&js, BUCKET).await;
     let arrivals = watch_arrivals(client.clone());
     let writer = Writer::start(ddb.clone(), &[SELECTED_BY_NAME, "itx-a", "tagged-1", NEVER]);
 

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, stream};
 use aws_sdk_dynamodb::types::{AttributeValue as Av, StreamViewType};
 use test_support::fixtures::{self, Stored};
 use test_support::go_service::{GoService, GoSettings};
@@ -95,14 +95,7 @@ async fn the_service_beside_the_go_service_leaves_the_shard_to_it_and_reads_on_a
     .await
     .unwrap();
     // The bucket as the original deployment creates it: values of at most 1 KiB, history 1.
-    js.create_key_value(kv::Config {
-        bucket: BUCKET.to_owned(),
-        history: 1,
-        max_value_size: 1024,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    fixtures::original_bucket(&js, BUCKET).await;
 
     let writer = Writer::start(ddb.clone());
     let go = GoService::start(

@@ -138,6 +138,18 @@ pub fn stream_without_dedup(name: &str) -> async_nats::jetstream::stream::Config
     }
 }
 
+/// Creates the checkpoint bucket `bucket` as the original deployment creates it: values of at most
+/// 1 KiB, history 1 (every key the service writes must fit it).
+pub async fn original_bucket(js: &async_nats::jetstream::Context, bucket: &str) -> async_nats::jetstream::kv::Store {
+    let config = async_nats::jetstream::kv::Config {
+        bucket: bucket.to_owned(),
+        history: 1,
+        max_value_size: 1024,
+        ..Default::default()
+    };
+    js.create_key_value(config).await.unwrap_or_else(|err| panic!("cannot create the bucket {bucket}: {err}"))
+}
+
 /// The number of messages in `stream` (0 while it does not exist).
 pub async fn message_count(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
     match js.get_stream(stream).await {
